@@ -1,0 +1,1 @@
+"""Local infrastructure: fetch and run Kafka and Cassandra, bootstrap topics and tables."""

@@ -1,0 +1,44 @@
+"""Cassandra session factory: one ``Cluster`` per process, short timeouts."""
+
+from __future__ import annotations
+
+import logging
+
+from cassandra.cluster import Cluster, Session
+from cassandra.policies import ExponentialReconnectionPolicy
+
+from .settings import Settings
+
+
+def connect(settings: Settings, *, keyspace: str | None = None, timeout_s: float = 10.0) -> Session:
+    """Open a session (optionally bound to ``keyspace``); raises if unreachable."""
+    cluster = Cluster(
+        settings.cassandra_contact_points,
+        port=settings.cassandra_port,
+        connect_timeout=timeout_s,
+        control_connection_timeout=timeout_s,
+        reconnection_policy=ExponentialReconnectionPolicy(0.5, 10.0),
+        protocol_version=5,
+    )
+    try:
+        session = cluster.connect(keyspace)
+    except Exception:
+        cluster.shutdown()
+        raise
+    session.default_timeout = timeout_s
+    return session
+
+
+def cassandra_reachable(settings: Settings, timeout_s: float = 3.0) -> bool:
+    """True when a CQL session can be opened."""
+    log = logging.getLogger("cassandra")
+    level = log.level
+    log.setLevel(logging.CRITICAL)
+    try:
+        session = connect(settings, timeout_s=timeout_s)
+        session.cluster.shutdown()
+        return True
+    except Exception:  # noqa: BLE001 - any failure means "not reachable"
+        return False
+    finally:
+        log.setLevel(level)

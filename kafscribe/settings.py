@@ -1,0 +1,149 @@
+"""Every tunable of kafscribe in one object, read from ``KAFSCRIBE_*`` variables.
+
+Each field's environment variable is ``KAFSCRIBE_`` + the field name in upper
+case (``kafka_bootstrap`` -> ``KAFSCRIBE_KAFKA_BOOTSTRAP``). The defaults run
+everything on one machine against the local stack that ``kafscribe stack up``
+starts. ``kafscribe settings`` prints the table with current values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+ENV_PREFIX = "KAFSCRIBE_"
+
+
+class SettingsError(ValueError):
+    """A ``KAFSCRIBE_*`` variable holds a value that cannot be used."""
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    meta = {"doc": text}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- local stack -----------------------------------------------------
+    state_dir: Path = _doc(
+        "Data and logs of the local Kafka/Cassandra and pid files.",
+        PROJECT_ROOT / ".kafscribe",
+    )
+    cache_dir: Path = _doc(
+        "Resolved server jars and prepared models (shared by checkouts).",
+        Path.home() / ".cache" / "kafscribe",
+    )
+    kafka_bootstrap: str = _doc("Kafka bootstrap servers.", "127.0.0.1:9092")
+    kafka_controller_port: int = _doc("KRaft controller port of the local broker.", 9093)
+    kafka_heap: str = _doc("JVM heap of the local broker.", "512m")
+    cassandra_hosts: str = _doc("Comma-separated Cassandra contact points.", "127.0.0.1")
+    cassandra_port: int = _doc("Cassandra native (CQL) port.", 9042)
+    cassandra_storage_port: int = _doc("Cassandra inter-node port of the local node.", 7000)
+    cassandra_heap: str = _doc("JVM heap of the local Cassandra node.", "1g")
+    cassandra_keyspace: str = _doc("Keyspace holding jobs, blobs and callbacks.", "kafscribe")
+    stack_timeout_s: float = _doc("How long `stack up` waits for each server.", 240.0)
+
+    # --- topics ----------------------------------------------------------
+    topic_prefix: str = _doc("Prefix of every kafscribe topic.", "kafscribe.")
+    uploads_partitions: int = _doc("Partitions of the uploads topic (max transcribers).", 12)
+    topic_partitions: int = _doc("Partitions of the other stage topics.", 6)
+
+    # --- ingress ---------------------------------------------------------
+    http_host: str = _doc("Ingress listen address.", "127.0.0.1")
+    http_port: int = _doc("Ingress listen port.", 8000)
+    public_url: str = _doc("Base URL used in links handed to clients.", "")
+    max_upload_bytes: int = _doc("Largest accepted upload (413 above).", 200 * 1024 * 1024)
+    retry_after_s: int = _doc("Retry-After sent with 503 when Kafka/Cassandra is down.", 5)
+
+    # --- blobs -----------------------------------------------------------
+    blob_store: str = _doc("Where audio lives: `cassandra` (any host) or `file` (one host).", "cassandra")
+    blob_dir: Path = _doc("Directory of the `file` blob store.", PROJECT_ROOT / ".kafscribe" / "blobs")
+    blob_chunk_bytes: int = _doc("Chunk size of the `cassandra` blob store.", 1024 * 1024)
+
+    # --- workers ---------------------------------------------------------
+    worker_id: str = _doc("Identity of this worker process.", "")
+    engine: str = _doc("Transcription engine: `faster-whisper` or `openai-whisper`.", "faster-whisper")
+    model: str = _doc("Model name (prepared offline) or a local model directory.", "base")
+    device: str = _doc("`cpu`, `cuda` or `auto`.", "cpu")
+    compute_type: str = _doc("faster-whisper compute type (`default` = int8 on CPU, float16 on CUDA).", "default")
+    cpu_threads: int = _doc("Threads an engine may use on CPU (0 = library default).", 0)
+    beam_size: int = _doc("Beam size for decoding.", 5)
+    session_timeout_ms: int = _doc("Consumer group session timeout: a silent worker is dead after this.", 30000)
+    heartbeat_ms: int = _doc("Consumer group heartbeat interval.", 5000)
+    max_poll_interval_ms: int = _doc("Longest gap between polls (workers keep polling while busy).", 300000)
+    transient_retries: int = _doc("In-process retries of a transient failure before the job fails.", 3)
+    metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
+
+    # --- logging ---------------------------------------------------------
+    log_level: str = _doc("Python log level.", "INFO")
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.kafka_bootstrap.split(",")[0].rsplit(":", 1)[1])
+
+    @property
+    def cassandra_contact_points(self) -> list[str]:
+        return [h.strip() for h in self.cassandra_hosts.split(",") if h.strip()]
+
+    def topic(self, name: str) -> str:
+        """Full topic name of a logical topic (``uploads`` -> ``kafscribe.uploads``)."""
+        return f"{self.topic_prefix}{name}"
+
+    def effective_worker_id(self, stage: str) -> str:
+        return self.worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}"
+
+    def with_(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+        """Build settings from ``KAFSCRIBE_*`` variables; unknown names are refused."""
+        env = os.environ if env is None else env
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in env.items():
+            if not key.startswith(ENV_PREFIX):
+                continue
+            name = key[len(ENV_PREFIX) :].lower()
+            if name not in known:
+                raise SettingsError(f"unknown setting {key}; see `kafscribe settings`")
+            values[name] = _parse(known[name], raw, key)
+        values.update(overrides)
+        return cls(**values)
+
+
+def _parse(f: dataclasses.Field, raw: str, key: str) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind == "int":
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if kind == "Path":
+            return Path(raw).expanduser()
+    except ValueError as exc:
+        raise SettingsError(f"{key}={raw!r} is not a valid {kind}") from exc
+    return raw
+
+
+def settings_table(settings: Settings | None = None) -> list[tuple[str, str, str]]:
+    """(variable, default-or-current value, description) rows, for docs and the CLI."""
+    settings = settings or Settings()
+    return [
+        (ENV_PREFIX + f.name.upper(), str(getattr(settings, f.name)), f.metadata["doc"])
+        for f in fields(Settings)
+    ]
