@@ -60,3 +60,11 @@ def find_jar(directory: Path, prefix: str) -> Path:
     if not matches:
         raise JarResolutionError(f"no {prefix}*.jar in {directory}")
     return matches[-1]
+
+
+if __name__ == "__main__":  # `python -m infra.jars`: fetch both classpaths now
+    from kafscribe.settings import Settings
+
+    cache = Settings.from_env().cache_dir
+    for name in SERVERS:
+        print(f"{name}: {resolve(name, cache)}")

@@ -1,0 +1,61 @@
+# kafscribe: `make up` runs the whole pipeline locally, `make test` passes the tests.
+# Both install everything they need first (venv, Python packages, ffmpeg/espeak-ng, server jars).
+
+PYTHON     ?= $(shell command -v python3.11 || command -v python3)
+VENV       ?= .venv
+BIN        := $(VENV)/bin
+# Wheels are kept here across clones: PyPI's torch is a multi-GB CUDA build.
+WHEELHOUSE ?= $(HOME)/.cache/kafscribe/wheels
+EXTRAS     ?= dev,models
+PYTEST_ARGS ?=
+
+.PHONY: up down status test lint install system-deps services-up services-down bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip setuptools wheel
+	@mkdir -p $(WHEELHOUSE)
+	@echo "== filling the wheel cache $(WHEELHOUSE) (only new files are downloaded)"
+	$(BIN)/pip wheel -q -w $(WHEELHOUSE) --find-links $(WHEELHOUSE) ".[$(EXTRAS)]"
+	@rm -f $(WHEELHOUSE)/kafscribe-*.whl
+	$(BIN)/pip install -q --find-links $(WHEELHOUSE) -e ".[$(EXTRAS)]"
+	@touch $@
+
+system-deps:
+	@missing=""; for tool in ffmpeg ffprobe espeak-ng; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "== installing Debian packages for:$$missing (ffmpeg decodes audio, espeak-ng speaks test clips)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng >/dev/null; \
+	  else echo "kafscribe needs ffmpeg and espeak-ng: run 'sudo apt-get install ffmpeg espeak-ng'" >&2; exit 1; fi; \
+	fi
+	@command -v java >/dev/null || { echo "kafscribe needs Java 17 (Kafka and Cassandra run on it)" >&2; exit 1; }
+	@command -v mvn  >/dev/null || { echo "kafscribe needs Maven 3.8+ (it fetches the Kafka and Cassandra jars)" >&2; exit 1; }
+
+up: install system-deps
+	$(BIN)/kafscribe stack up
+	$(BIN)/kafscribe models prepare
+	$(BIN)/kafscribe services up
+	@echo "kafscribe is up: ingress on http://127.0.0.1:8000 (kafscribe services status; make down to stop)"
+
+down:
+	-$(BIN)/kafscribe services down
+	$(BIN)/kafscribe stack down
+
+status:
+	$(BIN)/kafscribe stack status; $(BIN)/kafscribe services status
+
+lint: install
+	$(BIN)/ruff check .
+
+test: install system-deps
+	$(BIN)/ruff check .
+	$(BIN)/python -m infra.jars
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python -m bench.pipeline
+
+clean: down
+	rm -rf .kafscribe

@@ -1,0 +1,1 @@
+"""Whisper weights that work offline: assembling packaged models, converting formats."""

@@ -1,0 +1,58 @@
+"""Session fixtures: a real Kafka + Cassandra on test ports.
+
+The stack is reused when it is already running (from an earlier test run
+with ``KAFSCRIBE_TEST_KEEP_STACK=1``), otherwise started here and stopped at
+the end. There is no skipping: if the servers cannot be started, every test
+that needs them errors with the server's log in the message.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from infra import bootstrap, stack
+from kafscribe.settings import PROJECT_ROOT, Settings
+
+TEST_STATE = Path(os.environ.get("KAFSCRIBE_TEST_STATE_DIR", PROJECT_ROOT / ".kafscribe" / "test-stack"))
+
+
+def base_test_settings(**overrides) -> Settings:
+    """Settings of the test stack: its own ports and state, so a `make up` stack can run beside it."""
+    values = dict(
+        state_dir=TEST_STATE,
+        kafka_bootstrap="127.0.0.1:19092",
+        kafka_controller_port=19093,
+        cassandra_port=19042,
+        cassandra_storage_port=17000,
+        cassandra_keyspace="kafscribe_test",
+        blob_dir=TEST_STATE / "blobs",
+        uploads_partitions=4,
+        topic_partitions=2,
+        session_timeout_ms=10000,
+        heartbeat_ms=1000,
+        metrics_port=-1,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def stack_settings() -> Settings:
+    """A running test stack (started once per session) and its settings."""
+    settings = base_test_settings()
+    started = stack.up(settings, log=lambda line: print(f"[stack] {line}"))
+    yield settings
+    if started and not os.environ.get("KAFSCRIBE_TEST_KEEP_STACK"):
+        stack.down(settings, log=lambda line: print(f"[stack] {line}"))
+
+
+@pytest.fixture
+def isolated(stack_settings: Settings) -> Settings:
+    """Settings with a fresh topic prefix (and topics), so tests never see each other's events."""
+    settings = stack_settings.with_(topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+    bootstrap.ensure_topics(settings)
+    return settings
