@@ -1,0 +1,115 @@
+"""Where upload audio lives between the door and the worker.
+
+Audio never travels through Kafka: the ingress stores it here, the ``Upload``
+event carries a reference (``cassandra:<id>`` or ``file:<id>``) plus the
+sha256 the worker verifies. ``cassandra`` works for workers on any host;
+``file`` is for one host (or a shared mount).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+from typing import Protocol
+
+from .settings import Settings
+
+
+class BlobError(RuntimeError):
+    """The blob is missing or does not match its checksum."""
+
+
+class BlobStore(Protocol):
+    scheme: str
+
+    def put(self, blob_id: str, data: bytes) -> str: ...
+    def get(self, ref: str) -> bytes: ...
+
+
+_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+
+
+def _check_id(blob_id: str) -> str:
+    if not _ID.match(blob_id):
+        raise BlobError(f"invalid blob id {blob_id!r}")
+    return blob_id
+
+
+class FileBlobStore:
+    scheme = "file"
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def put(self, blob_id: str, data: bytes) -> str:
+        path = self.directory / _check_id(blob_id)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.rename(path)
+        return f"file:{blob_id}"
+
+    def get(self, ref: str) -> bytes:
+        blob_id = _check_id(ref.split(":", 1)[1])
+        try:
+            return (self.directory / blob_id).read_bytes()
+        except FileNotFoundError as exc:
+            raise BlobError(f"blob {ref} not found in {self.directory}") from exc
+
+
+class CassandraBlobStore:
+    """Chunks of ``blob_chunk_bytes`` in ``audio_chunks``; upserts, so a retried put is harmless."""
+
+    scheme = "cassandra"
+
+    def __init__(self, session, chunk_bytes: int) -> None:
+        self.session = session
+        self.chunk_bytes = chunk_bytes
+        self._insert = session.prepare("INSERT INTO audio_chunks (blob_id, idx, data) VALUES (?, ?, ?)")
+        self._select = session.prepare("SELECT idx, data FROM audio_chunks WHERE blob_id = ?")
+
+    def put(self, blob_id: str, data: bytes) -> str:
+        _check_id(blob_id)
+        futures = [
+            self.session.execute_async(self._insert, (blob_id, i, data[off : off + self.chunk_bytes]))
+            for i, off in enumerate(range(0, max(len(data), 1), self.chunk_bytes))
+        ]
+        for fut in futures:
+            fut.result()
+        return f"cassandra:{blob_id}"
+
+    def get(self, ref: str) -> bytes:
+        blob_id = _check_id(ref.split(":", 1)[1])
+        rows = list(self.session.execute(self._select, (blob_id,)))
+        if not rows:
+            raise BlobError(f"blob {ref} not found")
+        if [r.idx for r in rows] != list(range(len(rows))):
+            raise BlobError(f"blob {ref} is missing chunks")
+        return b"".join(r.data for r in rows)
+
+
+def open_store(settings: Settings, session=None, scheme: str | None = None) -> BlobStore:
+    """The store for ``scheme`` (default: the configured one)."""
+    scheme = scheme or settings.blob_store
+    if scheme == "file":
+        return FileBlobStore(settings.blob_dir)
+    if scheme == "cassandra":
+        if session is None:
+            raise ValueError("the cassandra blob store needs a Cassandra session")
+        return CassandraBlobStore(session, settings.blob_chunk_bytes)
+    raise ValueError(f"unknown blob store {scheme!r} (KAFSCRIBE_BLOB_STORE: cassandra | file)")
+
+
+def read_verified(settings: Settings, session, ref: str, sha256: str) -> bytes:
+    """Fetch ``ref`` from the store its scheme names and check its sha256."""
+    store = open_store(settings, session, scheme=ref.split(":", 1)[0])
+    data = store.get(ref)
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != sha256:
+        raise BlobError(f"blob {ref} checksum mismatch (expected {sha256[:12]}…, got {actual[:12]}…)")
+    return data

@@ -1,0 +1,25 @@
+"""Transcription engines behind one interface (see ``base.Engine``)."""
+
+from __future__ import annotations
+
+from ..settings import Settings
+from .base import Engine, EngineError, TranscriptionOutput
+
+ENGINES = ("faster-whisper", "openai-whisper")
+
+__all__ = ["ENGINES", "Engine", "EngineError", "TranscriptionOutput", "load_engine"]
+
+
+def load_engine(settings: Settings, engine: str | None = None, model: str | None = None) -> Engine:
+    """Load the configured engine and its model once (a worker keeps it for its life)."""
+    engine = engine or settings.engine
+    model = model or settings.model
+    if engine == "faster-whisper":
+        from .faster_whisper_engine import FasterWhisperEngine
+
+        return FasterWhisperEngine(settings, model)
+    if engine == "openai-whisper":
+        from .openai_whisper_engine import OpenAIWhisperEngine
+
+        return OpenAIWhisperEngine(settings, model)
+    raise EngineError(f"unknown engine {engine!r}; choose one of {', '.join(ENGINES)}")

@@ -1,0 +1,61 @@
+"""What every transcription engine offers, and the shape of its output."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from schemas.events import Segment
+
+from ..models import offline
+from ..settings import Settings
+
+
+class EngineError(RuntimeError):
+    """The engine cannot be loaded or used as configured."""
+
+
+@dataclass
+class TranscriptionOutput:
+    language: str
+    language_probability: float
+    duration: float
+    text: str
+    segments: list[Segment]
+
+
+class Engine(Protocol):
+    name: str
+    model_name: str
+    device: str
+    multilingual: bool
+
+    def transcribe(self, audio: np.ndarray, *, language: str | None, task: str) -> TranscriptionOutput: ...
+
+
+def resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def ct2_model_dir(settings: Settings, model: str) -> str:
+    """A CTranslate2 model directory for ``model``: a local path, a packaged model, or a hub name."""
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser())
+    if model in offline.PACKAGED:
+        return str(offline.ct2_dir(model, settings.cache_dir))
+    return model  # faster-whisper downloads known names where the network allows
+
+
+def is_multilingual(model: str) -> bool:
+    return not Path(model).name.endswith(".en") and not model.endswith(".en")
+
+
+def join_text(segments: list[Segment]) -> str:
+    return "".join(s.text for s in segments).strip()

@@ -1,0 +1,55 @@
+"""faster-whisper (CTranslate2): int8 on CPU, float16 on CUDA by default."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from schemas.events import Segment
+
+from ..settings import Settings
+from .base import EngineError, TranscriptionOutput, ct2_model_dir, is_multilingual, join_text, resolve_device
+
+
+class FasterWhisperEngine:
+    name = "faster-whisper"
+
+    def __init__(self, settings: Settings, model: str) -> None:
+        from faster_whisper import WhisperModel
+
+        self.device = resolve_device(settings.device)
+        compute_type = settings.compute_type
+        if compute_type == "default":
+            compute_type = "float16" if self.device == "cuda" else "int8"
+        self.model_name = model
+        self.multilingual = is_multilingual(model)
+        self.beam_size = settings.beam_size
+        try:
+            self._model = WhisperModel(
+                ct2_model_dir(settings, model),
+                device=self.device,
+                compute_type=compute_type,
+                cpu_threads=settings.cpu_threads,
+            )
+        except Exception as exc:  # noqa: BLE001 - report any loader failure with the model named
+            raise EngineError(f"cannot load faster-whisper model {model!r}: {exc}") from exc
+
+    def transcribe(self, audio: np.ndarray, *, language: str | None, task: str) -> TranscriptionOutput:
+        if not self.multilingual:
+            language, task = "en", "transcribe"
+        segments_iter, info = self._model.transcribe(
+            audio, language=language, task=task, beam_size=self.beam_size, vad_filter=False
+        )
+        segments = [
+            Segment(
+                id=i, start=float(s.start), end=float(s.end), text=s.text,
+                avg_logprob=float(s.avg_logprob), no_speech_prob=float(s.no_speech_prob),
+            )
+            for i, s in enumerate(segments_iter)
+        ]
+        return TranscriptionOutput(
+            language=info.language,
+            language_probability=float(info.language_probability),
+            duration=float(info.duration),
+            text=join_text(segments),
+            segments=segments,
+        )

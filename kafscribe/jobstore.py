@@ -1,0 +1,131 @@
+"""The job table: where a job's status is created, moved and read.
+
+Statuses: ``queued -> transcribing -> translating -> completed | failed``.
+Every write is an upsert keyed by ``job_id`` (segments: and track, index), so
+a stage that redoes a job after a crash rewrites the same rows. A finished
+job is never moved back to a running status by a late or replayed event.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+from schemas.events import JobOptions, Result, Segment, Upload
+
+QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED = (
+    "queued", "transcribing", "translating", "completed", "failed",
+)
+TERMINAL = frozenset({COMPLETED, FAILED})
+STATUSES = (QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED)
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class JobStore:
+    def __init__(self, session) -> None:
+        self.session = session
+        p = session.prepare
+        self._insert_job = p(
+            "INSERT INTO jobs (job_id, tenant, status, created_at, updated_at, attempts, trace_id, filename,"
+            " options, blob_ref, audio_sha256, audio_bytes, audio_duration) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        )
+        self._status = p("SELECT status FROM jobs WHERE job_id = ?")
+        self._update = p(
+            "UPDATE jobs SET status = ?, updated_at = ?, worker_id = ?, attempts = ?, error = ? WHERE job_id = ?"
+        )
+        self._get_job = p("SELECT * FROM jobs WHERE job_id = ?")
+        self._insert_result = p(
+            "INSERT INTO results (job_id, language, language_probability, duration, text, target_language,"
+            " translated_text, engine, model, completed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
+        )
+        self._insert_segment = p(
+            "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob)"
+            " VALUES (?,?,?,?,?,?,?,?)"
+        )
+        self._get_result = p("SELECT * FROM results WHERE job_id = ?")
+        self._get_segments = p("SELECT * FROM segments WHERE job_id = ?")
+
+    # --- writes ------------------------------------------------------------
+    def create(self, upload: Upload) -> None:
+        """The job row of a new upload, ``queued``."""
+        now = _now()
+        self.session.execute(
+            self._insert_job,
+            (
+                upload.job_id, upload.tenant, QUEUED, now, now, 0, upload.trace_id, upload.filename,
+                json.dumps(asdict(upload.options)), upload.blob_ref, upload.audio_sha256,
+                upload.audio_bytes, upload.audio_duration,
+            ),
+        )
+
+    def transition(
+        self, job_id: str, status: str, *, worker_id: str = "", attempts: int = 0, error: str | None = None
+    ) -> bool:
+        """Move a job to ``status``; refuses to move a finished job back to a running status."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        row = self.session.execute(self._status, (job_id,)).one()
+        if row is not None and row.status in TERMINAL and status not in TERMINAL:
+            return False
+        self.session.execute(self._update, (status, _now(), worker_id, attempts, error, job_id))
+        return True
+
+    def save_result(self, result: Result) -> None:
+        """Store a finished job's outcome and mark it completed or failed (idempotent)."""
+        translation = result.translation
+        if result.status == COMPLETED:
+            self.session.execute(
+                self._insert_result,
+                (
+                    result.job_id, result.language, result.language_probability, result.duration,
+                    result.text, translation.target_language if translation else None,
+                    translation.text if translation else None, result.engine, result.model, _now(),
+                ),
+            )
+            futures = [self._segment_async(result.job_id, "source", s) for s in result.segments]
+            if translation:
+                futures += [self._segment_async(result.job_id, "translation", s) for s in translation.segments]
+            for fut in futures:
+                fut.result()
+        self.transition(
+            result.job_id, result.status, worker_id=result.worker_id, attempts=result.attempt, error=result.error
+        )
+
+    def _segment_async(self, job_id: str, track: str, s: Segment):
+        return self.session.execute_async(
+            self._insert_segment,
+            (job_id, track, s.id, s.start, s.end, s.text, s.avg_logprob, s.no_speech_prob),
+        )
+
+    # --- reads -------------------------------------------------------------
+    def get(self, job_id: str) -> dict[str, Any] | None:
+        row = self.session.execute(self._get_job, (job_id,)).one()
+        if row is None:
+            return None
+        job = row._asdict()
+        job["options"] = json.loads(job["options"] or "{}")
+        return job
+
+    def get_result(self, job_id: str) -> dict[str, Any] | None:
+        row = self.session.execute(self._get_result, (job_id,)).one()
+        if row is None:
+            return None
+        out = row._asdict()
+        tracks: dict[str, list[dict]] = {"source": [], "translation": []}
+        for s in self.session.execute(self._get_segments, (job_id,)):
+            tracks.setdefault(s.track, []).append(
+                {"id": s.idx, "start": s.start_s, "end": s.end_s, "text": s.text,
+                 "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob}
+            )
+        out["segments"] = tracks["source"]
+        out["translated_segments"] = tracks["translation"]
+        return out
+
+
+def options_from_json(raw: dict[str, Any]) -> JobOptions:
+    return JobOptions(**{k: v for k, v in raw.items() if k in JobOptions.__dataclass_fields__})
