@@ -3,7 +3,8 @@
 A server is started detached (its own session) with stdout/stderr in a log
 file, and its pid written to ``<state>/<name>.pid``. We only ever signal a
 pid whose command line still carries our ``-Dkafscribe.server=<name>`` tag,
-so a stale pid file can never make us kill a stranger.
+so a stale pid file can never make us kill a stranger. The kafscribe
+services (ingress, stage workers) use ``--instance=<name>`` as their tag.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 class ServerProcess:
     name: str
     state_dir: Path
+    tag_prefix: str = "-Dkafscribe.server="
 
     @property
     def pid_file(self) -> Path:
@@ -31,7 +33,8 @@ class ServerProcess:
 
     @property
     def tag(self) -> str:
-        return f"-Dkafscribe.server={self.name}"
+        """The argv element that marks the process as ours."""
+        return f"{self.tag_prefix}{self.name}"
 
     def pid(self) -> int | None:
         """The pid of our running server, or None (clears a stale pid file)."""

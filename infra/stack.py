@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kafscribe.cassandra_session import cassandra_reachable
 from kafscribe.kafka_clients import kafka_reachable
@@ -69,7 +69,7 @@ def up(settings: Settings, log: Callable[[str], None] = print, bootstrap_schema:
     """
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     started: list[str] = []
-    for name, (prepare, port_of, ready) in _SERVERS.items():
+    for name, (prepare, port_of, _ready) in _SERVERS.items():
         proc = ServerProcess(name, settings.state_dir)
         port = port_of(settings)
         if proc.alive():

@@ -30,6 +30,91 @@ def _settings(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    if args.stage == "ingress":
+        from producers.ingress import serve
+
+        return serve(settings)
+    from consumers.worker import serve
+
+    return serve(args.stage, settings)
+
+
+def _services(args: argparse.Namespace, settings: Settings) -> int:
+    from . import services
+
+    if args.action == "up":
+        services.up(settings)
+    elif args.action == "down":
+        services.down(settings)
+        return 0
+    rows = services.status(settings)
+    for name, pid in rows:
+        print(f"{name:<14} {'running pid ' + str(pid) if pid else 'stopped'}")
+    return 0 if all(pid for _, pid in rows) else 1
+
+
+def _models(args: argparse.Namespace, settings: Settings) -> int:
+    from pathlib import Path
+
+    from .models import offline
+
+    if args.action == "prepare":
+        names = args.names or [settings.model if settings.model in offline.PACKAGED else "base", "tiny.en"]
+        for name, path in offline.prepare(names, settings.cache_dir, openai=not args.no_openai).items():
+            print(f"{name}: {path}")
+    elif args.action == "convert":
+        if len(args.names) != 2:
+            print("usage: kafscribe models convert CT2_DIR OUTPUT.pt", file=sys.stderr)
+            return 2
+        from .models.ct2_to_whisper import convert
+
+        print(convert(Path(args.names[0]), Path(args.names[1])))
+    return 0
+
+
+def _submit(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+    import time
+
+    from producers import client
+
+    options = {"language": args.language, "task": args.task, "translate_to": args.translate_to,
+               "callback_url": args.callback, "model": args.model}
+    started = time.monotonic()
+    if args.direct:
+        job_id = client.submit(args.file, settings=settings, **options)
+        read = client.direct_job_reader(settings)
+        get_job = lambda: read(job_id)  # noqa: E731
+    else:
+        http = client.HttpClient(args.url or settings.public_url or f"http://127.0.0.1:{settings.http_port}")
+        try:
+            job_id = http.submit(args.file, **{k: v for k, v in options.items() if v is not None})["job_id"]
+        except client.HttpError as exc:
+            print(f"kafscribe: upload refused: {exc}", file=sys.stderr)
+            return 1
+        get_job = lambda: http.job(job_id)  # noqa: E731
+    print(f"job {job_id} queued", file=sys.stderr)
+    if not args.wait:
+        print(job_id)
+        return 0
+
+    def progress(job: dict) -> None:
+        print(f"  [{time.monotonic() - started:6.1f}s] {job['status']}", file=sys.stderr)
+
+    job = client.wait_for(get_job, timeout_s=args.timeout, on_change=progress)
+    if job["status"] != "completed":
+        print(f"kafscribe: job {job_id} failed: {job.get('error')}", file=sys.stderr)
+        return 1
+    if args.direct:
+        print(json.dumps(job, default=str))
+    elif args.format == "json":
+        print(json.dumps(job, default=str, indent=2))
+    else:
+        print(http.transcript(job_id, args.format, args.lang), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kafscribe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="local Kafka + Cassandra")
     p.add_argument("action", choices=["up", "down", "status"])
     p.set_defaults(func=_stack)
+
+    p = sub.add_parser("serve", help="run one service in the foreground")
+    p.add_argument("stage", choices=["ingress", "transcriber", "translator", "sink"])
+    p.add_argument("--instance", help="name of this instance (pid file tag)")
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("services", help="the pipeline's processes in the background")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.set_defaults(func=_services)
+
+    p = sub.add_parser("models", help="offline Whisper models")
+    p.add_argument("action", choices=["prepare", "convert"])
+    p.add_argument("names", nargs="*", help="prepare: model names (default: the configured one and tiny.en); "
+                   "convert: CT2_DIR OUTPUT.pt")
+    p.add_argument("--no-openai", action="store_true", help="skip the openai-whisper checkpoint")
+    p.set_defaults(func=_models)
+
+    p = sub.add_parser("submit", help="submit an audio file")
+    p.add_argument("file")
+    p.add_argument("--language")
+    p.add_argument("--task", choices=["transcribe", "translate"])
+    p.add_argument("--translate-to")
+    p.add_argument("--callback")
+    p.add_argument("--model")
+    p.add_argument("--wait", action="store_true", help="wait and print the transcript")
+    p.add_argument("--format", choices=["json", "txt", "srt", "vtt"], default="txt")
+    p.add_argument("--lang", help="with --wait: which language's transcript to print")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    p.add_argument("--url", help="ingress base URL (default http://127.0.0.1:$KAFSCRIBE_HTTP_PORT)")
+    p.add_argument("--direct", action="store_true", help="produce straight to Kafka instead of HTTP")
+    p.set_defaults(func=_submit)
 
     p = sub.add_parser("settings", help="print every KAFSCRIBE_* setting and its value")
     p.set_defaults(func=_settings)

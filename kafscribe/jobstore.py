@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from schemas.events import JobOptions, Result, Segment, Upload
@@ -23,7 +23,7 @@ STATUSES = (QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED)
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class JobStore:
@@ -34,7 +34,7 @@ class JobStore:
             "INSERT INTO jobs (job_id, tenant, status, created_at, updated_at, attempts, trace_id, filename,"
             " options, blob_ref, audio_sha256, audio_bytes, audio_duration) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
-        self._status = p("SELECT status FROM jobs WHERE job_id = ?")
+        self._status = p("SELECT status, attempts FROM jobs WHERE job_id = ?")
         self._update = p(
             "UPDATE jobs SET status = ?, updated_at = ?, worker_id = ?, attempts = ?, error = ? WHERE job_id = ?"
         )
@@ -74,6 +74,13 @@ class JobStore:
             return False
         self.session.execute(self._update, (status, _now(), worker_id, attempts, error, job_id))
         return True
+
+    def start_attempt(self, job_id: str, status: str, worker_id: str) -> int:
+        """A worker starts (or redoes) a job: count the attempt, return its number."""
+        row = self.session.execute(self._status, (job_id,)).one()
+        attempts = (row.attempts or 0) + 1 if row is not None else 1
+        self.transition(job_id, status, worker_id=worker_id, attempts=attempts)
+        return attempts
 
     def save_result(self, result: Result) -> None:
         """Store a finished job's outcome and mark it completed or failed (idempotent)."""

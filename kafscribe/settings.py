@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "KAFSCRIBE_"
@@ -100,11 +101,11 @@ class Settings:
     def effective_worker_id(self, stage: str) -> str:
         return self.worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}"
 
-    def with_(self, **changes: Any) -> "Settings":
+    def with_(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Build settings from ``KAFSCRIBE_*`` variables; unknown names are refused."""
         env = os.environ if env is None else env
         known = {f.name: f for f in fields(cls)}

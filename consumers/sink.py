@@ -1,0 +1,48 @@
+"""Stage ``sink`` (group ``sink``): Result -> Cassandra rows; the job becomes completed or failed.
+
+Writes are upserts keyed by job_id (and segment index), so a replayed
+``Result`` rewrites the same rows: one job, one result, whatever happens.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from confluent_kafka import Message
+
+from kafscribe.jobstore import JobStore
+from kafscribe.settings import Settings
+from schemas.events import Event, Result
+
+from .loop import Output
+from .retry import PermanentFailure, with_retries
+
+log = logging.getLogger("kafscribe.sink")
+
+
+class Sink:
+    name = "sink"
+    group = "sink"
+    input_topic = "results"
+
+    def __init__(self, settings: Settings, session, worker_id: str) -> None:
+        self.settings = settings
+        self.worker_id = worker_id
+        self.jobs = JobStore(session)
+
+    def handle(self, event: Event, message: Message) -> list[Output]:
+        if not isinstance(event, Result):
+            raise PermanentFailure(f"expected a Result on {message.topic()}, got {type(event).__name__}")
+        with_retries(lambda: self.jobs.save_result(event), stage=self.name,
+                     attempts=self.settings.transient_retries)
+        log.info("job %s", event.status, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+        return []
+
+    def failure_outputs(self, event: Event, reason: str) -> list[Output]:
+        # The sink is the last word on a job: if it cannot store it, park the event in the DLQ.
+        from schemas.events import DeadLetter
+
+        return [Output(self.settings.topic("dlq"), DeadLetter(
+            job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id, source_topic="results",
+            source_partition=-1, source_offset=-1, stage=self.name, reason=reason, payload=event.encode(),
+        ))]

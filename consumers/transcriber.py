@@ -1,0 +1,95 @@
+"""Stage ``transcriber`` (group ``transcribers``): Upload -> Transcript.
+
+Reads the audio from the blob store (verifying its sha256), decodes it with
+ffmpeg and runs Whisper. The engine and model are loaded once per process;
+a job asking for another allowed model loads that one once too. A job whose
+audio is bad fails here with the reason and goes straight to ``results``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from confluent_kafka import Message
+
+from kafscribe import audio, blobstore, metrics
+from kafscribe.engines import Engine, load_engine
+from kafscribe.jobstore import FAILED, TRANSCRIBING, JobStore
+from kafscribe.settings import Settings
+from schemas.events import Event, Result, Transcript, Upload
+
+from .loop import Output
+from .retry import PermanentFailure, with_retries
+
+log = logging.getLogger("kafscribe.transcriber")
+
+
+class Transcriber:
+    name = "transcriber"
+    group = "transcribers"
+    input_topic = "uploads"
+
+    def __init__(self, settings: Settings, session, worker_id: str) -> None:
+        self.settings = settings
+        self.session = session
+        self.worker_id = worker_id
+        self.jobs = JobStore(session)
+        self.default_engine = load_engine(settings)
+        self._engines: dict[str, Engine] = {settings.model: self.default_engine}
+
+    @property
+    def model_name(self) -> str:
+        return self.default_engine.model_name
+
+    def engine_for(self, model: str | None) -> Engine:
+        model = model or self.settings.model
+        if model not in self._engines:
+            self._engines[model] = load_engine(self.settings, model=model)
+        return self._engines[model]
+
+    def handle(self, event: Event, message: Message) -> list[Output]:
+        if not isinstance(event, Upload):
+            raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
+        attempt = self.jobs.start_attempt(event.job_id, TRANSCRIBING, self.worker_id)
+        extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": attempt}
+        log.info("transcribing %.1fs of audio", event.audio_duration, extra=extra)
+        started = time.monotonic()
+        try:
+            engine = self.engine_for(event.options.model)
+            data = with_retries(
+                lambda: blobstore.read_verified(self.settings, self.session, event.blob_ref, event.audio_sha256),
+                stage=self.name, attempts=self.settings.transient_retries,
+            )
+            samples = audio.decode(data)
+            out = with_retries(
+                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task),
+                stage=self.name, attempts=self.settings.transient_retries,
+            )
+        except (PermanentFailure, audio.AudioError) as exc:
+            log.warning("job failed: %s", exc, extra=extra)
+            return self.failure_outputs(event, str(exc), attempt)
+        seconds = time.monotonic() - started
+        metrics.AUDIO_SECONDS.labels(self.name).inc(out.duration)
+        if out.duration > 0:
+            metrics.REALTIME_FACTOR.labels(engine.name).observe(seconds / out.duration)
+        transcript = Transcript(
+            job_id=event.job_id, tenant=event.tenant, attempt=attempt, trace_id=event.trace_id,
+            blob_ref=event.blob_ref, audio_sha256=event.audio_sha256, audio_bytes=event.audio_bytes,
+            audio_duration=event.audio_duration, filename=event.filename, options=event.options,
+            language=out.language, language_probability=out.language_probability, duration=out.duration,
+            text=out.text, segments=out.segments, engine=engine.name, model=engine.model_name,
+            worker_id=self.worker_id, processing_seconds=seconds,
+        )
+        log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
+        return [Output(self.settings.topic("transcripts"), transcript)]
+
+    def failure_outputs(self, event: Event, reason: str, attempt: int | None = None) -> list[Output]:
+        options = getattr(event, "options", None)
+        result = Result(
+            job_id=event.job_id, tenant=event.tenant, attempt=attempt or event.attempt,
+            trace_id=event.trace_id, status=FAILED, error=reason, worker_id=self.worker_id,
+        )
+        if options is not None:
+            result.options = options
+        return [Output(self.settings.topic("results"), result)]

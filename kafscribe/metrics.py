@@ -1,0 +1,37 @@
+"""Prometheus metrics of every kafscribe process (``/metrics``).
+
+Names follow Prometheus conventions: ``kafscribe_`` prefix, ``_total``
+counters, ``_seconds`` histograms, small-cardinality labels. Process memory
+(``process_resident_memory_bytes``) comes from prometheus-client's default
+process collector.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+HTTP_REQUESTS = Counter(
+    "kafscribe_http_requests_total", "Ingress HTTP requests", ["method", "route", "status"]
+)
+UPLOADS = Counter("kafscribe_uploads_total", "Uploads accepted (202) by the ingress")
+UPLOAD_BYTES = Counter("kafscribe_upload_bytes_total", "Audio bytes accepted by the ingress")
+JOBS = Counter("kafscribe_jobs_total", "Events handled by a stage, by outcome", ["stage", "outcome"])
+STAGE_SECONDS = Histogram(
+    "kafscribe_stage_seconds", "Time a stage spent on one event", ["stage"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800),
+)
+AUDIO_SECONDS = Counter("kafscribe_audio_seconds_total", "Seconds of audio processed", ["stage"])
+REALTIME_FACTOR = Histogram(
+    "kafscribe_realtime_factor", "Processing seconds per audio second", ["engine"],
+    buckets=(0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 5),
+)
+CONSUMER_LAG = Gauge("kafscribe_consumer_lag", "Messages behind the end of an owned partition", ["stage", "partition"])
+TRANSIENT_RETRIES = Counter("kafscribe_transient_retries_total", "In-process retries of transient failures", ["stage"])
+DEAD_LETTERS = Counter("kafscribe_dead_letters_total", "Messages sent to the DLQ", ["stage"])
+REBALANCES = Counter("kafscribe_rebalances_total", "Partition assignment changes seen", ["stage", "kind"])
+
+
+def serve(port: int) -> None:
+    """Expose /metrics on ``port`` (a worker process; the ingress serves its own)."""
+    if port > 0:
+        start_http_server(port, addr="127.0.0.1")

@@ -1,0 +1,130 @@
+"""Submitting jobs from Python or the command line.
+
+Two ways in:
+
+- ``submit(path, ...)``: the direct producer. Stores the audio, writes the
+  job row and produces the ``Upload`` to Kafka itself -- no HTTP hop, the
+  same guarantees as the ingress (``producers.submission``).
+- ``HttpClient``: talks to the ingress (``kafscribe submit`` uses it).
+
+``wait_for`` follows a job until it is completed or failed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from kafscribe import cassandra_session
+from kafscribe.jobstore import TERMINAL, JobStore
+from kafscribe.settings import Settings
+
+from .publisher import Publisher
+from .submission import Submitter, parse_options
+
+
+def submit(
+    path: str | Path, *, language: str | None = None, task: str = "transcribe",
+    translate_to: str | None = None, callback_url: str | None = None, model: str | None = None,
+    tenant: str = "default", settings: Settings | None = None,
+) -> str:
+    """Submit ``path`` straight to Kafka; returns the job id once the broker has the event."""
+    settings = settings or Settings.from_env()
+    raw = {"language": language, "task": task, "translate_to": translate_to,
+           "callback_url": callback_url, "model": model}
+    options = parse_options({k: v for k, v in raw.items() if v is not None}, settings)
+    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    publisher = Publisher(settings)
+    try:
+        upload = Submitter(settings, session, publisher).submit(Path(path), options, tenant=tenant)
+    finally:
+        publisher.close()
+        session.cluster.shutdown()
+    return upload.job_id
+
+
+def wait_for(get_job: Callable[[], dict[str, Any] | None], timeout_s: float = 600.0,
+             on_change: Callable[[dict[str, Any]], None] | None = None, interval_s: float = 0.5) -> dict[str, Any]:
+    """Poll ``get_job`` until the job is completed or failed; returns the final view."""
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while True:
+        job = get_job()
+        if job is not None:
+            if on_change and job.get("status") != last:
+                on_change(job)
+            last = job.get("status")
+            if last in TERMINAL:
+                return job
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"job still {last} after {timeout_s:.0f}s")
+        time.sleep(interval_s)
+
+
+def direct_job_reader(settings: Settings) -> Callable[[str], dict[str, Any] | None]:
+    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    return JobStore(session).get
+
+
+class HttpError(RuntimeError):
+    def __init__(self, status: int, body: str) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+class HttpClient:
+    """A minimal client of the ingress API (stdlib only)."""
+
+    def __init__(self, base_url: str, timeout_s: float = 120.0) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout_s = timeout_s
+
+    def _request(self, method: str, path: str, body: bytes | None = None,
+                 headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
+        req = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
+                return resp.status, resp.read(), dict(resp.headers)
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read(), dict(exc.headers)
+
+    def submit(self, path: str | Path, **options: str) -> dict[str, Any]:
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, value in options.items():
+            if value is not None:
+                parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        path = Path(path)
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n"
+        )
+        parts.append(f"--{boundary}--\r\n".encode())
+        status, body, _ = self._request(
+            "POST", "/v1/jobs", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+        )
+        if status != 202:
+            raise HttpError(status, body.decode(errors="replace"))
+        return json.loads(body)
+
+    def job(self, job_id: str) -> dict[str, Any] | None:
+        status, body, _ = self._request("GET", f"/v1/jobs/{job_id}")
+        if status == 404:
+            return None
+        if status != 200:
+            raise HttpError(status, body.decode(errors="replace"))
+        return json.loads(body)
+
+    def transcript(self, job_id: str, fmt: str = "txt", lang: str | None = None) -> str:
+        query = f"?format={fmt}" + (f"&lang={lang}" if lang else "")
+        status, body, _ = self._request("GET", f"/v1/jobs/{job_id}/transcript{query}")
+        if status != 200:
+            raise HttpError(status, body.decode(errors="replace"))
+        return body.decode()
