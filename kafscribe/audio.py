@@ -42,7 +42,8 @@ def probe(path: Path, timeout_s: float = 30.0) -> AudioInfo:
     except subprocess.TimeoutExpired as exc:
         raise AudioError("ffprobe timed out reading the file") from exc
     if proc.returncode != 0:
-        raise AudioError(f"not a readable audio file: {_last_line(proc.stderr)}")
+        reason = _last_line(proc.stderr).replace(f"{path}: ", "")
+        raise AudioError(f"not a readable audio file: {reason}")
     info = json.loads(proc.stdout or "{}")
     streams = info.get("streams") or []
     if not streams:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from cassandra.cluster import Cluster, Session
-from cassandra.policies import ExponentialReconnectionPolicy
+from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
+from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy
 
 from .settings import Settings
 
@@ -18,6 +18,11 @@ def connect(settings: Settings, *, keyspace: str | None = None, timeout_s: float
         connect_timeout=timeout_s,
         control_connection_timeout=timeout_s,
         reconnection_policy=ExponentialReconnectionPolicy(0.5, 10.0),
+        execution_profiles={
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=DCAwareRoundRobinPolicy(), request_timeout=timeout_s
+            )
+        },
         protocol_version=5,
     )
     try:
@@ -25,7 +30,6 @@ def connect(settings: Settings, *, keyspace: str | None = None, timeout_s: float
     except Exception:
         cluster.shutdown()
         raise
-    session.default_timeout = timeout_s
     return session
 
 

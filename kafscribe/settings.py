@@ -101,6 +101,10 @@ class Settings:
     def effective_worker_id(self, stage: str) -> str:
         return self.worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}"
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as ``KAFSCRIBE_*`` variables (to hand to a child process)."""
+        return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
+
     def with_(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 

@@ -50,9 +50,43 @@ def stack_settings() -> Settings:
         stack.down(settings, log=lambda line: print(f"[stack] {line}"))
 
 
-@pytest.fixture
-def isolated(stack_settings: Settings) -> Settings:
-    """Settings with a fresh topic prefix (and topics), so tests never see each other's events."""
-    settings = stack_settings.with_(topic_prefix=f"t{uuid.uuid4().hex[:10]}.")
+def fresh_settings(stack_settings: Settings, **overrides) -> Settings:
+    """Settings with a fresh topic prefix (own topics and consumer groups), so tests never mix."""
+    settings = stack_settings.with_(topic_prefix=f"t{uuid.uuid4().hex[:10]}.", **overrides)
     bootstrap.ensure_topics(settings)
     return settings
+
+
+@pytest.fixture
+def isolated(stack_settings: Settings) -> Settings:
+    return fresh_settings(stack_settings)
+
+
+@pytest.fixture(scope="session")
+def clips(tmp_path_factory) -> dict[str, Path]:
+    """espeak-ng speech and broken files, made once per session."""
+    from tests import audio_clips as ac
+
+    d = tmp_path_factory.mktemp("clips")
+    en = ac.speak(ac.ENGLISH, d / "en.wav")
+    return {
+        "en": en,
+        "en_mp3": ac.to_format(en, d / "en.mp3"),
+        "es": ac.speak(ac.SPANISH, d / "es.wav", voice="es", speed=140),
+        "de": ac.speak(ac.GERMAN, d / "de.wav", voice="de", speed=140),
+        "long": ac.speak(ac.LONG_ENGLISH, d / "long.wav"),
+        "lying": ac.lying_wav(d / "lying.wav"),
+        "garbage": _write(d / "garbage.wav", b"this is not audio at all\n" * 40),
+        "empty": _write(d / "empty.wav", b""),
+    }
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def make_pipeline(settings: Settings, tmp_path_factory, name: str):
+    from tests.pipeline import Pipeline
+
+    return Pipeline(settings, tmp_path_factory.mktemp(f"logs-{name}"))
