@@ -47,7 +47,7 @@ def build_runner(name: str, settings: Settings) -> StageRunner:
 def serve(name: str, settings: Settings) -> int:
     logs.setup(settings.log_level)
     port = settings.metrics_port or DEFAULT_METRICS_PORTS.get(name, 0)
-    metrics.serve(port)
+    metrics.serve(port, settings.metrics_host)
     runner = build_runner(name, settings)
 
     def on_signal(signum, _frame) -> None:

@@ -31,7 +31,7 @@ DEAD_LETTERS = Counter("kafscribe_dead_letters_total", "Messages sent to the DLQ
 REBALANCES = Counter("kafscribe_rebalances_total", "Partition assignment changes seen", ["stage", "kind"])
 
 
-def serve(port: int) -> None:
+def serve(port: int, host: str = "127.0.0.1") -> None:
     """Expose /metrics on ``port`` (a worker process; the ingress serves its own)."""
     if port > 0:
-        start_http_server(port, addr="127.0.0.1")
+        start_http_server(port, addr=host)

@@ -82,6 +82,7 @@ class Settings:
     max_poll_interval_ms: int = _doc("Longest gap between polls (workers keep polling while busy).", 300000)
     transient_retries: int = _doc("In-process retries of a transient failure before the job fails.", 3)
     metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
+    metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")
 
     # --- logging ---------------------------------------------------------
     log_level: str = _doc("Python log level.", "INFO")
