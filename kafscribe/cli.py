@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from .settings import Settings, SettingsError, settings_table
+from .settings import PROJECT_ROOT, Settings, SettingsError, settings_table
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
@@ -25,6 +26,12 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
+    if args.markdown:  # the README's table: defaults, not this shell's values
+        print("| variable | default | what it does |\n|---|---|---|")
+        for var, value, doc in settings_table(Settings()):
+            value = value.replace(str(PROJECT_ROOT), "<checkout>").replace(str(Path.home()), "~")
+            print(f"| `{var}` | `{value}` | {doc} |")
+        return 0
     for var, value, doc in settings_table(settings):
         print(f"{var:<36} {value:<40} {doc}")
     return 0
@@ -124,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("serve", help="run one service in the foreground")
-    p.add_argument("stage", choices=["ingress", "transcriber", "translator", "sink"])
+    p.add_argument("stage", choices=["ingress", "transcriber", "translator", "sink", "notifier"])
     p.add_argument("--instance", help="name of this instance (pid file tag)")
     p.set_defaults(func=_serve)
 
@@ -155,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_submit)
 
     p = sub.add_parser("settings", help="print every KAFSCRIBE_* setting and its value")
+    p.add_argument("--markdown", action="store_true", help="the defaults as a Markdown table")
     p.set_defaults(func=_settings)
     return parser
 
