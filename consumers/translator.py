@@ -1,7 +1,11 @@
 """Stage ``translator`` (group ``translators``): Transcript -> Result.
 
 A job that asked for no translation (or for the language it is already in)
-passes straight through as a completed ``Result``.
+passes straight through as a completed ``Result``. Otherwise the job shows
+``translating`` while a backend works: ``whisper`` (speech -> English, on
+the job's audio) or ``llm`` (any target, segment by segment); see
+``kafscribe.translation``. A translation that cannot succeed fails the job
+with the backend's message.
 """
 
 from __future__ import annotations
@@ -10,12 +14,13 @@ import logging
 
 from confluent_kafka import Message
 
-from kafscribe.jobstore import COMPLETED, FAILED, JobStore
+from kafscribe.jobstore import COMPLETED, FAILED, TRANSLATING, JobStore
 from kafscribe.settings import Settings
+from kafscribe.translation import TranslationError, Translator, backend_name
 from schemas.events import Event, Result, Transcript
 
 from .loop import Output
-from .retry import PermanentFailure
+from .retry import PermanentFailure, with_retries
 
 log = logging.getLogger("kafscribe.translator")
 
@@ -27,8 +32,22 @@ class TranslatorStage:
 
     def __init__(self, settings: Settings, session, worker_id: str) -> None:
         self.settings = settings
+        self.session = session
         self.worker_id = worker_id
         self.jobs = JobStore(session)
+        self._backends: dict[str, Translator] = {}
+
+    def backend(self, name: str) -> Translator:
+        if name not in self._backends:
+            if name == "whisper":
+                from kafscribe.translation.whisper_backend import WhisperTranslator
+
+                self._backends[name] = WhisperTranslator(self.settings, self.session)
+            else:
+                from kafscribe.translation.llm_backend import LLMTranslator
+
+                self._backends[name] = LLMTranslator(self.settings)
+        return self._backends[name]
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Transcript):
@@ -36,7 +55,18 @@ class TranslatorStage:
         result = result_from_transcript(event)
         target = event.options.translate_to
         if target and target != event.language:
-            result.status, result.error = FAILED, f"translation to {target!r} is not available yet"
+            extra = {"job_id": event.job_id, "trace_id": event.trace_id}
+            self.jobs.transition(event.job_id, TRANSLATING, worker_id=self.worker_id, attempts=event.attempt)
+            try:
+                backend = self.backend(backend_name(self.settings, target))
+                log.info("translating %s -> %s with %s", event.language, target, backend.name, extra=extra)
+                result.translation = with_retries(
+                    lambda: backend.translate(event, target), stage=self.name,
+                    attempts=self.settings.transient_retries,
+                )
+            except (PermanentFailure, TranslationError) as exc:
+                log.warning("translation failed: %s", exc, extra=extra)
+                result.status, result.error = FAILED, f"translation to {target!r} failed: {exc}"
         return [Output(self.settings.topic("results"), result)]
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:

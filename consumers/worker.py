@@ -2,59 +2,80 @@
 
 Sets up logging, metrics and the Cassandra session, builds the stage, and
 runs its consume loop until SIGTERM/SIGINT (which let the current job finish
-or abandon it cleanly; see ``loop.StageRunner``).
+or abandon it cleanly; see ``loop.StageRunner``). ``notifier`` runs two
+loops in one process: first deliveries (``results``) and retries
+(``callbacks.retry``).
 """
 
 from __future__ import annotations
 
 import logging
 import signal
+import threading
 
 from kafscribe import cassandra_session, logs, metrics
 from kafscribe.settings import Settings
 
 from .loop import StageRunner
 
-STAGES = ("transcriber", "translator", "sink")
+STAGES = ("transcriber", "translator", "sink", "notifier")
 DEFAULT_METRICS_PORTS = {"transcriber": 9101, "translator": 9102, "sink": 9103, "notifier": 9104}
 
 log = logging.getLogger("kafscribe.worker")
 
 
-def build_stage(name: str, settings: Settings, session, worker_id: str):
+def build_stages(name: str, settings: Settings, session, worker_id: str, stop: threading.Event) -> list:
     if name == "transcriber":
         from .transcriber import Transcriber
 
-        return Transcriber(settings, session, worker_id)
+        return [Transcriber(settings, session, worker_id)]
     if name == "translator":
         from .translator import TranslatorStage
 
-        return TranslatorStage(settings, session, worker_id)
+        return [TranslatorStage(settings, session, worker_id)]
     if name == "sink":
         from .sink import Sink
 
-        return Sink(settings, session, worker_id)
+        return [Sink(settings, session, worker_id)]
+    if name == "notifier":
+        from .notifier import CallbackRetrier, Notifier
+
+        return [Notifier(settings, session, worker_id), CallbackRetrier(settings, session, worker_id, stop)]
     raise ValueError(f"unknown stage {name!r}; choose one of {', '.join(STAGES)}")
 
 
-def build_runner(name: str, settings: Settings) -> StageRunner:
+def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[StageRunner]:
     worker_id = settings.effective_worker_id(name)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
-    stage = build_stage(name, settings, session, worker_id)
-    return StageRunner(settings, stage, worker_id)
+    return [
+        StageRunner(settings, stage, worker_id if i == 0 else f"{worker_id}-{stage.name}")
+        for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop))
+    ]
 
 
 def serve(name: str, settings: Settings) -> int:
     logs.setup(settings.log_level)
     port = settings.metrics_port or DEFAULT_METRICS_PORTS.get(name, 0)
     metrics.serve(port, settings.metrics_host)
-    runner = build_runner(name, settings)
+    stop = threading.Event()
+    runners = build_runners(name, settings, stop)
 
     def on_signal(signum, _frame) -> None:
         log.info("signal %s: stopping after the current job", signum, extra={"stage": name})
-        runner.stop()
+        stop.set()
+        for runner in runners:
+            runner.stop()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    runner.run()
+    threads = [threading.Thread(target=r.run, name=r.stage.name) for r in runners[1:]]
+    for thread in threads:
+        thread.start()
+    try:
+        runners[0].run()
+    finally:
+        for runner in runners[1:]:
+            runner.stop()
+        for thread in threads:
+            thread.join()
     return 0

@@ -18,7 +18,7 @@ from infra.process import ServerProcess
 
 from .settings import Settings
 
-DEFAULT_SERVICES = ("ingress", "transcriber", "translator", "sink")
+DEFAULT_SERVICES = ("ingress", "transcriber", "translator", "sink", "notifier")
 
 
 def _process(name: str, settings: Settings) -> ServerProcess:

@@ -84,6 +84,31 @@ class Settings:
     metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
     metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")
 
+    # --- translation -----------------------------------------------------
+    translator: str = _doc(
+        "Translation backend: `auto` (whisper for English targets, else llm), `whisper` or `llm`.", "auto"
+    )
+    llm_base_url: str = _doc("OpenAI-compatible API base (vLLM, Ollama, OpenAI), e.g. http://host:8000/v1.", "")
+    llm_model: str = _doc("Chat model used for translation.", "")
+    llm_api_key: str = _doc("Bearer token for the LLM endpoint (empty = none).", "")
+    llm_timeout_s: float = _doc("Timeout of one LLM request.", 60.0)
+    llm_retries: int = _doc("Retries of an LLM request on 429/5xx/timeouts.", 4)
+    llm_retry_base_s: float = _doc("First backoff of an LLM retry (doubles each time).", 1.0)
+    llm_batch_segments: int = _doc("Most segments translated per LLM request.", 40)
+    llm_batch_chars: int = _doc("Most source characters per LLM request (fits the context).", 6000)
+
+    # --- callbacks ---------------------------------------------------------
+    callback_secret: str = _doc("Default HMAC secret of webhook signatures.", "kafscribe-dev-secret")
+    callback_secrets: str = _doc("Per-tenant secrets: `tenant=secret,tenant2=secret2`.", "")
+    callback_timeout_s: float = _doc("Timeout of one callback POST.", 10.0)
+    callback_max_attempts: int = _doc("Delivery attempts before the event goes to the DLQ.", 10)
+    callback_backoff_base_s: float = _doc("Delay before the 2nd attempt; grows by the factor, with jitter.", 15.0)
+    callback_backoff_factor: float = _doc("Growth of the callback retry delay.", 3.0)
+    callback_backoff_max_s: float = _doc("Longest delay between two attempts (defaults span ~24 h).", 36000.0)
+    callback_allow_networks: str = _doc(
+        "CIDRs callbacks may reach although private/loopback (e.g. `127.0.0.0/8` for local dev).", ""
+    )
+
     # --- logging ---------------------------------------------------------
     log_level: str = _doc("Python log level.", "INFO")
 
@@ -101,6 +126,14 @@ class Settings:
 
     def effective_worker_id(self, stage: str) -> str:
         return self.worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}"
+
+    def tenant_secret(self, tenant: str) -> str:
+        """The webhook signing secret of ``tenant``."""
+        for pair in self.callback_secrets.split(","):
+            name, _, secret = pair.partition("=")
+            if name.strip() == tenant and secret:
+                return secret.strip()
+        return self.callback_secret
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``KAFSCRIBE_*`` variables (to hand to a child process)."""

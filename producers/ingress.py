@@ -21,11 +21,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from kafscribe import cassandra_session, formats, logs, metrics
+from kafscribe.callbackstore import CallbackStore
 from kafscribe.jobstore import COMPLETED, JobStore
 from kafscribe.kafka_clients import kafka_reachable
 from kafscribe.settings import Settings
+from schemas.events import CallbackAttempt, now_ms
 
-from .publisher import Publisher
+from .publisher import Publisher, PublishError
 from .submission import SubmissionError, Submitter, Unavailable, parse_options
 
 log = logging.getLogger("kafscribe.ingress")
@@ -59,6 +61,9 @@ class Backends:
 
     def jobs(self) -> JobStore:
         return self.submitter().jobs
+
+    def callbacks(self) -> CallbackStore:
+        return CallbackStore(self.submitter().session)
 
     def close(self) -> None:
         self.publisher.close()
@@ -248,6 +253,57 @@ async def get_transcript(request: web.Request) -> web.Response:
     return web.Response(text=body, content_type=content_type.split(";")[0], charset="utf-8")
 
 
+async def get_callbacks(request: web.Request) -> web.Response:
+    """Every delivery attempt of the job's callback event."""
+    backends: Backends = request.app["backends"]
+    job, _ = await _load_job(request)
+
+    def load():
+        store = backends.callbacks()
+        return store.get_event(job["job_id"]), store.attempts(job["job_id"])
+
+    event, attempts = await asyncio.to_thread(load)
+    return _json({
+        "job_id": job["job_id"],
+        "callback_url": job["options"].get("callback_url"),
+        "event": None if event is None else {k: event[k] for k in ("event_id", "event_type", "url", "created_at")},
+        "attempts": [
+            {k: a[k] for k in ("attempt", "attempted_at", "status_code", "latency_ms", "error", "outcome")}
+            for a in attempts
+        ],
+    })
+
+
+async def redeliver_callback(request: web.Request) -> web.Response:
+    """Send the job's callback event again, now (one attempt; the usual schedule while attempts remain)."""
+    settings: Settings = request.app["settings"]
+    backends: Backends = request.app["backends"]
+    job, _ = await _load_job(request)
+
+    def send():
+        store = backends.callbacks()
+        event = store.get_event(job["job_id"])
+        if event is None:
+            return None
+        attempts = store.attempts(job["job_id"])
+        attempt = CallbackAttempt(
+            job_id=job["job_id"], tenant=event["tenant"], trace_id=job["trace_id"] or "",
+            event_id=event["event_id"], url=event["url"], event_type=event["event_type"], body=event["body"],
+            delivery_attempt=max((a["attempt"] for a in attempts), default=0) + 1, not_before=now_ms(),
+        )
+        backends.publisher.publish(settings.topic("callbacks.retry"), attempt.job_id.encode(), attempt.encode())
+        return attempt
+
+    try:
+        attempt = await asyncio.to_thread(send)
+    except PublishError as exc:
+        return _unavailable(settings, str(exc))
+    if attempt is None:
+        return _error(409, "this job has no callback event (no callback_url, or not finished yet)")
+    return _json({"job_id": attempt.job_id, "event_id": attempt.event_id,
+                  "delivery_attempt": attempt.delivery_attempt}, status=202)
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -283,6 +339,8 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_post("/v1/jobs", create_job)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_get("/v1/jobs/{job_id}/transcript", get_transcript)
+    app.router.add_get("/v1/jobs/{job_id}/callbacks", get_callbacks)
+    app.router.add_post("/v1/jobs/{job_id}/callbacks/redeliver", redeliver_callback)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)

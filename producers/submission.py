@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kafscribe import audio, blobstore
+from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.jobstore import FAILED, JobStore
 from kafscribe.models import offline
 from kafscribe.settings import Settings
@@ -66,8 +67,11 @@ def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
         raise SubmissionError(422, f"model={model!r} is not served here; choose one of {', '.join(sorted(allowed))}")
     opts.model = model
     url = (raw.get("callback_url") or "").strip() or None
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise SubmissionError(422, "callback_url must be an http(s) URL")
+    if url is not None:
+        try:
+            check_url(url, settings.callback_allow_networks)
+        except CallbackRefused as exc:
+            raise SubmissionError(422, str(exc)) from exc
     opts.callback_url = url
     include = (raw.get("callback_include_transcript") or "false").strip().lower()
     opts.callback_include_transcript = include in ("1", "true", "yes")

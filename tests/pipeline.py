@@ -61,7 +61,7 @@ class Pipeline:
 
     def start_all(self, **env_overrides: str) -> Pipeline:
         self.start("ingress")
-        for stage in ("transcriber", "translator", "sink"):
+        for stage in ("transcriber", "translator", "sink", "notifier"):
             self.start(stage, **env_overrides)
         return self
 

@@ -1,0 +1,198 @@
+"""Stages ``notifier`` (Result -> first delivery) and ``callback-retry`` (later deliveries).
+
+The notifier POSTs a signed JSON event (``job.completed`` / ``job.failed``)
+to the job's ``callback_url`` once, with a short timeout. A timeout, a 5xx,
+a 408/429 or a connection error schedules the next attempt on
+``kafscribe.callbacks.retry`` (exponential backoff with jitter) -- the
+notifier never holds a ``results`` partition waiting on a slow client. Any
+other 4xx, or an address the guard refuses, ends delivery. After the last
+attempt the event goes to ``kafscribe.dlq``. Every attempt is recorded in
+Cassandra.
+
+``callback-retry`` consumes ``kafscribe.callbacks.retry``: a due attempt is
+delivered; one not yet due is held briefly, then put back at the end of the
+topic (so one far-future retry never stalls the partition for long).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from confluent_kafka import Message
+
+from kafscribe import webhooks
+from kafscribe.callback_guard import CallbackRefused, check_url
+from kafscribe.callbackstore import CallbackStore
+from kafscribe.settings import Settings
+from schemas.events import CallbackAttempt, DeadLetter, Event, Result, now_ms
+
+from .loop import Output
+from .retry import PermanentFailure
+
+log = logging.getLogger("kafscribe.notifier")
+
+DELIVERED, RETRYING, GAVE_UP = "delivered", "retrying", "gave_up"
+RETRY_HOLD_S = 1.0  # longest a not-yet-due retry is held before it goes back on the topic
+
+
+def backoff_s(settings: Settings, attempt: int) -> float:
+    """Delay before attempt ``attempt + 1`` (attempt >= 1): exponential, capped, ±20 % jitter."""
+    base = settings.callback_backoff_base_s * settings.callback_backoff_factor ** (attempt - 1)
+    return min(base, settings.callback_backoff_max_s) * random.uniform(0.8, 1.2)
+
+
+def event_body(settings: Settings, result: Result) -> tuple[str, str]:
+    """(event type, JSON body) of the callback for ``result``."""
+    event_type = "job.completed" if result.status == "completed" else "job.failed"
+    base = settings.public_url.rstrip("/") or f"http://{settings.http_host}:{settings.http_port}"
+    data: dict = {
+        "job_id": result.job_id,
+        "status": result.status,
+        "error": result.error,
+        "tenant": result.tenant,
+        "links": {
+            "self": f"{base}/v1/jobs/{result.job_id}",
+            "transcript": f"{base}/v1/jobs/{result.job_id}/transcript",
+        },
+    }
+    if result.options.callback_include_transcript and result.status == "completed":
+        data["transcript"] = {
+            "language": result.language,
+            "text": result.text,
+            "segments": [s.__dict__ for s in result.segments],
+        }
+        if result.translation:
+            data["transcript"]["translation"] = {
+                "language": result.translation.target_language,
+                "text": result.translation.text,
+                "segments": [s.__dict__ for s in result.translation.segments],
+            }
+    body = {"type": event_type, "timestamp": datetime.now(UTC).isoformat(), "data": data}
+    return event_type, json.dumps(body, separators=(",", ":"))
+
+
+class Deliverer:
+    """One delivery attempt and what follows from it (record, retry, or dead letter)."""
+
+    def __init__(self, settings: Settings, session, stage: str) -> None:
+        self.settings = settings
+        self.store = CallbackStore(session)
+        self.stage = stage
+
+    def attempt(self, event: CallbackAttempt) -> list[Output]:
+        outcome, status, error, latency_ms = self._post(event)
+        exhausted = outcome == RETRYING and event.delivery_attempt >= self.settings.callback_max_attempts
+        if exhausted:
+            outcome = GAVE_UP
+        self.store.record(event, status, latency_ms, error, outcome)
+        extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": event.delivery_attempt}
+        log.info("callback %s (HTTP %s) %s", outcome, status, error or "", extra=extra)
+        if outcome == DELIVERED:
+            return []
+        if outcome == RETRYING:
+            delay = backoff_s(self.settings, event.delivery_attempt)
+            nxt = replace(event, delivery_attempt=event.delivery_attempt + 1, produced_at=now_ms(),
+                          not_before=now_ms() + int(delay * 1000), last_error=error)
+            return [Output(self.settings.topic("callbacks.retry"), nxt)]
+        if exhausted:
+            return [Output(self.settings.topic("dlq"), DeadLetter(
+                job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id,
+                source_topic=self.settings.topic("callbacks.retry"), source_partition=-1, source_offset=-1,
+                stage=self.stage, reason=f"callback not delivered after {event.delivery_attempt} attempts: {error}",
+                payload=event.encode(),
+            ))]
+        return []  # refused by the receiver (4xx) or by the guard: stop, recorded as gave_up
+
+    def _post(self, event: CallbackAttempt) -> tuple[str, int | None, str | None, float]:
+        try:
+            check_url(event.url, self.settings.callback_allow_networks)
+        except CallbackRefused as exc:
+            return GAVE_UP, None, f"refused: {exc}", 0.0
+        body = event.body.encode()
+        secret = self.settings.tenant_secret(event.tenant)
+        req = urllib.request.Request(event.url, data=body, method="POST",
+                                     headers=webhooks.headers(secret, event.event_id, body))
+        started = time.monotonic()
+        try:
+            with urllib.request.urlopen(req, timeout=self.settings.callback_timeout_s) as resp:
+                status = resp.status
+        except urllib.error.HTTPError as exc:
+            status = exc.code
+        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
+            return RETRYING, None, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", _ms(started)
+        latency = _ms(started)
+        if 200 <= status < 300:
+            return DELIVERED, status, None, latency
+        if status >= 500 or status in (408, 429):
+            return RETRYING, status, f"HTTP {status}", latency
+        return GAVE_UP, status, f"HTTP {status}", latency
+
+
+def _ms(started: float) -> float:
+    return (time.monotonic() - started) * 1000
+
+
+class Notifier:
+    name = "notifier"
+    group = "notifier"
+    input_topic = "results"
+
+    def __init__(self, settings: Settings, session, worker_id: str) -> None:
+        self.settings = settings
+        self.deliverer = Deliverer(settings, session, self.name)
+
+    def handle(self, event: Event, message: Message) -> list[Output]:
+        if not isinstance(event, Result):
+            raise PermanentFailure(f"expected a Result on {message.topic()}, got {type(event).__name__}")
+        if not event.options.callback_url:
+            return []
+        event_type, body = event_body(self.settings, event)
+        attempt = CallbackAttempt(
+            job_id=event.job_id, tenant=event.tenant, attempt=event.attempt, trace_id=event.trace_id,
+            event_id=webhooks.event_id(event.job_id, event_type), url=event.options.callback_url,
+            event_type=event_type, body=body, delivery_attempt=1, not_before=now_ms(),
+        )
+        self.deliverer.store.save_event(attempt)
+        return self.deliverer.attempt(attempt)
+
+    def failure_outputs(self, event: Event, reason: str) -> list[Output]:
+        return [_dead_letter(self.settings, self.name, event, reason)]
+
+
+class CallbackRetrier:
+    name = "callback-retry"
+    group = "notifier-retry"
+    input_topic = "callbacks.retry"
+
+    def __init__(self, settings: Settings, session, worker_id: str, stop: threading.Event | None = None) -> None:
+        self.settings = settings
+        self.deliverer = Deliverer(settings, session, self.name)
+        self._stop = stop or threading.Event()
+
+    def handle(self, event: Event, message: Message) -> list[Output]:
+        if not isinstance(event, CallbackAttempt):
+            raise PermanentFailure(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
+        wait_s = (event.not_before - now_ms()) / 1000
+        if wait_s > 0:
+            self._stop.wait(min(wait_s, RETRY_HOLD_S))
+            if event.not_before > now_ms():
+                return [Output(self.settings.topic("callbacks.retry"), event)]  # not due: back of the line
+        return self.deliverer.attempt(event)
+
+    def failure_outputs(self, event: Event, reason: str) -> list[Output]:
+        return [_dead_letter(self.settings, self.name, event, reason)]
+
+
+def _dead_letter(settings: Settings, stage: str, event: Event, reason: str) -> Output:
+    return Output(settings.topic("dlq"), DeadLetter(
+        job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id, source_topic="",
+        source_partition=-1, source_offset=-1, stage=stage, reason=reason, payload=event.encode(),
+    ))

@@ -1,0 +1,37 @@
+"""Whisper's own speech -> English task, run again on the job's audio (works offline)."""
+
+from __future__ import annotations
+
+from schemas.events import Transcript, Translation
+
+from .. import audio, blobstore
+from ..engines import Engine, load_engine
+from ..settings import Settings
+from .base import TranslationError
+
+
+class WhisperTranslator:
+    name = "whisper"
+
+    def __init__(self, settings: Settings, session) -> None:
+        self.settings = settings
+        self.session = session
+        self._engine: Engine | None = None
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:  # loaded on first use, then kept for the process's life
+            self._engine = load_engine(self.settings)
+        return self._engine
+
+    def translate(self, transcript: Transcript, target: str) -> Translation:
+        if target != "en":
+            raise TranslationError(f"the whisper translator only translates into English, not {target!r}")
+        if not self.engine.multilingual:
+            raise TranslationError(f"model {self.engine.model_name!r} is English-only and cannot translate")
+        data = blobstore.read_verified(self.settings, self.session, transcript.blob_ref, transcript.audio_sha256)
+        out = self.engine.transcribe(audio.decode(data), language=transcript.language, task="translate")
+        return Translation(
+            source_language=transcript.language, target_language="en", backend=self.name,
+            text=out.text, segments=out.segments,
+        )
