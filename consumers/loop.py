@@ -70,6 +70,14 @@ class Abandoned(Exception):
     """The job was given up (shutdown or partition lost); its offset stays uncommitted."""
 
 
+class LeaveGroup(Exception):
+    """The worker cannot take work for a while (short of memory): hand its partitions to others.
+
+    The job's offset stays uncommitted; the worker unsubscribes, keeps reporting
+    its status, and subscribes again once ``stage.can_resume()`` says so.
+    """
+
+
 class StageRunner:
     def __init__(self, settings: Settings, stage: Stage, worker_id: str | None = None) -> None:
         self.settings = settings
@@ -85,7 +93,9 @@ class StageRunner:
         self._in_flight: TopicPartition | None = None
         self._lost_in_flight = False
         self.in_flight_count = 0
+        self.stopped = False
         self.on_idle: list[Callable[[], None]] = []  # called from the poll thread (status reports)
+        self.on_close: list[Callable[[], None]] = []
 
     # --- lifecycle ---------------------------------------------------------------
     def stop(self) -> None:
@@ -101,11 +111,14 @@ class StageRunner:
         except KafkaException:
             return []
 
-    def run(self) -> None:
-        self.producer.init_transactions(30)
+    def _subscribe(self) -> None:
         self.consumer.subscribe(
             [self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
+
+    def run(self) -> None:
+        self.producer.init_transactions(30)
+        self._subscribe()
         log.info("stage started", extra={"stage": self.stage.name, "worker_id": self.worker_id})
         try:
             while not self._stop.is_set():
@@ -127,6 +140,9 @@ class StageRunner:
         except (KafkaException, RuntimeError):
             pass
         self.producer.flush(5)
+        self.stopped = True
+        for fn in self.on_close:
+            fn()
         log.info("stage stopped", extra={"stage": self.stage.name, "worker_id": self.worker_id})
 
     def _tick(self) -> None:
@@ -170,6 +186,10 @@ class StageRunner:
                 log.warning("job abandoned: %s", exc, extra=self._extra(msg, event))
                 metrics.JOBS.labels(self.stage.name, "abandoned").inc()
                 return
+            except LeaveGroup as exc:
+                log.warning("leaving the group: %s", exc, extra=self._extra(msg, event))
+                self._sit_out()
+                return
             except Exception as exc:  # noqa: BLE001 - a bug in a handler must not stop the partition
                 log.exception("handler crashed", extra=self._extra(msg, event))
                 outputs = self.stage.failure_outputs(event, f"internal error in {self.stage.name}: {exc!r}")
@@ -180,6 +200,17 @@ class StageRunner:
             metrics.JOBS.labels(self.stage.name, outcome).inc()
             metrics.STAGE_SECONDS.labels(self.stage.name).observe(time.monotonic() - started)
             self._record_lag(msg)
+
+    def _sit_out(self) -> None:
+        """Unsubscribe (partitions move to others) until the stage can take work again."""
+        self.consumer.unsubscribe()
+        can_resume = getattr(self.stage, "can_resume", lambda: True)
+        while not self._stop.is_set() and not can_resume():
+            self.consumer.poll(1.0)  # serves the revocation; nothing else arrives
+            self._tick()
+        if not self._stop.is_set():
+            log.info("rejoining the group", extra={"stage": self.stage.name, "worker_id": self.worker_id})
+            self._subscribe()
 
     def _run_paused(self, msg: Message, event: Event) -> list[Output]:
         """Run the handler in a thread; keep polling (paused) so we stay in the group."""

@@ -4,6 +4,16 @@ Reads the audio from the blob store (verifying its sha256), decodes it with
 ffmpeg and runs Whisper. The engine and model are loaded once per process;
 a job asking for another allowed model loads that one once too. A job whose
 audio is bad fails here with the reason and goes straight to ``results``.
+
+Admission: before a job starts, the worker checks its memory headroom
+against the job's estimate (``kafscribe.memory``) and waits -- partitions
+paused, still polling, reporting ``throttled`` -- rather than run out of
+memory; after ``KAFSCRIBE_THROTTLE_LEAVE_S`` it leaves the group so the
+partitions move to workers that have the memory.
+
+Redo: every start counts an attempt in the job row; a job started more than
+``KAFSCRIBE_MAX_ATTEMPTS`` times (its workers kept dying) fails, with its
+errors, and a copy of its ``Upload`` goes to the DLQ.
 """
 
 from __future__ import annotations
@@ -11,15 +21,16 @@ from __future__ import annotations
 import logging
 import time
 
+import psutil
 from confluent_kafka import Message
 
-from kafscribe import audio, blobstore, metrics
+from kafscribe import audio, blobstore, memory, metrics
 from kafscribe.engines import Engine, load_engine
 from kafscribe.jobstore import FAILED, TRANSCRIBING, JobStore
 from kafscribe.settings import Settings
-from schemas.events import Event, Result, Transcript, Upload
+from schemas.events import DeadLetter, Event, Result, Transcript, Upload
 
-from .loop import Output
+from .loop import LeaveGroup, Output
 from .retry import PermanentFailure, with_retries
 
 log = logging.getLogger("kafscribe.transcriber")
@@ -37,6 +48,8 @@ class Transcriber:
         self.jobs = JobStore(session)
         self.default_engine = load_engine(settings)
         self._engines: dict[str, Engine] = {settings.model: self.default_engine}
+        self.throttled = False
+        self._last_need = memory.estimate_job_bytes(30.0, settings.model)
 
     @property
     def model_name(self) -> str:
@@ -48,11 +61,48 @@ class Transcriber:
             self._engines[model] = load_engine(self.settings, model=model)
         return self._engines[model]
 
+    # --- memory admission ------------------------------------------------------------
+    def headroom(self) -> int:
+        gpu = memory.gpu_memory()
+        return memory.headroom_bytes(
+            self.settings.memory_budget_bytes, memory.process_rss(),
+            int(psutil.virtual_memory().available), gpu[0] if gpu else None,
+        )
+
+    def can_resume(self) -> bool:
+        ok = self.headroom() >= self._last_need
+        self.throttled = not ok
+        return ok
+
+    def admit(self, event: Upload) -> None:
+        """Wait until there is memory for ``event``; raise ``LeaveGroup`` if that takes too long."""
+        need = memory.estimate_job_bytes(event.audio_duration, event.options.model or self.settings.model)
+        self._last_need = need
+        started = time.monotonic()
+        while (free := self.headroom()) < need:
+            self.throttled = True
+            waited = time.monotonic() - started
+            if waited > self.settings.throttle_leave_s:
+                metrics.THROTTLED_SECONDS.labels(self.name).inc(waited)
+                raise LeaveGroup(f"{free / 2**20:.0f} MiB free, job {event.job_id} needs {need / 2**20:.0f} MiB")
+            time.sleep(0.5)
+        if self.throttled:
+            metrics.THROTTLED_SECONDS.labels(self.name).inc(time.monotonic() - started)
+        self.throttled = False
+
+    # --- one job -------------------------------------------------------------------------
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Upload):
             raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
+        self.admit(event)
         attempt = self.jobs.start_attempt(event.job_id, TRANSCRIBING, self.worker_id)
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": attempt}
+        if attempt > 1:
+            metrics.REDONE_JOBS.labels(self.name).inc()
+        if attempt > self.settings.max_attempts:
+            reason = f"gave up after {attempt - 1} attempts (workers died or failed on this job)"
+            log.error(reason, extra=extra)
+            return self.failure_outputs(event, reason, attempt, dead_letter=True)
         log.info("transcribing %.1fs of audio", event.audio_duration, extra=extra)
         started = time.monotonic()
         try:
@@ -68,7 +118,8 @@ class Transcriber:
             )
         except (PermanentFailure, audio.AudioError) as exc:
             log.warning("job failed: %s", exc, extra=extra)
-            return self.failure_outputs(event, str(exc), attempt)
+            transient = str(exc).startswith("gave up after transient failures")
+            return self.failure_outputs(event, str(exc), attempt, dead_letter=transient)
         seconds = time.monotonic() - started
         metrics.AUDIO_SECONDS.labels(self.name).inc(out.duration)
         if out.duration > 0:
@@ -84,7 +135,10 @@ class Transcriber:
         log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
         return [Output(self.settings.topic("transcripts"), transcript)]
 
-    def failure_outputs(self, event: Event, reason: str, attempt: int | None = None) -> list[Output]:
+    def failure_outputs(self, event: Event, reason: str, attempt: int | None = None,
+                        dead_letter: bool = False) -> list[Output]:
+        """A failed ``Result`` (the job ends, the client is told); with ``dead_letter`` the
+        input is also parked in the DLQ for an operator."""
         options = getattr(event, "options", None)
         result = Result(
             job_id=event.job_id, tenant=event.tenant, attempt=attempt or event.attempt,
@@ -92,4 +146,11 @@ class Transcriber:
         )
         if options is not None:
             result.options = options
-        return [Output(self.settings.topic("results"), result)]
+        outputs = [Output(self.settings.topic("results"), result)]
+        if dead_letter:
+            outputs.append(Output(self.settings.topic("dlq"), DeadLetter(
+                job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id,
+                source_topic=self.settings.topic(self.input_topic), source_partition=-1, source_offset=-1,
+                stage=self.name, reason=reason, payload=event.encode(),
+            )))
+        return outputs

@@ -17,6 +17,7 @@ from kafscribe import cassandra_session, logs, metrics
 from kafscribe.settings import Settings
 
 from .loop import StageRunner
+from .status import StatusReporter
 
 STAGES = ("transcriber", "translator", "sink", "notifier")
 DEFAULT_METRICS_PORTS = {"transcriber": 9101, "translator": 9102, "sink": 9103, "notifier": 9104}
@@ -45,12 +46,17 @@ def build_stages(name: str, settings: Settings, session, worker_id: str, stop: t
 
 
 def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[StageRunner]:
+    """The stage's runners, each publishing its WorkerStatus while it polls."""
     worker_id = settings.effective_worker_id(name)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
-    return [
-        StageRunner(settings, stage, worker_id if i == 0 else f"{worker_id}-{stage.name}")
-        for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop))
-    ]
+    runners = []
+    for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop)):
+        runner = StageRunner(settings, stage, worker_id if i == 0 else f"{worker_id}-{stage.name}")
+        reporter = StatusReporter(settings, runner, model=getattr(stage, "model_name", ""))
+        runner.on_idle.append(reporter.tick)
+        runner.on_close.append(reporter.stopped)
+        runners.append(runner)
+    return runners
 
 
 def serve(name: str, settings: Settings) -> int:

@@ -28,6 +28,8 @@ REALTIME_FACTOR = Histogram(
 CONSUMER_LAG = Gauge("kafscribe_consumer_lag", "Messages behind the end of an owned partition", ["stage", "partition"])
 TRANSIENT_RETRIES = Counter("kafscribe_transient_retries_total", "In-process retries of transient failures", ["stage"])
 DEAD_LETTERS = Counter("kafscribe_dead_letters_total", "Messages sent to the DLQ", ["stage"])
+REDONE_JOBS = Counter("kafscribe_redone_jobs_total", "Jobs started again after an earlier attempt died", ["stage"])
+THROTTLED_SECONDS = Counter("kafscribe_throttled_seconds_total", "Time workers waited for memory", ["stage"])
 REBALANCES = Counter("kafscribe_rebalances_total", "Partition assignment changes seen", ["stage", "kind"])
 
 

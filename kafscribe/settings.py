@@ -81,6 +81,15 @@ class Settings:
     heartbeat_ms: int = _doc("Consumer group heartbeat interval.", 5000)
     max_poll_interval_ms: int = _doc("Longest gap between polls (workers keep polling while busy).", 300000)
     transient_retries: int = _doc("In-process retries of a transient failure before the job fails.", 3)
+    max_attempts: int = _doc("Attempts (redos after crashes included) before a job fails and goes to the DLQ.", 3)
+    status_interval_s: float = _doc("How often a worker publishes its WorkerStatus.", 5.0)
+    worker_stale_s: float = _doc("A worker whose last status is older than this is dead in every view.", 30.0)
+    memory_budget_bytes: int = _doc(
+        "Cap on the memory a worker may use (0 = host/GPU memory decides); its headroom is budget - RSS.", 0
+    )
+    throttle_leave_s: float = _doc(
+        "A worker short of memory this long leaves the group so its partitions move; it rejoins later.", 60.0
+    )
     metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
     metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")
 

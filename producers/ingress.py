@@ -29,6 +29,7 @@ from schemas.events import CallbackAttempt, now_ms
 
 from .publisher import Publisher, PublishError
 from .submission import SubmissionError, Submitter, Unavailable, parse_options
+from .worker_view import WorkerView
 
 log = logging.getLogger("kafscribe.ingress")
 
@@ -39,6 +40,7 @@ class Backends:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.publisher = Publisher(settings)
+        self.view = WorkerView(settings)
         self._session = None
         self._submitter: Submitter | None = None
         self._lock = threading.Lock()
@@ -56,7 +58,7 @@ class Backends:
                 except Exception as exc:  # noqa: BLE001
                     self._next_try = time.monotonic() + 2
                     raise Unavailable(f"Cassandra unavailable: {exc}") from exc
-                self._submitter = Submitter(self.settings, self._session, self.publisher)
+                self._submitter = Submitter(self.settings, self._session, self.publisher, self.view)
             return self._submitter
 
     def jobs(self) -> JobStore:
@@ -66,6 +68,7 @@ class Backends:
         return CallbackStore(self.submitter().session)
 
     def close(self) -> None:
+        self.view.close()
         self.publisher.close()
         if self._session is not None:
             self._session.cluster.shutdown()
@@ -304,6 +307,23 @@ async def redeliver_callback(request: web.Request) -> web.Response:
                   "delivery_attempt": attempt.delivery_attempt}, status=202)
 
 
+async def list_workers(request: web.Request) -> web.Response:
+    """Every worker seen on the status topic: live, stale (no status for worker_stale_s) or stopped."""
+    backends: Backends = request.app["backends"]
+    workers = []
+    for w in sorted(backends.view.workers(), key=lambda w: (w.status.stage, w.status.worker_id)):
+        s = w.status
+        workers.append({
+            "worker_id": s.worker_id, "stage": s.stage, "state": w.liveness, "activity": s.state,
+            "host": s.host, "pid": s.pid, "last_seen": s.produced_at, "model": s.model,
+            "in_flight": s.in_flight, "partitions": s.partitions,
+            "memory": {"rss": s.rss_bytes, "host_available": s.host_mem_available, "host_total": s.host_mem_total,
+                       "gpu_free": s.gpu_mem_free, "gpu_total": s.gpu_mem_total, "budget": s.memory_budget,
+                       "headroom": w.headroom},
+        })
+    return _json({"stale_after_s": request.app["settings"].worker_stale_s, "workers": workers})
+
+
 async def healthz(request: web.Request) -> web.Response:
     return _json({"status": "ok"})
 
@@ -341,6 +361,7 @@ def build_app(settings: Settings) -> web.Application:
     app.router.add_get("/v1/jobs/{job_id}/transcript", get_transcript)
     app.router.add_get("/v1/jobs/{job_id}/callbacks", get_callbacks)
     app.router.add_post("/v1/jobs/{job_id}/callbacks/redeliver", redeliver_callback)
+    app.router.add_get("/v1/workers", list_workers)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_endpoint)

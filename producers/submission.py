@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafscribe import audio, blobstore
+from kafscribe import audio, blobstore, memory
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.jobstore import FAILED, JobStore
 from kafscribe.models import offline
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
 
+from . import routing
 from .publisher import Publisher, PublishError
+from .worker_view import WorkerView
 
 TASKS = ("transcribe", "translate")
 OPTION_FIELDS = ("language", "task", "translate_to", "callback_url", "model", "callback_include_transcript")
@@ -83,6 +85,7 @@ class Submitter:
     settings: Settings
     session: Any  # cassandra Session
     publisher: Publisher
+    view: WorkerView | None = None  # live worker statuses, for memory-aware routing
 
     def __post_init__(self) -> None:
         self.jobs = JobStore(self.session)
@@ -128,5 +131,13 @@ class Submitter:
         return upload
 
     def choose_partition(self, upload: Upload) -> int | None:
-        """Partition for this upload; None lets the key hash decide."""
-        return None
+        """Partition of the live transcriber with the most headroom; None lets the key hash decide."""
+        if self.view is None:
+            return None
+        need = memory.estimate_job_bytes(upload.audio_duration, upload.options.model or self.settings.model)
+        choice = routing.choose_partition(self.view.workers(), need, dict(self.view.reserved))
+        if choice is None:
+            return None
+        partition, worker_id = choice
+        self.view.reserve(worker_id, need)
+        return partition

@@ -20,4 +20,4 @@ def test_every_route_is_documented():
     for resource in app.router.resources():
         path = resource.canonical
         assert path in README, path
-    app["backends"].publisher.close()
+    app["backends"].close()

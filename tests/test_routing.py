@@ -1,0 +1,80 @@
+"""Memory estimates and the routing rule, on synthetic worker statuses."""
+
+from __future__ import annotations
+
+import random
+
+from kafscribe import memory
+from producers.routing import choose_partition, classify, liveness
+from schemas.events import WorkerStatus
+
+GIB = 1024**3
+NOW = 1_800_000_000_000
+
+
+def status(worker_id, *, budget=None, rss=1 * GIB, available=8 * GIB, partitions=(0,), state="running",
+           in_flight=0, age_s=1.0, stage="transcriber", gpu_free=None) -> WorkerStatus:
+    return WorkerStatus(
+        job_id="", worker_id=worker_id, host="h", pid=1, stage=stage, state=state, rss_bytes=rss,
+        host_mem_available=available, host_mem_total=16 * GIB, memory_budget=budget, gpu_mem_free=gpu_free,
+        in_flight=in_flight, partitions=list(partitions), produced_at=NOW - int(age_s * 1000),
+    )
+
+
+def test_estimate_grows_with_duration_and_model_size():
+    assert memory.estimate_job_bytes(0, "base") == memory.MODEL_WORKING_SET["base"]
+    assert memory.estimate_job_bytes(60, "base") - memory.estimate_job_bytes(0, "base") == 60 * 16000 * 4 * 3
+    assert memory.estimate_job_bytes(10, "medium") > memory.estimate_job_bytes(10, "base")
+    assert memory.model_size("/models/ct2/tiny.en") == "tiny"
+    assert memory.model_size("my-custom-model") == "medium"  # unknown: assume big
+
+
+def test_headroom_uses_budget_then_gpu_then_host():
+    assert memory.headroom_bytes(4 * GIB, 1 * GIB, 20 * GIB, None) == 3 * GIB
+    assert memory.headroom_bytes(0, 1 * GIB, 20 * GIB, 5 * GIB) == 5 * GIB
+    assert memory.headroom_bytes(0, 1 * GIB, 20 * GIB, None) == 20 * GIB
+
+
+def test_liveness():
+    assert liveness(status("a", age_s=5), NOW, 30) == "live"
+    assert liveness(status("a", age_s=31), NOW, 30) == "stale"
+    assert liveness(status("a", state="stopped"), NOW, 30) == "stopped"
+
+
+def test_most_headroom_wins_and_stale_or_stopped_never_chosen():
+    workers = classify([
+        status("small", budget=3 * GIB, partitions=(0, 1)),
+        status("big", budget=9 * GIB, partitions=(2, 3)),
+        status("dead", budget=64 * GIB, partitions=(4,), age_s=60),
+        status("gone", budget=64 * GIB, partitions=(5,), state="stopped"),
+        status("other-stage", budget=64 * GIB, partitions=(6,), stage="sink"),
+    ], NOW, 30)
+    rng = random.Random(1)
+    picks = {choose_partition(workers, 500 * 1024**2, rng=rng) for _ in range(50)}
+    assert picks == {(2, "big"), (3, "big")}
+
+
+def test_a_worker_below_the_estimate_is_avoided_and_ties_go_to_fewest_in_flight():
+    workers = classify([
+        status("capped", budget=GIB + 100 * 1024**2, partitions=(0,)),
+        status("busy", partitions=(1,), in_flight=1),
+        status("idle", partitions=(2,), in_flight=0),
+    ], NOW, 30)
+    assert choose_partition(workers, 300 * 1024**2) == (2, "idle")
+
+
+def test_reservations_spread_a_burst_across_equal_workers():
+    workers = classify([status("a", budget=3 * GIB, partitions=(0,)),
+                        status("b", budget=3 * GIB, partitions=(1,))], NOW, 30)
+    reserved: dict[str, int] = {}
+    chosen = []
+    for _ in range(4):
+        partition, worker = choose_partition(workers, 600 * 1024**2, reserved, random.Random(0))
+        reserved[worker] = reserved.get(worker, 0) + 600 * 1024**2
+        chosen.append(worker)
+    assert sorted(chosen) == ["a", "a", "b", "b"]
+
+
+def test_no_live_transcriber_means_key_hashing():
+    assert choose_partition([], GIB) is None
+    assert choose_partition(classify([status("old", age_s=99)], NOW, 30), GIB) is None
