@@ -108,7 +108,7 @@ class StageRunner:
     def assignment(self) -> list[int]:
         try:
             return sorted(tp.partition for tp in self.consumer.assignment())
-        except KafkaException:
+        except (KafkaException, RuntimeError):  # RuntimeError: the consumer is closed
             return []
 
     def _subscribe(self) -> None:
