@@ -15,6 +15,8 @@ One event at a time per worker process:
 4. If the partition was revoked or lost meanwhile, nothing is committed: the
    new owner redoes the job (the stores are idempotent upserts). A zombie's
    late commit is fenced by the transaction protocol.
+5. If Cassandra is unreachable, the event is not the job's fault: nothing is
+   committed, the worker backs off (still polling) and redoes it.
 
 SIGTERM stops the loop after the current job (``stop()``); if that job
 outlives the grace period it is abandoned uncommitted and redone elsewhere.
@@ -35,6 +37,8 @@ from kafscribe import kafka_clients, metrics
 from kafscribe.settings import Settings
 from schemas.codec import DecodeError
 from schemas.events import DeadLetter, Event, decode_event
+
+from .retry import is_infrastructure_outage
 
 log = logging.getLogger("kafscribe.loop")
 
@@ -94,6 +98,7 @@ class StageRunner:
         self._lost_in_flight = False
         self.in_flight_count = 0
         self.stopped = False
+        self._outages = 0
         self.on_idle: list[Callable[[], None]] = []  # called from the poll thread (status reports)
         self.on_close: list[Callable[[], None]] = []
 
@@ -191,15 +196,34 @@ class StageRunner:
                 self._sit_out()
                 return
             except Exception as exc:  # noqa: BLE001 - a bug in a handler must not stop the partition
+                if is_infrastructure_outage(exc):
+                    self._redo_later(msg, exc)
+                    return
                 log.exception("handler crashed", extra=self._extra(msg, event))
                 outputs = self.stage.failure_outputs(event, f"internal error in {self.stage.name}: {exc!r}")
                 outcome = "crashed"
             else:
                 outcome = "ok"
         if self._commit(msg, outputs):
+            self._outages = 0
             metrics.JOBS.labels(self.stage.name, outcome).inc()
             metrics.STAGE_SECONDS.labels(self.stage.name).observe(time.monotonic() - started)
             self._record_lag(msg)
+
+    def _redo_later(self, msg: Message, exc: BaseException) -> None:
+        """Cassandra is unreachable: leave the offset uncommitted, wait (polling), then redo the event."""
+        self._outages += 1
+        delay = min(30.0, 0.5 * 2 ** min(self._outages, 6))
+        log.warning("store unavailable, redoing in %.1fs: %s", delay, exc, extra=self._extra(msg))
+        metrics.JOBS.labels(self.stage.name, "deferred").inc()
+        self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        deadline = time.monotonic() + delay
+        owned = self.consumer.assignment()
+        self.consumer.pause(owned)
+        while time.monotonic() < deadline and not self._stop.is_set():
+            self.consumer.poll(0.2)
+            self._tick()
+        self.consumer.resume(self.consumer.assignment())
 
     def _sit_out(self) -> None:
         """Unsubscribe (partitions move to others) until the stage can take work again."""

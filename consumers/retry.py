@@ -17,6 +17,7 @@ from typing import TypeVar
 from kafscribe import metrics
 from kafscribe.audio import AudioError
 from kafscribe.blobstore import BlobError
+from kafscribe.cassandra_session import is_outage as is_infrastructure_outage
 from kafscribe.engines import EngineError
 
 T = TypeVar("T")
@@ -40,6 +41,8 @@ def with_retries(fn: Callable[[], T], *, stage: str, attempts: int, base_delay_s
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - classified below
+            if is_infrastructure_outage(exc):
+                raise  # the consume loop redoes the event once the store is back
             if is_permanent(exc):
                 raise PermanentFailure(str(exc)) from exc
             errors.append(f"attempt {attempt}: {type(exc).__name__}: {exc}")

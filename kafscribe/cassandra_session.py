@@ -46,3 +46,16 @@ def cassandra_reachable(settings: Settings, timeout_s: float = 3.0) -> bool:
         return False
     finally:
         log.setLevel(level)
+
+
+def is_outage(exc: BaseException | None) -> bool:
+    """Cassandra unreachable or overloaded (anywhere in the cause chain): retry later, never blame the job."""
+    from cassandra import OperationTimedOut, ReadTimeout, Unavailable, WriteTimeout
+    from cassandra.cluster import NoHostAvailable
+
+    outage = (NoHostAvailable, OperationTimedOut, Unavailable, ReadTimeout, WriteTimeout, ConnectionError)
+    while exc is not None:
+        if isinstance(exc, outage):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -215,8 +215,13 @@ async def _load_job(request: web.Request) -> tuple[dict, dict | None]:
 
     def load():
         jobs = backends.jobs()
-        job = jobs.get(job_id)
-        return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
+        try:
+            job = jobs.get(job_id)
+            return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
+        except Exception as exc:
+            if cassandra_session.is_outage(exc):
+                raise Unavailable(f"Cassandra unavailable: {exc}") from exc
+            raise
 
     try:
         job, result = await asyncio.to_thread(load)

@@ -1,0 +1,60 @@
+"""Cassandra stopped for 20 s while jobs are in flight and arriving: nothing lost, nothing twice."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from infra import stack
+from infra.process import ServerProcess
+from producers.client import HttpError
+from schemas.events import Result
+from tests.conftest import fresh_settings, make_pipeline
+from tests.kafka_read import read_topic
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+def test_cassandra_outage_loses_no_job(stack_settings, tmp_path_factory, clips):
+    settings = fresh_settings(stack_settings, engine="faster-whisper", model="base", retry_after_s=1)
+    pipe = make_pipeline(settings, tmp_path_factory, "outage").start_all()
+    cassandra = ServerProcess("cassandra", settings.state_dir)
+    try:
+        before = [pipe.http.submit(clips["long"] if i == 0 else clips["en"])["job_id"] for i in range(3)]
+        pipe.wait_job(before[0], statuses=("transcribing", "completed"))
+        assert cassandra.stop(60), "the test stack's Cassandra must be ours to stop"
+        outage_started = time.monotonic()
+
+        refused = 0
+        during: list[str] = []
+        while time.monotonic() - outage_started < 20:
+            try:
+                during.append(pipe.http.submit(clips["en"])["job_id"])
+            except HttpError as err:
+                assert err.status == 503, err
+                refused += 1
+            time.sleep(1)
+        assert refused > 0, "the ingress must answer 503 while Cassandra is down"
+        stack.up(settings, log=lambda line: None)
+
+        after = []
+        deadline = time.monotonic() + 60
+        while not after and time.monotonic() < deadline:  # the ingress reconnects
+            try:
+                after.append(pipe.http.submit(clips["en"])["job_id"])
+            except HttpError as err:
+                assert err.status == 503
+                time.sleep(1)
+        job_ids = before + during + after
+        done = {j: pipe.wait_job(j, timeout_s=300) for j in job_ids}
+        assert [d["status"] for d in done.values()] == ["completed"] * len(job_ids), done
+        time.sleep(1)
+        results = [e for e in read_topic(settings, "results") if isinstance(e, Result)]
+        for job_id in job_ids:
+            assert len([r for r in results if r.job_id == job_id]) == 1, job_id
+        assert all(pipe.alive(name) for name in ("transcriber", "translator", "sink", "notifier"))
+    finally:
+        if not cassandra.alive():
+            stack.up(settings, log=lambda line: None)
+        pipe.stop()
