@@ -15,7 +15,7 @@ SERVICES = COMPOSE["services"]
 
 def test_every_part_of_the_stack_is_there_with_health_checks():
     for name in ("kafka", "kafka-init", "cassandra", "cassandra-init", "ingress", "transcriber",
-                 "translator", "sink", "prometheus", "grafana"):
+                 "translator", "sink", "notifier", "prometheus", "grafana"):
         assert name in SERVICES, name
     for name in ("kafka", "cassandra", "ingress", "prometheus"):
         assert "healthcheck" in SERVICES[name], name
@@ -62,6 +62,6 @@ def test_cassandra_schema_comes_from_infra_cql():
 
 def test_services_reach_kafka_on_the_internal_listener():
     internal = SERVICES["kafka"]["environment"]["KAFKA_ADVERTISED_LISTENERS"]
-    for name in ("ingress", "transcriber", "translator", "sink"):
+    for name in ("ingress", "transcriber", "translator", "sink", "notifier"):
         bootstrap_servers = SERVICES[name]["environment"]["KAFSCRIBE_KAFKA_BOOTSTRAP"]
         assert f"INTERNAL://{bootstrap_servers}" in internal, name
