@@ -56,6 +56,14 @@ class Output:
         return self.event.job_id.encode()
 
 
+def park(settings: Settings, stage: str, event: Event, reason: str, source_topic: str = "") -> Output:
+    """A ``DeadLetter`` carrying ``event`` and why no stage could finish it."""
+    return Output(settings.topic("dlq"), DeadLetter(
+        job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id, source_topic=source_topic,
+        source_partition=-1, source_offset=-1, stage=stage, reason=reason, payload=event.encode(),
+    ))
+
+
 class Stage(Protocol):
     name: str  # "transcriber"
     group: str  # logical consumer group, "transcribers"

@@ -32,9 +32,9 @@ from kafscribe import webhooks
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.callbackstore import CallbackStore
 from kafscribe.settings import Settings
-from schemas.events import CallbackAttempt, DeadLetter, Event, Result, now_ms
+from schemas.events import CallbackAttempt, Event, Result, now_ms
 
-from .loop import Output
+from .loop import Output, park
 from .retry import PermanentFailure
 
 log = logging.getLogger("kafscribe.notifier")
@@ -103,12 +103,8 @@ class Deliverer:
                           not_before=now_ms() + int(delay * 1000), last_error=error)
             return [Output(self.settings.topic("callbacks.retry"), nxt)]
         if exhausted:
-            return [Output(self.settings.topic("dlq"), DeadLetter(
-                job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id,
-                source_topic=self.settings.topic("callbacks.retry"), source_partition=-1, source_offset=-1,
-                stage=self.stage, reason=f"callback not delivered after {event.delivery_attempt} attempts: {error}",
-                payload=event.encode(),
-            ))]
+            reason = f"callback not delivered after {event.delivery_attempt} attempts: {error}"
+            return [park(self.settings, self.stage, event, reason, self.settings.topic("callbacks.retry"))]
         return []  # refused by the receiver (4xx) or by the guard: stop, recorded as gave_up
 
     def _post(self, event: CallbackAttempt) -> tuple[str, int | None, str | None, float]:
@@ -164,7 +160,7 @@ class Notifier:
         return self.deliverer.attempt(attempt)
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
-        return [_dead_letter(self.settings, self.name, event, reason)]
+        return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
 
 
 class CallbackRetrier:
@@ -188,11 +184,5 @@ class CallbackRetrier:
         return self.deliverer.attempt(event)
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
-        return [_dead_letter(self.settings, self.name, event, reason)]
+        return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
 
-
-def _dead_letter(settings: Settings, stage: str, event: Event, reason: str) -> Output:
-    return Output(settings.topic("dlq"), DeadLetter(
-        job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id, source_topic="",
-        source_partition=-1, source_offset=-1, stage=stage, reason=reason, payload=event.encode(),
-    ))

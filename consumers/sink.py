@@ -14,7 +14,7 @@ from kafscribe.jobstore import JobStore
 from kafscribe.settings import Settings
 from schemas.events import Event, Result
 
-from .loop import Output
+from .loop import Output, park
 from .retry import PermanentFailure, with_retries
 
 log = logging.getLogger("kafscribe.sink")
@@ -40,9 +40,4 @@ class Sink:
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
         # The sink is the last word on a job: if it cannot store it, park the event in the DLQ.
-        from schemas.events import DeadLetter
-
-        return [Output(self.settings.topic("dlq"), DeadLetter(
-            job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id, source_topic="results",
-            source_partition=-1, source_offset=-1, stage=self.name, reason=reason, payload=event.encode(),
-        ))]
+        return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]

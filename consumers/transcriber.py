@@ -28,9 +28,9 @@ from kafscribe import audio, blobstore, memory, metrics
 from kafscribe.engines import Engine, load_engine
 from kafscribe.jobstore import FAILED, TRANSCRIBING, JobStore
 from kafscribe.settings import Settings
-from schemas.events import DeadLetter, Event, Result, Transcript, Upload
+from schemas.events import Event, Result, Transcript, Upload
 
-from .loop import LeaveGroup, Output
+from .loop import LeaveGroup, Output, park
 from .retry import PermanentFailure, with_retries
 
 log = logging.getLogger("kafscribe.transcriber")
@@ -148,9 +148,5 @@ class Transcriber:
             result.options = options
         outputs = [Output(self.settings.topic("results"), result)]
         if dead_letter:
-            outputs.append(Output(self.settings.topic("dlq"), DeadLetter(
-                job_id=event.job_id, tenant=event.tenant, trace_id=event.trace_id,
-                source_topic=self.settings.topic(self.input_topic), source_partition=-1, source_offset=-1,
-                stage=self.name, reason=reason, payload=event.encode(),
-            )))
+            outputs.append(park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic)))
         return outputs

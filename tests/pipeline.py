@@ -14,6 +14,17 @@ from kafscribe.settings import Settings
 from producers.client import HttpClient
 
 
+def wait_until(predicate, timeout_s: float = 90.0, what: str = "condition"):
+    """Poll ``predicate`` until it returns something truthy; return that."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"{what} not met in {timeout_s}s")
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ from schemas.events import CallbackAttempt, DeadLetter, decode_event
 from tests.conftest import fresh_settings, make_pipeline
 from tests.fakes import FakeLLM, WebhookReceiver
 from tests.kafka_read import read_topic
+from tests.pipeline import wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -61,15 +62,6 @@ def submit(pipe, path, tenant="default", **options) -> str:
     finally:
         pipe.http._request = original
 
-
-def wait_until(predicate, timeout_s=60.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("condition not met in time")
 
 
 def callbacks(pipe, job_id) -> dict:

@@ -15,6 +15,7 @@ from schemas.events import JobOptions, Result
 from tests.conftest import fresh_settings, make_pipeline
 from tests.fakes import WebhookReceiver
 from tests.kafka_read import read_topic
+from tests.pipeline import wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 GIB = 1024**3
@@ -29,15 +30,6 @@ def workers(pipe) -> list[dict]:
 def worker(pipe, name: str) -> dict | None:
     return next((w for w in workers(pipe) if w["worker_id"].startswith(name + "-")), None)
 
-
-def wait_until(predicate, timeout_s=90.0, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"{what} not met in {timeout_s}s")
 
 
 def settled(pipe, names: list[str]) -> bool:

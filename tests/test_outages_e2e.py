@@ -58,3 +58,38 @@ def test_cassandra_outage_loses_no_job(stack_settings, tmp_path_factory, clips):
         if not cassandra.alive():
             stack.up(settings, log=lambda line: None)
         pipe.stop()
+
+
+def test_kafka_broker_restart_loses_no_job(stack_settings, tmp_path_factory, clips):
+    settings = fresh_settings(stack_settings, engine="faster-whisper", model="base", retry_after_s=1)
+    pipe = make_pipeline(settings, tmp_path_factory, "broker").start_all()
+    kafka = ServerProcess("kafka", settings.state_dir)
+    try:
+        before = [pipe.http.submit(clips["long"] if i == 0 else clips["en"])["job_id"] for i in range(3)]
+        pipe.wait_job(before[0], statuses=("transcribing", "completed"))
+        assert kafka.stop(60), "the test stack's Kafka must be ours to stop"
+        with pytest.raises(HttpError) as err:  # no broker: nothing is accepted
+            pipe.http.submit(clips["en"])
+        assert err.value.status == 503
+        stack.up(settings, log=lambda line: None)
+
+        after = []
+        deadline = time.monotonic() + 90
+        while not after and time.monotonic() < deadline:
+            try:
+                after.append(pipe.http.submit(clips["en"])["job_id"])
+            except HttpError as exc:
+                assert exc.status == 503
+                time.sleep(1)
+        job_ids = before + after
+        done = {j: pipe.wait_job(j, timeout_s=300) for j in job_ids}
+        assert [d["status"] for d in done.values()] == ["completed"] * len(job_ids), done
+        time.sleep(1)
+        results = [e for e in read_topic(settings, "results") if isinstance(e, Result)]
+        for job_id in job_ids:
+            assert len([r for r in results if r.job_id == job_id]) == 1, job_id
+        assert all(pipe.alive(name) for name in ("transcriber", "translator", "sink", "notifier"))
+    finally:
+        if not kafka.alive():
+            stack.up(settings, log=lambda line: None)
+        pipe.stop()
