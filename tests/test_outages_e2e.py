@@ -16,6 +16,29 @@ from tests.kafka_read import read_topic
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
+def submit_once_accepted(pipe, clip, timeout_s: float) -> str:
+    """Submit until the ingress accepts (503 meanwhile, nothing else); the job id."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return pipe.http.submit(clip)["job_id"]
+        except HttpError as err:
+            assert err.status == 503, err
+            assert time.monotonic() < deadline, f"ingress still refusing after {timeout_s}s"
+            time.sleep(1)
+
+
+def assert_each_completed_once(pipe, job_ids: list[str]) -> None:
+    """Every job completed, with exactly one committed Result each, and no worker died."""
+    done = {j: pipe.wait_job(j, timeout_s=300) for j in job_ids}
+    assert [d["status"] for d in done.values()] == ["completed"] * len(job_ids), done
+    time.sleep(1)
+    results = [e for e in read_topic(pipe.settings, "results") if isinstance(e, Result)]
+    for job_id in job_ids:
+        assert len([r for r in results if r.job_id == job_id]) == 1, job_id
+    assert all(pipe.alive(name) for name in ("transcriber", "translator", "sink", "notifier"))
+
+
 def test_cassandra_outage_loses_no_job(stack_settings, tmp_path_factory, clips):
     settings = fresh_settings(stack_settings, engine="faster-whisper", model="base", retry_after_s=1)
     pipe = make_pipeline(settings, tmp_path_factory, "outage").start_all()
@@ -38,22 +61,8 @@ def test_cassandra_outage_loses_no_job(stack_settings, tmp_path_factory, clips):
         assert refused > 0, "the ingress must answer 503 while Cassandra is down"
         stack.up(settings, log=lambda line: None)
 
-        after = []
-        deadline = time.monotonic() + 60
-        while not after and time.monotonic() < deadline:  # the ingress reconnects
-            try:
-                after.append(pipe.http.submit(clips["en"])["job_id"])
-            except HttpError as err:
-                assert err.status == 503
-                time.sleep(1)
-        job_ids = before + during + after
-        done = {j: pipe.wait_job(j, timeout_s=300) for j in job_ids}
-        assert [d["status"] for d in done.values()] == ["completed"] * len(job_ids), done
-        time.sleep(1)
-        results = [e for e in read_topic(settings, "results") if isinstance(e, Result)]
-        for job_id in job_ids:
-            assert len([r for r in results if r.job_id == job_id]) == 1, job_id
-        assert all(pipe.alive(name) for name in ("transcriber", "translator", "sink", "notifier"))
+        after = submit_once_accepted(pipe, clips["en"], timeout_s=60)  # the ingress reconnects
+        assert_each_completed_once(pipe, before + during + [after])
     finally:
         if not cassandra.alive():
             stack.up(settings, log=lambda line: None)
@@ -73,22 +82,8 @@ def test_kafka_broker_restart_loses_no_job(stack_settings, tmp_path_factory, cli
         assert err.value.status == 503
         stack.up(settings, log=lambda line: None)
 
-        after = []
-        deadline = time.monotonic() + 90
-        while not after and time.monotonic() < deadline:
-            try:
-                after.append(pipe.http.submit(clips["en"])["job_id"])
-            except HttpError as exc:
-                assert exc.status == 503
-                time.sleep(1)
-        job_ids = before + after
-        done = {j: pipe.wait_job(j, timeout_s=300) for j in job_ids}
-        assert [d["status"] for d in done.values()] == ["completed"] * len(job_ids), done
-        time.sleep(1)
-        results = [e for e in read_topic(settings, "results") if isinstance(e, Result)]
-        for job_id in job_ids:
-            assert len([r for r in results if r.job_id == job_id]) == 1, job_id
-        assert all(pipe.alive(name) for name in ("transcriber", "translator", "sink", "notifier"))
+        after = submit_once_accepted(pipe, clips["en"], timeout_s=90)
+        assert_each_completed_once(pipe, before + [after])
     finally:
         if not kafka.alive():
             stack.up(settings, log=lambda line: None)
