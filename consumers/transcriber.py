@@ -26,7 +26,7 @@ from confluent_kafka import Message
 
 from kafscribe import audio, blobstore, memory, metrics
 from kafscribe.engines import Engine, load_engine
-from kafscribe.jobstore import FAILED, TRANSCRIBING, JobStore
+from kafscribe.jobstore import TRANSCRIBING, JobStore
 from kafscribe.settings import Settings
 from schemas.events import Event, Result, Transcript, Upload
 
@@ -139,13 +139,7 @@ class Transcriber:
                         dead_letter: bool = False) -> list[Output]:
         """A failed ``Result`` (the job ends, the client is told); with ``dead_letter`` the
         input is also parked in the DLQ for an operator."""
-        options = getattr(event, "options", None)
-        result = Result(
-            job_id=event.job_id, tenant=event.tenant, attempt=attempt or event.attempt,
-            trace_id=event.trace_id, status=FAILED, error=reason, worker_id=self.worker_id,
-        )
-        if options is not None:
-            result.options = options
+        result = Result.failed(event, reason, self.worker_id, attempt)
         outputs = [Output(self.settings.topic("results"), result)]
         if dead_letter:
             outputs.append(park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic)))

@@ -70,11 +70,7 @@ class TranslatorStage:
         return [Output(self.settings.topic("results"), result)]
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
-        result = Result(job_id=event.job_id, tenant=event.tenant, attempt=event.attempt,
-                        trace_id=event.trace_id, status=FAILED, error=reason, worker_id=self.worker_id)
-        if isinstance(event, Transcript):
-            result.options = event.options
-        return [Output(self.settings.topic("results"), result)]
+        return [Output(self.settings.topic("results"), Result.failed(event, reason, self.worker_id))]
 
 
 def result_from_transcript(t: Transcript) -> Result:

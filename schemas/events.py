@@ -116,6 +116,16 @@ class Result(Event):
     worker_id: str = ""
     EVENT_TYPE: typing.ClassVar[str] = "Result"
 
+    @classmethod
+    def failed(cls, event: Event, reason: str, worker_id: str, attempt: int | None = None) -> Result:
+        """The end of ``event``'s job with ``reason``, keeping its options (callback URL) when it has them."""
+        result = cls(job_id=event.job_id, tenant=event.tenant, attempt=attempt or event.attempt,
+                     trace_id=event.trace_id, status="failed", error=reason, worker_id=worker_id)
+        options = getattr(event, "options", None)
+        if isinstance(options, JobOptions):
+            result.options = options
+        return result
+
 
 @dataclass(kw_only=True)
 class CallbackAttempt(Event):

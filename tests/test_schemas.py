@@ -176,3 +176,15 @@ def test_events_in_an_older_schema_version_decode_to_the_current_shape(tmp_path,
         assert isinstance(event, Upload) and event.job_id == "old-1" and event.trace_id == ""
     finally:
         codec._registry.cache_clear()
+
+
+def test_failed_result_keeps_the_jobs_options_and_identity():
+    upload = Upload(job_id="j9", tenant="acme", attempt=1, trace_id="t", blob_ref="file:j9", audio_sha256="a",
+                    audio_bytes=1, audio_duration=1.0, options=JobOptions(callback_url="https://x.test/cb"))
+    result = Result.failed(upload, "audio could not be decoded", "w1", attempt=2)
+    assert (result.job_id, result.tenant, result.trace_id, result.attempt) == ("j9", "acme", "t", 2)
+    assert (result.status, result.error, result.worker_id) == ("failed", "audio could not be decoded", "w1")
+    assert result.options.callback_url == "https://x.test/cb"
+    letter = DeadLetter(job_id="j9", source_topic="t", source_partition=0, source_offset=0, stage="s",
+                        reason="r", payload=b"")
+    assert Result.failed(letter, "r", "w").options == JobOptions()
