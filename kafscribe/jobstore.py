@@ -67,20 +67,24 @@ class JobStore:
         self, job_id: str, status: str, *, worker_id: str = "", attempts: int = 0, error: str | None = None
     ) -> bool:
         """Move a job to ``status``; refuses to move a finished job back to a running status."""
-        if status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}")
         row = self.session.execute(self._status, (job_id,)).one()
-        if row is not None and row.status in TERMINAL and status not in TERMINAL:
-            return False
-        self.session.execute(self._update, (status, _now(), worker_id, attempts, error, job_id))
-        return True
+        return self._move(job_id, row, status, worker_id, attempts, error)
 
     def start_attempt(self, job_id: str, status: str, worker_id: str) -> int:
         """A worker starts (or redoes) a job: count the attempt, return its number."""
         row = self.session.execute(self._status, (job_id,)).one()
         attempts = (row.attempts or 0) + 1 if row is not None else 1
-        self.transition(job_id, status, worker_id=worker_id, attempts=attempts)
+        self._move(job_id, row, status, worker_id, attempts, None)
         return attempts
+
+    def _move(self, job_id: str, row, status: str, worker_id: str, attempts: int, error: str | None) -> bool:
+        """Write ``status`` unless ``row`` (the job as just read) is finished and ``status`` is not."""
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        if row is not None and row.status in TERMINAL and status not in TERMINAL:
+            return False
+        self.session.execute(self._update, (status, _now(), worker_id, attempts, error, job_id))
+        return True
 
     def save_result(self, result: Result) -> None:
         """Store a finished job's outcome and mark it completed or failed (idempotent)."""
