@@ -43,6 +43,7 @@ class Backends:
         self.view = WorkerView(settings)
         self._session = None
         self._submitter: Submitter | None = None
+        self._callbacks: CallbackStore | None = None
         self._lock = threading.Lock()
         self._next_try = 0.0
 
@@ -65,7 +66,11 @@ class Backends:
         return self.submitter().jobs
 
     def callbacks(self) -> CallbackStore:
-        return CallbackStore(self.submitter().session)
+        submitter = self.submitter()  # connects to Cassandra if needed
+        with self._lock:
+            if self._callbacks is None:  # statements are prepared once, not per request
+                self._callbacks = CallbackStore(submitter.session)
+            return self._callbacks
 
     def close(self) -> None:
         self.view.close()
