@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 
 import pytest
 
@@ -39,16 +40,29 @@ def assert_each_completed_once(pipe, job_ids: list[str]) -> None:
     assert all(pipe.alive(name) for name in ("transcriber", "translator", "sink", "notifier"))
 
 
-def test_cassandra_outage_loses_no_job(stack_settings, tmp_path_factory, clips):
+@contextmanager
+def outage_with_jobs_in_flight(stack_settings, tmp_path_factory, clips, server: str):
+    """A pipeline with 3 jobs submitted (the first one transcribing), then ``server`` stopped.
+
+    Yields (pipeline, job ids); the server is restarted afterwards if the test has not done so.
+    """
     settings = fresh_settings(stack_settings, engine="faster-whisper", model="base", retry_after_s=1)
-    pipe = make_pipeline(settings, tmp_path_factory, "outage").start_all()
-    cassandra = ServerProcess("cassandra", settings.state_dir)
+    pipe = make_pipeline(settings, tmp_path_factory, server).start_all()
+    proc = ServerProcess(server, settings.state_dir)
     try:
         before = [pipe.http.submit(clips["long"] if i == 0 else clips["en"])["job_id"] for i in range(3)]
         pipe.wait_job(before[0], statuses=("transcribing", "completed"))
-        assert cassandra.stop(60), "the test stack's Cassandra must be ours to stop"
-        outage_started = time.monotonic()
+        assert proc.stop(60), f"the test stack's {server} must be ours to stop"
+        yield pipe, before
+    finally:
+        if not proc.alive():
+            stack.up(settings, log=lambda line: None)
+        pipe.stop()
 
+
+def test_cassandra_outage_loses_no_job(stack_settings, tmp_path_factory, clips):
+    with outage_with_jobs_in_flight(stack_settings, tmp_path_factory, clips, "cassandra") as (pipe, before):
+        outage_started = time.monotonic()
         refused = 0
         during: list[str] = []
         while time.monotonic() - outage_started < 20:
@@ -59,32 +73,18 @@ def test_cassandra_outage_loses_no_job(stack_settings, tmp_path_factory, clips):
                 refused += 1
             time.sleep(1)
         assert refused > 0, "the ingress must answer 503 while Cassandra is down"
-        stack.up(settings, log=lambda line: None)
+        stack.up(pipe.settings, log=lambda line: None)
 
         after = submit_once_accepted(pipe, clips["en"], timeout_s=60)  # the ingress reconnects
         assert_each_completed_once(pipe, before + during + [after])
-    finally:
-        if not cassandra.alive():
-            stack.up(settings, log=lambda line: None)
-        pipe.stop()
 
 
 def test_kafka_broker_restart_loses_no_job(stack_settings, tmp_path_factory, clips):
-    settings = fresh_settings(stack_settings, engine="faster-whisper", model="base", retry_after_s=1)
-    pipe = make_pipeline(settings, tmp_path_factory, "broker").start_all()
-    kafka = ServerProcess("kafka", settings.state_dir)
-    try:
-        before = [pipe.http.submit(clips["long"] if i == 0 else clips["en"])["job_id"] for i in range(3)]
-        pipe.wait_job(before[0], statuses=("transcribing", "completed"))
-        assert kafka.stop(60), "the test stack's Kafka must be ours to stop"
+    with outage_with_jobs_in_flight(stack_settings, tmp_path_factory, clips, "kafka") as (pipe, before):
         with pytest.raises(HttpError) as err:  # no broker: nothing is accepted
             pipe.http.submit(clips["en"])
         assert err.value.status == 503
-        stack.up(settings, log=lambda line: None)
+        stack.up(pipe.settings, log=lambda line: None)
 
         after = submit_once_accepted(pipe, clips["en"], timeout_s=90)
         assert_each_completed_once(pipe, before + [after])
-    finally:
-        if not kafka.alive():
-            stack.up(settings, log=lambda line: None)
-        pipe.stop()
