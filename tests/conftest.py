@@ -18,16 +18,18 @@ from infra import bootstrap, stack
 from kafscribe.settings import PROJECT_ROOT, Settings
 
 TEST_STATE = Path(os.environ.get("KAFSCRIBE_TEST_STATE_DIR", PROJECT_ROOT / ".kafscribe" / "test-stack"))
+# Shifts every port of the test stack, so two checkouts can each run their own stack side by side.
+PORT_OFFSET = int(os.environ.get("KAFSCRIBE_TEST_PORT_OFFSET", "0"))
 
 
 def base_test_settings(**overrides) -> Settings:
     """Settings of the test stack: its own ports and state, so a `make up` stack can run beside it."""
     values = dict(
         state_dir=TEST_STATE,
-        kafka_bootstrap="127.0.0.1:19092",
-        kafka_controller_port=19093,
-        cassandra_port=19042,
-        cassandra_storage_port=17000,
+        kafka_bootstrap=f"127.0.0.1:{19092 + PORT_OFFSET}",
+        kafka_controller_port=19093 + PORT_OFFSET,
+        cassandra_port=19042 + PORT_OFFSET,
+        cassandra_storage_port=17000 + PORT_OFFSET,
         cassandra_keyspace="kafscribe_test",
         blob_dir=TEST_STATE / "blobs",
         uploads_partitions=4,

@@ -9,6 +9,7 @@ from confluent_kafka import TopicPartition
 
 from infra import bootstrap, stack
 from kafscribe import cassandra_session, kafka_clients
+from tests.conftest import PORT_OFFSET
 
 
 def _drain(consumer, want: int, timeout_s: float = 20.0) -> list:
@@ -23,8 +24,8 @@ def _drain(consumer, want: int, timeout_s: float = 20.0) -> list:
 def test_status_reports_both_servers_ready(stack_settings):
     rows = {row.name: row for row in stack.status(stack_settings)}
     assert set(rows) == {"kafka", "cassandra"}
-    assert rows["kafka"].ready and rows["kafka"].port == 19092
-    assert rows["cassandra"].ready and rows["cassandra"].port == 19042
+    assert rows["kafka"].ready and rows["kafka"].port == 19092 + PORT_OFFSET
+    assert rows["cassandra"].ready and rows["cassandra"].port == 19042 + PORT_OFFSET
 
 
 def test_up_is_idempotent(stack_settings):
