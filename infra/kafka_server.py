@@ -62,7 +62,28 @@ def server_properties(settings: Settings, data_dir: Path) -> str:
         "log.retention.hours": "168",
         "message.max.bytes": str(8 * 1024 * 1024),
     }
+    if settings.kafka_sasl_port:
+        props.update(_sasl_listener(settings, host))
     return "".join(f"{k}={v}\n" for k, v in props.items())
+
+
+def _sasl_listener(settings: Settings, host: str) -> dict[str, str]:
+    """An extra SASL_PLAINTEXT listener with one PLAIN user (the client's own settings), to try secured clients on."""
+    if not (settings.kafka_sasl_username and settings.kafka_sasl_password):
+        raise ValueError("KAFSCRIBE_KAFKA_SASL_PORT needs KAFSCRIBE_KAFKA_SASL_USERNAME and _PASSWORD (its one user)")
+    user, password = settings.kafka_sasl_username, settings.kafka_sasl_password
+    sasl = f"SASL_PLAINTEXT://{host}:{settings.kafka_sasl_port}"
+    port, cport = settings.kafka_port, settings.kafka_controller_port
+    return {
+        "listeners": f"PLAINTEXT://{host}:{port},CONTROLLER://{host}:{cport},{sasl}",
+        "advertised.listeners": f"PLAINTEXT://{host}:{port},{sasl}",
+        "listener.security.protocol.map": "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT",
+        "sasl.enabled.mechanisms": "PLAIN",
+        "listener.name.sasl_plaintext.plain.sasl.jaas.config": (
+            "org.apache.kafka.common.security.plain.PlainLoginModule required "
+            f'user_{user}="{password}";'
+        ),
+    }
 
 
 def prepare(settings: Settings, jars: Path) -> tuple[ServerProcess, list[str]]:

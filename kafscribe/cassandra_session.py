@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
+from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile, Session
 from cassandra.policies import DCAwareRoundRobinPolicy, ExponentialReconnectionPolicy
 
@@ -24,6 +26,7 @@ def connect(settings: Settings, *, keyspace: str | None = None, timeout_s: float
             )
         },
         protocol_version=5,
+        **security_options(settings),
     )
     try:
         session = cluster.connect(keyspace)
@@ -31,6 +34,20 @@ def connect(settings: Settings, *, keyspace: str | None = None, timeout_s: float
         cluster.shutdown()
         raise
     return session
+
+
+def security_options(settings: Settings) -> dict:
+    """``Cluster`` keyword arguments for a secured cluster: credentials and/or TLS (none on a plain one)."""
+    options: dict = {}
+    if settings.cassandra_username:
+        options["auth_provider"] = PlainTextAuthProvider(settings.cassandra_username, settings.cassandra_password)
+    if settings.cassandra_ssl_ca_file:
+        context = ssl.create_default_context(cafile=settings.cassandra_ssl_ca_file)
+        context.check_hostname = False  # contact points are usually addresses; the CA still vouches for the node
+        if settings.cassandra_ssl_cert_file:
+            context.load_cert_chain(settings.cassandra_ssl_cert_file, settings.cassandra_ssl_key_file or None)
+        options["ssl_context"] = context
+    return options
 
 
 def cassandra_reachable(settings: Settings, timeout_s: float = 3.0) -> bool:

@@ -23,9 +23,36 @@ def _base(settings: Settings, **extra: Any) -> dict[str, Any]:
         "bootstrap.servers": settings.kafka_bootstrap,
         "logger": _quiet,
         "socket.connection.setup.timeout.ms": 5000,
+        **security_conf(settings),
     }
     conf.update(extra)
     return conf
+
+
+def security_conf(settings: Settings) -> dict[str, str]:
+    """librdkafka properties for a secured cluster (TLS and/or SASL); empty on a plaintext one."""
+    protocol = settings.kafka_security_protocol.upper()
+    if protocol not in SECURITY_PROTOCOLS:
+        raise ValueError(f"KAFSCRIBE_KAFKA_SECURITY_PROTOCOL={protocol!r}: use one of {', '.join(SECURITY_PROTOCOLS)}")
+    if protocol == "PLAINTEXT":
+        return {}
+    conf = {"security.protocol": protocol}
+    if protocol.startswith("SASL_"):
+        conf["sasl.mechanism"] = settings.kafka_sasl_mechanism or "PLAIN"
+        conf["sasl.username"] = settings.kafka_sasl_username
+        conf["sasl.password"] = settings.kafka_sasl_password
+    if protocol.endswith("SSL"):
+        files = {
+            "ssl.ca.location": settings.kafka_ssl_ca_file,
+            "ssl.certificate.location": settings.kafka_ssl_cert_file,
+            "ssl.key.location": settings.kafka_ssl_key_file,
+            "ssl.key.password": settings.kafka_ssl_key_password,
+        }
+        conf.update({k: v for k, v in files.items() if v})
+    return conf
+
+
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
 
 
 def admin(settings: Settings) -> AdminClient:

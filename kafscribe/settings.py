@@ -118,6 +118,26 @@ class Settings:
         "CIDRs callbacks may reach although private/loopback (e.g. `127.0.0.0/8` for local dev).", ""
     )
 
+    # --- secured clusters ------------------------------------------------
+    kafka_security_protocol: str = _doc(
+        "Kafka `security.protocol`: `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL`.", "PLAINTEXT"
+    )
+    kafka_sasl_mechanism: str = _doc("Kafka `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.", "")
+    kafka_sasl_username: str = _doc("Kafka SASL user name.", "")
+    kafka_sasl_password: str = _doc("Kafka SASL password.", "")
+    kafka_ssl_ca_file: str = _doc("PEM file of the CA that signed the brokers' certificates.", "")
+    kafka_ssl_cert_file: str = _doc("PEM client certificate, for brokers that require TLS client auth.", "")
+    kafka_ssl_key_file: str = _doc("PEM private key of the client certificate.", "")
+    kafka_ssl_key_password: str = _doc("Password of the client key file (empty = unencrypted).", "")
+    kafka_sasl_port: int = _doc(
+        "Local stack only: also open a SASL_PLAINTEXT (PLAIN) listener on this port (0 = none).", 0
+    )
+    cassandra_username: str = _doc("Cassandra user (PasswordAuthenticator); empty = no authentication.", "")
+    cassandra_password: str = _doc("Cassandra password.", "")
+    cassandra_ssl_ca_file: str = _doc("PEM CA file: set it to talk TLS to Cassandra (client encryption).", "")
+    cassandra_ssl_cert_file: str = _doc("PEM client certificate, for nodes that require TLS client auth.", "")
+    cassandra_ssl_key_file: str = _doc("PEM private key of the Cassandra client certificate.", "")
+
     # --- logging ---------------------------------------------------------
     log_level: str = _doc("Python log level.", "INFO")
 

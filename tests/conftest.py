@@ -37,6 +37,10 @@ def base_test_settings(**overrides) -> Settings:
         session_timeout_ms=10000,
         heartbeat_ms=1000,
         metrics_port=-1,
+        # A SASL/PLAIN listener beside the plaintext one, so secured-cluster settings are tried for real.
+        kafka_sasl_port=19094 + PORT_OFFSET,
+        kafka_sasl_username="kafscribe",
+        kafka_sasl_password="test-sasl-password",
     )
     values.update(overrides)
     return Settings(**values)

@@ -25,9 +25,15 @@ def test_every_part_of_the_stack_is_there_with_health_checks():
 
 def test_ports_are_the_standard_ones_of_the_local_stack():
     s = Settings()
-    assert f"{s.kafka_port}:9092" in SERVICES["kafka"]["ports"]
-    assert f"{s.cassandra_port}:9042" in SERVICES["cassandra"]["ports"]
-    assert f"{s.http_port}:8000" in SERVICES["ingress"]["ports"]
+    assert f"127.0.0.1:{s.kafka_port}:9092" in SERVICES["kafka"]["ports"]
+    assert f"127.0.0.1:{s.cassandra_port}:9042" in SERVICES["cassandra"]["ports"]
+    assert f"127.0.0.1:{s.http_port}:8000" in SERVICES["ingress"]["ports"]
+
+
+def test_ports_are_published_on_loopback_only():
+    for name, service in SERVICES.items():
+        for port in service.get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), f"{name} publishes {port} on every interface"
 
 
 def test_broker_settings_match_the_local_broker():
