@@ -147,6 +147,15 @@ def test_callbacks_to_internal_addresses_are_refused(pipe, clips, url):
     assert "non-public address" in err.value.body
 
 
+@pytest.mark.parametrize("url", ["http://user:pw@127.0.0.1:9/hook", "http://token@127.0.0.1:9/hook",
+                                 "http://100.100.100.200/latest/meta-data/"])
+def test_userinfo_and_metadata_addresses_are_refused_at_submit(pipe, clips, url):
+    with pytest.raises(HttpError) as err:  # 127.0.0.0/8 is allowed in this pipeline: userinfo alone refuses
+        pipe.http.submit(clips["en"], callback_url=url)
+    assert err.value.status == 422
+    assert ("user info" if "@" in url else "non-public address") in err.value.body
+
+
 def test_spanish_translated_to_english_in_result_and_callback(pipe, receiver, clips):
     job_id = submit(pipe, clips["es"], translate_to="en", callback_url=receiver.url + "/t",
                     callback_include_transcript="true")

@@ -168,3 +168,37 @@ def test_a_bad_url_from_a_direct_producer_is_recorded_not_a_crash(stack_settings
     assert d.attempt(event) == []
     ((_, status, outcome, error),) = history(d, event.job_id)
     assert status is None and outcome == GAVE_UP and error.startswith("refused: ")
+
+
+def test_https_goes_to_the_checked_address_with_the_name_in_sni_and_the_certificate_check(tmp_path):
+    """TLS: connect to the pinned address, but SNI and certificate verification use the URL's host name."""
+    import shutil
+    import ssl
+    import subprocess
+
+    from kafscribe.callback_guard import check_url, post
+
+    if not shutil.which("openssl"):
+        pytest.fail("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj",
+                    "/CN=hooks.tls.test", "-addext", "subjectAltName=DNS:hooks.tls.test",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    server = Recorder("127.0.0.2")
+    seen_sni: list[str | None] = []
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(cert, key)
+    tls.sni_callback = lambda sock, name, ctx: seen_sni.append(name)
+    server.httpd.socket = tls.wrap_socket(server.httpd.socket, server_side=True)
+    try:
+        client = ssl.create_default_context(cafile=str(cert))
+        resolve = Resolver(["127.0.0.2"], ["127.0.0.1"])
+        target = check_url(f"https://hooks.tls.test:{server.port}/in", "127.0.0.2/32", resolve)
+        assert post(target, b"{}", {"content-type": "application/json"}, 5.0, ssl_context=client) == 200
+        assert seen_sni == ["hooks.tls.test"] and resolve.calls == 1
+        assert server.requests[0]["headers"]["Host"] == f"hooks.tls.test:{server.port}"
+        wrong_name = check_url(f"https://other.tls.test:{server.port}/in", "127.0.0.2/32", Resolver(["127.0.0.2"]))
+        with pytest.raises(ssl.SSLCertVerificationError):
+            post(wrong_name, b"{}", {}, 5.0, ssl_context=client)
+    finally:
+        server.close()
