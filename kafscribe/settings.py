@@ -117,7 +117,7 @@ class Settings:
     callback_backoff_factor: float = _doc("Growth of the callback retry delay.", 3.0)
     callback_backoff_max_s: float = _doc("Longest delay between two attempts (defaults span ~24 h).", 36000.0)
     callback_allow_networks: str = _doc(
-        "CIDRs callbacks may reach although private/loopback (e.g. `127.0.0.0/8` for local dev).", ""
+        "CIDRs callbacks may reach although not globally routable (e.g. `127.0.0.0/8` for local dev).", ""
     )
 
     # --- logging ---------------------------------------------------------
