@@ -34,6 +34,8 @@ REFUSED_NETWORKS: tuple[Network, ...] = tuple(ipaddress.ip_network(n) for n in (
     "fec0::/10",        # deprecated IPv6 site-local
     "2002::/16",        # 6to4: embeds an IPv4 address that a relay would reach
     "64:ff9b:1::/48",   # local-use NAT64
+    "3fff::/20",        # IPv6 documentation (2024; older Pythons call it global)
+    "5f00::/16",        # SRv6 segment identifiers (likewise)
 ))
 NAT64 = ipaddress.ip_network("64:ff9b::/96")  # well-known NAT64 prefix: judged by the IPv4 address it embeds
 
@@ -162,9 +164,8 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
     """HTTPS to a fixed address; SNI and the certificate check use the URL's host."""
 
     def __init__(self, target: Target, address: str, timeout: float, context: ssl.SSLContext | None) -> None:
-        super().__init__(target.host, target.port, timeout=timeout, context=context)
+        super().__init__(target.host, target.port, timeout=timeout, context=context)  # None: system CAs
         self._address = address
-        self._context = context or ssl.create_default_context()
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)

@@ -26,6 +26,7 @@ def resolver(*addresses: str):
     "::1", "::", "fe80::1", "fc00::1", "fec0::1", "ff02::1",  # IPv6 loopback, link/site-local, ULA, multicast
     "2002:7f00:1::1", "2002:0808:0808::1",  # 6to4, whatever it embeds
     "::ffff:127.0.0.1", "::ffff:10.0.0.1", "64:ff9b::7f00:1", "64:ff9b:1::1",  # v4 behind v6 wrappers
+    "3fff::1", "5f00::1", "2001:db8::1",  # documentation and SRv6 ranges
 ])
 def test_non_global_addresses_are_refused(address):
     with pytest.raises(CallbackRefused, match="non-public address"):
