@@ -86,6 +86,8 @@ def _split(url: str) -> SplitResult:
         raise CallbackRefused(f"callback_url is not a valid URL: {exc}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise CallbackRefused("callback_url must be an absolute http(s) URL")
+    if parts.port == 0:
+        raise CallbackRefused("callback_url has port 0")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise CallbackRefused("callback_url must not contain user info (user:password@)")
     if not url.isascii() or any(ord(c) < 33 or ord(c) == 127 for c in url):
@@ -98,7 +100,7 @@ def check_url(url: str, allow: str = "", resolve: Resolver = system_resolver) ->
     """Resolve ``url``'s host once and check every address; raise ``CallbackRefused`` if any is refused."""
     parts = _split(url)
     host = parts.hostname or ""
-    port = parts.port or (443 if parts.scheme == "https" else 80)
+    port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
     try:
         literal = ipaddress.ip_address(host.split("%")[0])
     except ValueError:

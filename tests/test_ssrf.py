@@ -71,7 +71,7 @@ def test_userinfo_is_refused(url):
 @pytest.mark.parametrize("url", [
     "ftp://hooks.example.com/", "/relative", "http:///nohost", "http://[::1", "http://hooks.example.com:99999/",
     "http://hooks.example.com:port/", "http://hooks.example.com/a b", "http://hooks.example.com/\r\nX: y",
-    "http://hööks.example.com/", "",
+    "http://hööks.example.com/", "", "http://hooks.example.com:0/",
 ])
 def test_malformed_urls_are_refused_with_a_reason(url):
     with pytest.raises(CallbackRefused):
