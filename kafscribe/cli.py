@@ -130,7 +130,12 @@ def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
     if not args.tenant.strip():
         print("kafscribe: --tenant must not be empty", file=sys.stderr)
         return 2
-    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    try:
+        session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is reported the same way
+        print(f"kafscribe: Cassandra unreachable at {settings.cassandra_hosts}:{settings.cassandra_port}: {exc}",
+              file=sys.stderr)
+        return 1
     try:
         store = WebhookSecrets(session, settings.callback_secret_overlap_s)
         version = store.rotate(args.tenant) if args.rotate else store.current(args.tenant)
