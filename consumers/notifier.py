@@ -1,13 +1,19 @@
-"""Stages ``notifier`` (Result -> first delivery) and ``callback-retry`` (later deliveries).
+"""Stages ``notifier`` (finished job -> first delivery) and ``callback-retry`` (later deliveries).
 
-The notifier POSTs a signed JSON event (``job.completed`` / ``job.failed``)
-to the job's ``callback_url`` once, with a short timeout. A timeout, a 5xx,
-a 408/429 or a connection error schedules the next attempt on
+The notifier consumes ``kafscribe.finished``, which the sink produces in the
+same transaction that commits its Cassandra writes: when a callback goes
+out, ``GET /v1/jobs/{id}`` already answers ``completed`` with the result.
+
+It POSTs a signed JSON event (``job.completed`` / ``job.failed``) to the
+job's ``callback_url`` once, with a short timeout, signed with the tenant's
+current secret(s) (``kafscribe.webhook_secrets``). The URL is checked and
+resolved once per attempt and the connection goes to the checked address
+(``kafscribe.callback_guard``); redirects are not followed. A timeout, a
+3xx, a 5xx, a 408/429 or a connection error schedules the next attempt on
 ``kafscribe.callbacks.retry`` (exponential backoff with jitter) -- the
-notifier never holds a ``results`` partition waiting on a slow client. Any
-other 4xx, or an address the guard refuses, ends delivery. After the last
-attempt the event goes to ``kafscribe.dlq``. Every attempt is recorded in
-Cassandra.
+notifier never holds a partition waiting on a slow client. Any other 4xx,
+or an address the guard refuses, ends delivery. After the last attempt the
+event goes to ``kafscribe.dlq``. Every attempt is recorded in Cassandra.
 
 ``callback-retry`` consumes ``kafscribe.callbacks.retry``: a due attempt is
 delivered; one not yet due is held briefly, then put back at the end of the
@@ -21,17 +27,16 @@ import logging
 import random
 import threading
 import time
-import urllib.error
-import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime
 
 from confluent_kafka import Message
 
-from kafscribe import webhooks
-from kafscribe.callback_guard import CallbackRefused, check_url
+from kafscribe import callback_guard, webhooks
+from kafscribe.callback_guard import CallbackRefused, Resolver, check_url
 from kafscribe.callbackstore import CallbackStore
 from kafscribe.settings import Settings
+from kafscribe.webhook_secrets import WebhookSecrets
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
 from .loop import Output, park
@@ -82,18 +87,21 @@ def event_body(settings: Settings, result: Result) -> tuple[str, str]:
 class Deliverer:
     """One delivery attempt and what follows from it (record, retry, or dead letter)."""
 
-    def __init__(self, settings: Settings, session, stage: str) -> None:
+    def __init__(self, settings: Settings, session, stage: str,
+                 resolve: Resolver = callback_guard.system_resolver) -> None:
         self.settings = settings
         self.store = CallbackStore(session)
+        self.secrets = WebhookSecrets(session, settings.callback_secret_overlap_s)
         self.stage = stage
+        self.resolve = resolve  # injectable: tests play a rebinding DNS server
 
     def attempt(self, event: CallbackAttempt) -> list[Output]:
         outcome, status, error, latency_ms = self._post(event)
         exhausted = outcome == RETRYING and event.delivery_attempt >= self.settings.callback_max_attempts
         if exhausted:
             outcome = GAVE_UP
-        self.store.record(event, status, latency_ms, error, outcome)
-        extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": event.delivery_attempt}
+        number = self.store.record(event, status, latency_ms, error, outcome)
+        extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": number}
         log.info("callback %s (HTTP %s) %s", outcome, status, error or "", extra=extra)
         if outcome == DELIVERED:
             return []
@@ -109,24 +117,22 @@ class Deliverer:
 
     def _post(self, event: CallbackAttempt) -> tuple[str, int | None, str | None, float]:
         try:
-            check_url(event.url, self.settings.callback_allow_networks)
+            target = check_url(event.url, self.settings.callback_allow_networks, self.resolve)
         except CallbackRefused as exc:
             return GAVE_UP, None, f"refused: {exc}", 0.0
         body = event.body.encode()
-        secret = self.settings.tenant_secret(event.tenant)
-        req = urllib.request.Request(event.url, data=body, method="POST",
-                                     headers=webhooks.headers(secret, event.event_id, body))
+        signing = self.secrets.signing(event.tenant or "default")
+        headers = webhooks.headers(signing, event.event_id, body)
         started = time.monotonic()
         try:
-            with urllib.request.urlopen(req, timeout=self.settings.callback_timeout_s) as resp:
-                status = resp.status
-        except urllib.error.HTTPError as exc:
-            status = exc.code
-        except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as exc:
-            return RETRYING, None, f"{type(exc).__name__}: {getattr(exc, 'reason', exc)}", _ms(started)
+            status = callback_guard.post(target, body, headers, self.settings.callback_timeout_s)
+        except (TimeoutError, OSError, ValueError) as exc:
+            return RETRYING, None, f"{type(exc).__name__}: {exc}", _ms(started)
         latency = _ms(started)
         if 200 <= status < 300:
             return DELIVERED, status, None, latency
+        if 300 <= status < 400:
+            return RETRYING, status, f"HTTP {status} (redirects are not followed)", latency
         if status >= 500 or status in (408, 429):
             return RETRYING, status, f"HTTP {status}", latency
         return GAVE_UP, status, f"HTTP {status}", latency
@@ -139,7 +145,7 @@ def _ms(started: float) -> float:
 class Notifier:
     name = "notifier"
     group = "notifier"
-    input_topic = "results"
+    input_topic = "finished"  # what the sink has stored, never a result the API cannot show yet
 
     def __init__(self, settings: Settings, session, worker_id: str) -> None:
         self.settings = settings

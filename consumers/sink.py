@@ -2,6 +2,11 @@
 
 Writes are upserts keyed by job_id (and segment index), so a replayed
 ``Result`` rewrites the same rows: one job, one result, whatever happens.
+
+Once the rows are written, the same ``Result`` goes to ``kafscribe.finished``
+in the transaction that commits the input offset. Whoever reads
+``finished`` (``read_committed``: the notifier) acts only on jobs whose
+outcome the API can already show.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ class Sink:
         with_retries(lambda: self.jobs.save_result(event), stage=self.name,
                      attempts=self.settings.transient_retries)
         log.info("job %s", event.status, extra={"job_id": event.job_id, "trace_id": event.trace_id})
-        return []
+        return [Output(self.settings.topic("finished"), event)]
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
         # The sink is the last word on a job: if it cannot store it, park the event in the DLQ.

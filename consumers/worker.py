@@ -3,7 +3,7 @@
 Sets up logging, metrics and the Cassandra session, builds the stage, and
 runs its consume loop until SIGTERM/SIGINT (which let the current job finish
 or abandon it cleanly; see ``loop.StageRunner``). ``notifier`` runs two
-loops in one process: first deliveries (``results``) and retries
+loops in one process: first deliveries (``finished``) and retries
 (``callbacks.retry``).
 """
 

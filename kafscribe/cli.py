@@ -122,6 +122,34 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
+    """Show (creating on first use) or rotate a tenant's webhook secret; the secret is the last line."""
+    from . import cassandra_session
+    from .webhook_secrets import WebhookSecrets
+
+    if not args.tenant.strip():
+        print("kafscribe: --tenant must not be empty", file=sys.stderr)
+        return 2
+    try:
+        session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    except Exception as exc:  # noqa: BLE001 - any failure to connect is reported the same way
+        print(f"kafscribe: Cassandra unreachable at {settings.cassandra_hosts}:{settings.cassandra_port}: {exc}",
+              file=sys.stderr)
+        return 1
+    try:
+        store = WebhookSecrets(session, settings.callback_secret_overlap_s)
+        version = store.rotate(args.tenant) if args.rotate else store.current(args.tenant)
+        until = store.previous_valid_until(args.tenant)
+    finally:
+        session.cluster.shutdown()
+    print(f"tenant {version.tenant}: webhook secret version {version.version}, "
+          f"created {version.created_at.isoformat(timespec='seconds')}")
+    if until is not None:
+        print(f"the previous secret also signs until {until.isoformat(timespec='seconds')}")
+    print(version.secret)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kafscribe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="ingress base URL (default http://127.0.0.1:$KAFSCRIBE_HTTP_PORT)")
     p.add_argument("--direct", action="store_true", help="produce straight to Kafka instead of HTTP")
     p.set_defaults(func=_submit)
+
+    p = sub.add_parser("webhooks", help="tenants' webhook signing secrets")
+    p.add_argument("action", choices=["secret"])
+    p.add_argument("--tenant", required=True, help="whose secret (created on first use)")
+    p.add_argument("--rotate", action="store_true",
+                   help="make a new secret; the old one keeps signing for KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S")
+    p.set_defaults(func=_webhooks)
 
     p = sub.add_parser("settings", help="print every KAFSCRIBE_* setting and its value")
     p.add_argument("--markdown", action="store_true", help="the defaults as a Markdown table")

@@ -107,15 +107,17 @@ class Settings:
     llm_batch_chars: int = _doc("Most source characters per LLM request (fits the context).", 6000)
 
     # --- callbacks ---------------------------------------------------------
-    callback_secret: str = _doc("Default HMAC secret of webhook signatures.", "kafscribe-dev-secret")
-    callback_secrets: str = _doc("Per-tenant secrets: `tenant=secret,tenant2=secret2`.", "")
+    callback_secret_overlap_s: float = _doc(
+        "After `kafscribe webhooks secret --rotate`, how long the previous secret keeps signing beside the new one.",
+        86400.0,
+    )
     callback_timeout_s: float = _doc("Timeout of one callback POST.", 10.0)
     callback_max_attempts: int = _doc("Delivery attempts before the event goes to the DLQ.", 10)
     callback_backoff_base_s: float = _doc("Delay before the 2nd attempt; grows by the factor, with jitter.", 15.0)
     callback_backoff_factor: float = _doc("Growth of the callback retry delay.", 3.0)
     callback_backoff_max_s: float = _doc("Longest delay between two attempts (defaults span ~24 h).", 36000.0)
     callback_allow_networks: str = _doc(
-        "CIDRs callbacks may reach although private/loopback (e.g. `127.0.0.0/8` for local dev).", ""
+        "CIDRs callbacks may reach although not globally routable (e.g. `127.0.0.0/8` for local dev).", ""
     )
 
     # --- secured clusters ------------------------------------------------
@@ -155,14 +157,6 @@ class Settings:
 
     def effective_worker_id(self, stage: str) -> str:
         return self.worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}"
-
-    def tenant_secret(self, tenant: str) -> str:
-        """The webhook signing secret of ``tenant``."""
-        for pair in self.callback_secrets.split(","):
-            name, _, secret = pair.partition("=")
-            if name.strip() == tenant and secret:
-                return secret.strip()
-        return self.callback_secret
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``KAFSCRIBE_*`` variables (to hand to a child process)."""
