@@ -212,11 +212,19 @@ class StageRunner:
                 outcome = "crashed"
             else:
                 outcome = "ok"
-        if self._commit(msg, outputs):
+        offsets = [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)]
+        if self._commit(offsets, outputs, self._extra(msg)):
             self._outages = 0
             metrics.JOBS.labels(self.stage.name, outcome).inc()
             metrics.STAGE_SECONDS.labels(self.stage.name).observe(time.monotonic() - started)
             self._record_lag(msg)
+        else:
+            self._rewind(msg)
+
+    def _rewind(self, msg: Message) -> None:
+        """Read ``msg`` again (its offset was not committed), if this worker still owns its partition."""
+        if any((tp.topic, tp.partition) == (msg.topic(), msg.partition()) for tp in self.consumer.assignment()):
+            self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
     def _redo_later(self, msg: Message, exc: BaseException) -> None:
         """Cassandra is unreachable: leave the offset uncommitted, wait (polling), then redo the event."""
@@ -291,9 +299,12 @@ class StageRunner:
                 if (topic, partition) in owned_now:
                     self.consumer.seek(TopicPartition(topic, partition, offset))
 
-    def _commit(self, msg: Message, outputs: list[Output]) -> bool:
-        """Produce outputs and commit the input offset atomically. False = will be redone."""
-        offsets = [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)]
+    def _commit(self, offsets: list[TopicPartition], outputs: list[Output], extra: dict) -> bool:
+        """Produce ``outputs`` and commit ``offsets`` (next offsets to read) atomically.
+
+        False = nothing was committed and the input will be redone: the caller rewinds.
+        ``extra`` is the log context (stage, partition, job ids).
+        """
         try:
             self.producer.begin_transaction()
             for out in outputs:
@@ -304,16 +315,13 @@ class StageRunner:
             return True
         except KafkaException as exc:
             err = exc.args[0]
-            log.warning("transaction failed: %s", err, extra=self._extra(msg))
+            log.warning("transaction failed: %s", err, extra=extra)
             if err.fatal():
                 raise  # fenced by a newer instance with our transactional id: we are a zombie
             try:
                 self.producer.abort_transaction(30)
             except KafkaException:
                 pass
-            # Redo from the uncommitted offset if we still own the partition.
-            if any(tp.partition == msg.partition() for tp in self.consumer.assignment()):
-                self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
             return False
 
     def _dead_letter(self, msg: Message, reason: str) -> Output:
