@@ -27,8 +27,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
@@ -90,7 +92,321 @@ class LeaveGroup(Exception):
     """
 
 
-class StageRunner:
+# === concurrent mode (opt-in: ``stage.concurrency = N``) ==========================================
+# Kept apart from the one-at-a-time loop (StageRunner below): it shares only ``_commit`` (the one
+# transaction path), ``_dead_letter``, ``_tick``, ``_record_lag`` and ``close``.
+
+PartitionKey = tuple[str, int]
+
+
+@dataclass
+class _Slot:
+    """One message of a partition in the concurrent mode, from dispatch until its offset is committed."""
+
+    msg: Message
+    started: float
+    event: Event | None = None
+    future: Future | None = None
+    outputs: list[Output] | None = None  # set once the handler is done: ready to commit
+    outcome: str = ""
+
+    @property
+    def offset(self) -> int:
+        return self.msg.offset()
+
+
+@dataclass
+class InOrderCommits:
+    """Which finished messages may be committed: per partition, only a prefix whose every offset is done.
+
+    Messages of one partition are added in offset order; they may finish in any
+    order. ``pop_ready`` hands out, per partition, the leading run of finished
+    messages, so a committed offset never passes a message still running.
+    """
+
+    partitions: dict[PartitionKey, deque[_Slot]] = field(default_factory=dict)
+
+    def add(self, key: PartitionKey, slot: _Slot) -> None:
+        self.partitions.setdefault(key, deque()).append(slot)
+
+    def last_offset(self, key: PartitionKey) -> int | None:
+        slots = self.partitions.get(key)
+        return slots[-1].offset if slots else None
+
+    def pop_ready(self) -> dict[PartitionKey, list[_Slot]]:
+        ready: dict[PartitionKey, list[_Slot]] = {}
+        for key, slots in list(self.partitions.items()):
+            while slots and slots[0].outputs is not None:
+                ready.setdefault(key, []).append(slots.popleft())
+            if not slots:
+                del self.partitions[key]
+        return ready
+
+    def truncate(self, key: PartitionKey, offset: int) -> list[_Slot]:
+        """Forget ``offset`` and everything after it in the partition (to be read again); return them."""
+        slots = self.partitions.get(key, deque())
+        kept = deque(s for s in slots if s.offset < offset)
+        dropped = [s for s in slots if s.offset >= offset]
+        if kept:
+            self.partitions[key] = kept
+        else:
+            self.partitions.pop(key, None)
+        return dropped
+
+    def drop(self, key: PartitionKey) -> list[_Slot]:
+        """Forget a partition (revoked or lost): nothing of it will be committed here."""
+        return list(self.partitions.pop(key, ()))
+
+    def pending(self) -> int:
+        return sum(len(s) for s in self.partitions.values())
+
+
+class ConcurrentMode:
+    """Up to ``stage.concurrency`` messages handled at once in a thread pool while this thread polls.
+
+    For stages whose work is mostly waiting on someone else (a webhook
+    receiver), where one slow message must not hold back the others.
+
+    - Every polled message is dispatched to the pool at once (unless the pool
+      is full: then every partition is paused, and whatever was fetched
+      meanwhile is read again on resume).
+    - A finished message's outputs and offset are committed (``_commit``, one
+      transaction for everything ready) only once every earlier dispatched
+      offset of its partition is done: per-partition in-order commit. So a
+      crash or a rebalance redoes at most what was uncommitted; redelivery is
+      harmless where the work is idempotent (callbacks: stable ``webhook-id``).
+    - A stage may hold a partition: ``stage.hold_until(event, message)``
+      returns an epoch time before which the message must not be handled; the
+      partition is paused at that message and resumed then (FIFO delay queues:
+      nothing after the head is skipped, no thread waits).
+    - A stage may read several topics: ``stage.input_topics`` (logical names).
+    - Revoked or lost partitions: their in-flight and finished-but-uncommitted
+      messages are forgotten (the new owner redoes them), as in the
+      one-at-a-time mode. A store outage (or ``LeaveGroup``) redoes that
+      message and the rest of its partition after a backoff.
+    - ``stop()``: nothing new starts; in-flight messages get the shutdown grace
+      period to finish and be committed; the rest is left uncommitted.
+    """
+
+    # provided by StageRunner
+    settings: Settings
+    stage: Stage
+    shutdown_grace_s: float
+    in_flight_count: int
+    _stop: threading.Event
+    _outages: int
+
+    @property
+    def concurrency(self) -> int:
+        return max(1, int(getattr(self.stage, "concurrency", 1) or 1))
+
+    def _run_concurrent(self) -> None:
+        self.producer.init_transactions(30)
+        self._cc_work = InOrderCommits()
+        self._cc_running: set[Future] = set()
+        self._cc_held: dict[PartitionKey, float] = {}  # partition -> epoch time it may resume
+        self._cc_rewind: dict[PartitionKey, int] = {}  # partition -> offset to read again on resume
+        self._cc_full = False
+        topics = [self.settings.topic(t) for t in getattr(self.stage, "input_topics", (self.stage.input_topic,))]
+        self.consumer.subscribe(
+            topics, on_assign=self._cc_on_assign, on_revoke=self._cc_on_revoke, on_lost=self._cc_on_lost
+        )
+        pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"{self.stage.name}-job")
+        log.info("stage started (%d at once)", self.concurrency,
+                 extra={"stage": self.stage.name, "worker_id": self.worker_id})
+        stop_seen_at: float | None = None
+        try:
+            while True:
+                if self._stop.is_set():
+                    stop_seen_at = stop_seen_at or time.monotonic()
+                    if not self._cc_work.pending():
+                        break
+                    if time.monotonic() - stop_seen_at > self.shutdown_grace_s:
+                        log.warning("shutdown grace period over: %d messages left uncommitted",
+                                    self._cc_work.pending(), extra={"stage": self.stage.name})
+                        break
+                msg = self.consumer.poll(self._cc_poll_timeout())
+                self._tick()
+                if msg is not None:
+                    if msg.error():
+                        if msg.error().code() != KafkaError._PARTITION_EOF:
+                            log.warning("consumer error: %s", msg.error(), extra={"stage": self.stage.name})
+                    else:
+                        self._cc_accept(msg, pool)
+                self._cc_collect()
+                self._cc_commit_ready()
+                self._cc_resume()
+                self.in_flight_count = self._cc_work.pending()
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+            self.in_flight_count = 0
+            self.close()
+
+    # --- rebalance callbacks of the concurrent mode --------------------------------
+    def _cc_on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
+        metrics.REBALANCES.labels(self.stage.name, "assign").inc()
+        log.info("assigned %s", [(p.topic, p.partition) for p in partitions], extra={"stage": self.stage.name})
+        for tp in partitions:
+            self._cc_forget((tp.topic, tp.partition))
+        if self._cc_full or self._stop.is_set():
+            consumer.incremental_assign(partitions)
+            consumer.pause(partitions)
+
+    def _cc_on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
+        metrics.REBALANCES.labels(self.stage.name, "revoke").inc()
+        self._cc_give_up(partitions, "revoked")
+
+    def _cc_on_lost(self, consumer, partitions: list[TopicPartition]) -> None:
+        metrics.REBALANCES.labels(self.stage.name, "lost").inc()
+        self._cc_give_up(partitions, "lost")
+
+    def _cc_give_up(self, partitions: list[TopicPartition], why: str) -> None:
+        dropped = sum(len(self._cc_forget((tp.topic, tp.partition))) for tp in partitions)
+        log.info("%s %s (%d uncommitted messages left to the next owner)", why,
+                 [(p.topic, p.partition) for p in partitions], dropped, extra={"stage": self.stage.name})
+        if dropped:
+            metrics.JOBS.labels(self.stage.name, "abandoned").inc(dropped)
+
+    def _cc_forget(self, key: PartitionKey) -> list[_Slot]:
+        self._cc_held.pop(key, None)
+        self._cc_rewind.pop(key, None)
+        return self._cc_work.drop(key)
+
+    # --- one message in, results out ------------------------------------------------
+    def _cc_accept(self, msg: Message, pool: ThreadPoolExecutor) -> None:
+        key = (msg.topic(), msg.partition())
+        if self._stop.is_set() or self._cc_full or key in self._cc_held:
+            self._cc_defer(key, msg.offset())  # fetched before the pause took effect: read it again later
+            return
+        last = self._cc_work.last_offset(key)
+        if last is not None and msg.offset() <= last:
+            return  # already dispatched (a stale fetch)
+        now = time.monotonic()
+        try:
+            event = decode_event(msg.value())
+        except DecodeError as exc:
+            self._cc_work.add(key, _Slot(msg, now, outputs=[self._dead_letter(msg, str(exc))], outcome="dlq"))
+            return
+        hold = self._cc_hold_until(event, msg)
+        if hold is not None and hold > time.time():
+            self._cc_held[key] = hold
+            self._cc_defer(key, msg.offset())
+            return
+        slot = _Slot(msg, now, event, pool.submit(self.stage.handle, event, msg))
+        self._cc_running.add(slot.future)
+        self._cc_work.add(key, slot)
+        if self._cc_busy() >= self.concurrency:
+            self._cc_full = True
+            self.consumer.pause(self.consumer.assignment())
+
+    def _cc_hold_until(self, event: Event, msg: Message) -> float | None:
+        hold = getattr(self.stage, "hold_until", None)
+        if hold is None:
+            return None
+        try:
+            return hold(event, msg)
+        except Exception:  # noqa: BLE001 - a bug in the hold rule must not stop the partition
+            log.exception("hold_until failed; handling now", extra=self._extra(msg, event))
+            return None
+
+    def _cc_defer(self, key: PartitionKey, offset: int) -> None:
+        """Pause the partition; on resume, read it again from ``offset``."""
+        self._cc_rewind[key] = min(self._cc_rewind.get(key, offset), offset)
+        self.consumer.pause([TopicPartition(*key)])
+
+    def _cc_busy(self) -> int:
+        """Handler calls still running (those of forgotten partitions included: they hold a thread)."""
+        self._cc_running = {f for f in self._cc_running if not f.done()}
+        return len(self._cc_running)
+
+    def _cc_collect(self) -> None:
+        """Turn finished handler calls into outputs (or redos)."""
+        for key, slots in list(self._cc_work.partitions.items()):
+            for slot in list(slots):
+                if slot.outputs is not None or slot.future is None or not slot.future.done():
+                    continue
+                event = slot.event
+                exc = slot.future.exception()
+                if exc is None:
+                    slot.outputs, slot.outcome = slot.future.result(), "ok"
+                elif isinstance(exc, Abandoned):
+                    log.warning("job abandoned: %s", exc, extra=self._extra(slot.msg, event))
+                    metrics.JOBS.labels(self.stage.name, "abandoned").inc()
+                    self._cc_redo(key, slot.offset, 0.0)
+                    break
+                elif is_infrastructure_outage(exc) or isinstance(exc, LeaveGroup):
+                    self._outages += 1
+                    delay = min(30.0, 0.5 * 2 ** min(self._outages, 6))
+                    log.warning("store unavailable, redoing in %.1fs: %s", delay, exc, extra=self._extra(slot.msg))
+                    metrics.JOBS.labels(self.stage.name, "deferred").inc()
+                    self._cc_redo(key, slot.offset, delay)
+                    break
+                else:
+                    log.error("handler crashed", exc_info=exc, extra=self._extra(slot.msg, event))
+                    slot.outputs = self.stage.failure_outputs(event, f"internal error in {self.stage.name}: {exc!r}")
+                    slot.outcome = "crashed"
+
+    def _cc_redo(self, key: PartitionKey, offset: int, delay_s: float) -> None:
+        """Read the partition again from ``offset`` after ``delay_s``; later in-flight results are ignored."""
+        self._cc_work.truncate(key, offset)
+        self._cc_held[key] = time.time() + delay_s
+        self._cc_defer(key, offset)
+
+    def _cc_commit_ready(self) -> None:
+        ready = self._cc_work.pop_ready()
+        if not ready:
+            return
+        offsets = [TopicPartition(t, p, slots[-1].offset + 1) for (t, p), slots in ready.items()]
+        outputs = [out for slots in ready.values() for slot in slots for out in slot.outputs or []]
+        extra = {"stage": self.stage.name, "offsets": {f"{t}[{p}]": s[-1].offset for (t, p), s in ready.items()}}
+        if self._commit(offsets, outputs, extra):
+            self._outages = 0
+            now = time.monotonic()
+            for slots in ready.values():
+                for slot in slots:
+                    metrics.JOBS.labels(self.stage.name, slot.outcome).inc()
+                    metrics.STAGE_SECONDS.labels(self.stage.name).observe(now - slot.started)
+                self._record_lag(slots[-1].msg)
+        else:
+            for key, slots in ready.items():
+                self._cc_redo(key, slots[0].offset, 0.0)
+
+    def _cc_resume(self) -> None:
+        """Resume partitions whose hold is over, and all of them once the pool has room again."""
+        now = time.time()
+        due = [k for k, until in self._cc_held.items() if until <= now]
+        for key in due:
+            del self._cc_held[key]
+        if self._stop.is_set():
+            return
+        if self._cc_full:
+            if self._cc_busy() >= self.concurrency:
+                return
+            self._cc_full = False
+            due = [(tp.topic, tp.partition) for tp in self.consumer.assignment()]
+            due = [k for k in due if k not in self._cc_held]
+        if not due:
+            return
+        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
+        due = [k for k in due if k in owned]
+        self.consumer.resume([TopicPartition(*k) for k in due])
+        for key in due:
+            offset = self._cc_rewind.pop(key, None)
+            if offset is not None:
+                try:
+                    self.consumer.seek(TopicPartition(*key, offset))
+                except KafkaException as exc:
+                    log.warning("seek %s to %d failed: %s", key, offset, exc, extra={"stage": self.stage.name})
+
+    def _cc_poll_timeout(self) -> float:
+        if self._cc_work.pending() or self._cc_full:
+            return 0.05
+        if self._cc_held:
+            return max(0.01, min(0.5, min(self._cc_held.values()) - time.time()))
+        return 0.5
+
+
+class StageRunner(ConcurrentMode):
     def __init__(self, settings: Settings, stage: Stage, worker_id: str | None = None) -> None:
         self.settings = settings
         self.stage = stage
@@ -130,6 +446,8 @@ class StageRunner:
         )
 
     def run(self) -> None:
+        if self.concurrency > 1:
+            return self._run_concurrent()
         self.producer.init_transactions(30)
         self._subscribe()
         log.info("stage started", extra={"stage": self.stage.name, "worker_id": self.worker_id})
