@@ -9,9 +9,16 @@ other 4xx, or an address the guard refuses, ends delivery. After the last
 attempt the event goes to ``kafscribe.dlq``. Every attempt is recorded in
 Cassandra.
 
-``callback-retry`` consumes ``kafscribe.callbacks.retry``: a due attempt is
-delivered; one not yet due is held briefly, then put back at the end of the
-topic (so one far-future retry never stalls the partition for long).
+``callback-retry`` consumes the retry topics: ``kafscribe.callbacks.retry``
+(due now or within a second, and redeliveries) and the delay tiers
+``kafscribe.callbacks.retry.<tier>`` (``infra/topics.toml``). A tier is a
+FIFO delay queue: the consume loop holds its partition until the head's
+append time + the tier's delay (no thread waits, nothing is re-produced
+meanwhile), then the attempt is delivered if due or forwarded to the largest
+tier not longer than its remaining wait -- a bounded number of hops per
+retry. Both stages deliver up to ``KAFSCRIBE_CALLBACK_CONCURRENCY`` callbacks
+at once (the consume loop's concurrent mode), so a receiver that hangs until
+the timeout holds back no one else.
 """
 
 from __future__ import annotations
@@ -21,32 +28,58 @@ import logging
 import random
 import threading
 import time
+import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import cache
 
-from confluent_kafka import Message
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
+from infra.bootstrap import TOPICS_FILE
 from kafscribe import webhooks
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.callbackstore import CallbackStore
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
-from .loop import Output, park
+from .loop import Abandoned, Output, park
 from .retry import PermanentFailure
 
 log = logging.getLogger("kafscribe.notifier")
 
 DELIVERED, RETRYING, GAVE_UP = "delivered", "retrying", "gave_up"
-RETRY_HOLD_S = 1.0  # longest a not-yet-due retry is held before it goes back on the topic
+RETRY_TOPIC = "callbacks.retry"  # due now or within the shortest tier; redeliveries
 
 
 def backoff_s(settings: Settings, attempt: int) -> float:
     """Delay before attempt ``attempt + 1`` (attempt >= 1): exponential, capped, ±20 % jitter."""
     base = settings.callback_backoff_base_s * settings.callback_backoff_factor ** (attempt - 1)
     return min(base, settings.callback_backoff_max_s) * random.uniform(0.8, 1.2)
+
+
+@cache
+def retry_tiers() -> tuple[tuple[str, float], ...]:
+    """(logical topic, delay in seconds) of every retry topic, shortest first; ``callbacks.retry`` is 0."""
+    raw = tomllib.loads(TOPICS_FILE.read_text())
+    tiers = [(name, float(spec.get("delay_s", 0))) for name, spec in raw.items()
+             if name == RETRY_TOPIC or name.startswith(RETRY_TOPIC + ".")]
+    return tuple(sorted(tiers, key=lambda t: t[1]))
+
+
+def tier_for(wait_s: float) -> str:
+    """The logical retry topic for an attempt due in ``wait_s``: the largest tier not longer than that."""
+    chosen = RETRY_TOPIC
+    for name, delay in retry_tiers():
+        if delay <= wait_s:
+            chosen = name
+    return chosen
+
+
+def retry_output(settings: Settings, event: CallbackAttempt) -> Output:
+    """``event`` on the retry topic that fits the time it still has to wait."""
+    return Output(settings.topic(tier_for((event.not_before - now_ms()) / 1000)), event)
 
 
 def event_body(settings: Settings, result: Result) -> tuple[str, str]:
@@ -101,7 +134,7 @@ class Deliverer:
             delay = backoff_s(self.settings, event.delivery_attempt)
             nxt = replace(event, delivery_attempt=event.delivery_attempt + 1, produced_at=now_ms(),
                           not_before=now_ms() + int(delay * 1000), last_error=error)
-            return [Output(self.settings.topic("callbacks.retry"), nxt)]
+            return [retry_output(self.settings, nxt)]
         if exhausted:
             reason = f"callback not delivered after {event.delivery_attempt} attempts: {error}"
             return [park(self.settings, self.stage, event, reason, self.settings.topic("callbacks.retry"))]
@@ -144,6 +177,7 @@ class Notifier:
     def __init__(self, settings: Settings, session, worker_id: str) -> None:
         self.settings = settings
         self.deliverer = Deliverer(settings, session, self.name)
+        self.concurrency = settings.callback_concurrency  # the consume loop's concurrent mode
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Result):
@@ -164,25 +198,42 @@ class Notifier:
 
 
 class CallbackRetrier:
+    """Later attempts: waits in the delay tiers (held by the consume loop), then delivers or forwards."""
+
     name = "callback-retry"
     group = "notifier-retry"
-    input_topic = "callbacks.retry"
+    input_topic = RETRY_TOPIC
 
     def __init__(self, settings: Settings, session, worker_id: str, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.deliverer = Deliverer(settings, session, self.name)
         self._stop = stop or threading.Event()
+        self.concurrency = settings.callback_concurrency  # the consume loop's concurrent mode
+        self.input_topics = tuple(name for name, _ in retry_tiers())
+        self._delays = {settings.topic(name): delay for name, delay in retry_tiers()}
+        self._shortest = min((d for d in self._delays.values() if d > 0), default=float("inf"))
+
+    def hold_until(self, event: Event, message: Message) -> float | None:
+        """When a tier's message may be read: its append time + the tier's delay (or when due, if sooner)."""
+        delay = self._delays.get(message.topic(), 0.0)
+        if not delay:
+            return None
+        kind, stamp_ms = message.timestamp()
+        if kind == TIMESTAMP_NOT_AVAILABLE or stamp_ms <= 0:
+            stamp_ms = event.produced_at
+        release = stamp_ms / 1000 + delay
+        not_before = getattr(event, "not_before", None)
+        return release if not_before is None else min(release, not_before / 1000)
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, CallbackAttempt):
             raise PermanentFailure(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
         wait_s = (event.not_before - now_ms()) / 1000
-        if wait_s > 0:
-            self._stop.wait(min(wait_s, RETRY_HOLD_S))
-            if event.not_before > now_ms():
-                return [Output(self.settings.topic("callbacks.retry"), event)]  # not due: back of the line
+        if wait_s >= self._shortest:
+            return [retry_output(self.settings, event)]  # not due: on to the tier that fits
+        if wait_s > 0 and self._stop.wait(wait_s):  # under the shortest tier: wait here
+            raise Abandoned("stopping before a callback was due")
         return self.deliverer.attempt(event)
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
         return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
-
