@@ -120,9 +120,9 @@ class StageRunner:
         self.topic = settings.topic(stage.input_topic)
         self.consumer = consumer or kafka_clients.consumer(settings, settings.topic_prefix + stage.group)
         self.transactional_id = f"{settings.topic_prefix}{stage.name}.{self.worker_id}"
-        self._new_producer = producer_factory or (
-            lambda: kafka_clients.producer(settings, transactional_id=self.transactional_id)
-        )
+        self._new_producer = producer_factory or (lambda: kafka_clients.producer(
+            settings, transactional_id=self.transactional_id, error_cb=self._on_producer_error,
+        ))
         self.producer = None  # created (init_transactions) by _recover, dropped when it cannot be trusted
         self.call_timeout_s = settings.kafka_call_timeout_s
         self.shutdown_grace_s = settings.max_poll_interval_ms / 1000 / 2
@@ -132,6 +132,7 @@ class StageRunner:
         self._holding = False  # partitions held paused while the producer is recovered
         self._resync: set[tuple[str, int]] = set()  # partitions to rewind to their committed offset
         self._recover_failures = 0
+        self._producer_suspect = False  # it saw every broker go away: replaced before its next transaction
         self._idle_checked = time.monotonic()
         self._idle_lagging: dict[tuple[str, int], int] = {}
         self.in_flight_count = 0
@@ -165,7 +166,7 @@ class StageRunner:
         log.info("stage started", extra={"stage": self.stage.name, "worker_id": self.worker_id})
         try:
             while not self._stop.is_set():
-                if self.producer is None or self._resync:
+                if self.producer is None or self._resync or self._producer_suspect:
                     self._recover()
                     continue
                 msg = self.consumer.poll(0.5)
@@ -197,6 +198,8 @@ class StageRunner:
 
     def _tick(self) -> None:
         self.last_beat = time.monotonic()
+        if self.producer is not None:
+            self.producer.poll(0)  # serves its error callback (brokers down)
         for fn in self.on_idle:
             fn()
 
@@ -213,12 +216,17 @@ class StageRunner:
         log.warning("consumer error: %s", err, extra={"stage": self.stage.name})
 
     # --- producer recovery ---------------------------------------------------------------
+    def _on_producer_error(self, err: KafkaError) -> None:
+        """librdkafka's error callback (from ``poll``): a producer that saw all brokers go away was
+        seen to hang in its next transaction after they came back; it is replaced before that one."""
+        if err.code() == KafkaError._ALL_BROKERS_DOWN or err.fatal():
+            self._producer_suspect = True
+
     def _recover(self) -> None:
         """One attempt to make the producer usable and rewind uncommitted partitions; backs off on failure."""
         self._hold(True)
         try:
-            if self.producer is None:
-                self._init_producer()
+            self._init_producer()
             if self._resync:
                 self._rewind_to_committed()
         except (KafkaException, deadline.Overrun) as exc:
@@ -234,6 +242,10 @@ class StageRunner:
         self._hold(False)
 
     def _init_producer(self) -> None:
+        if self._producer_suspect and self.producer is not None:
+            self._drop_producer("brokers were down")
+        if self.producer is not None:
+            return
         producer = self._new_producer()
         try:
             deadline.call(lambda: producer.init_transactions(self.call_timeout_s),
@@ -241,6 +253,7 @@ class StageRunner:
         except (KafkaException, deadline.Overrun):
             _dispose(producer)
             raise
+        self._producer_suspect = False
         self.producer = producer
 
     def _drop_producer(self, reason: str) -> None:
@@ -474,10 +487,13 @@ class StageRunner:
         dropped, and the partitions are rewound to the committed offset read back from
         the broker before anything else is read (``_recover``).
         """
-        producer = self.producer
-        if producer is None:
+        try:
+            self._init_producer()  # no-op unless the producer is missing or saw the brokers go
+        except (KafkaException, deadline.Overrun) as exc:
+            log.warning("no usable producer: %s", exc, extra=extra)
             self._resync.update((tp.topic, tp.partition) for tp in offsets)
             return False
+        producer = self.producer
         timeout = self.call_timeout_s
 
         def transact() -> None:

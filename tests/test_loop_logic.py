@@ -153,6 +153,9 @@ class FakeProducer:
     def flush(self, timeout):
         return 0
 
+    def poll(self, timeout):
+        return 0
+
     def names(self) -> list[str]:
         return [c[0] for c in self.calls]
 
@@ -257,6 +260,15 @@ def test_a_fatal_producer_error_replaces_the_producer():
     runner._recover()
     assert runner.producer is made[1]
     assert consumer.seeks() == [("seek", 0, OFFSET_BEGINNING)], "never committed: read from the beginning"
+
+
+def test_a_producer_that_saw_all_brokers_down_is_replaced_before_its_next_transaction():
+    runner, consumer, made = make_runner([FakeProducer(), FakeProducer()])
+    runner._on_producer_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+    assert runner._commit(OFFSETS, OUTPUTS, {}) is True
+    assert "begin_transaction" not in made[0].names(), "the suspect producer is not trusted with it"
+    assert made[1].names()[:2] == ["init_transactions", "begin_transaction"] and runner.producer is made[1]
+    assert not consumer.seeks(), "nothing to redo"
 
 
 def test_a_failing_abort_replaces_the_producer():
