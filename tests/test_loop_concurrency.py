@@ -14,7 +14,6 @@ from collections import defaultdict
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from consumers import loop
 from consumers.loop import InOrderCommits, Output, StageRunner, _Slot
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, decode_event
@@ -45,7 +44,7 @@ class FakeConsumer:
 
     def __init__(self, partitions: int = 2) -> None:
         self.log: dict[tuple[str, int], list[bytes]] = {(TOPIC, p): [] for p in range(partitions)}
-        self.committed: dict[tuple[str, int], int] = {}
+        self.offsets: dict[tuple[str, int], int] = {}
         self.assigned: set[tuple[str, int]] = set()
         self.paused: set[tuple[str, int]] = set()
         self.position: dict[tuple[str, int], int] = {}
@@ -66,7 +65,7 @@ class FakeConsumer:
         for tp in tps:
             key = (tp.topic, tp.partition)
             self.assigned.add(key)
-            self.position[key] = self.committed.get(key, 0)
+            self.position[key] = self.offsets.get(key, 0)
 
     def assignment(self):
         return [TopicPartition(*k) for k in sorted(self.assigned)]
@@ -78,7 +77,11 @@ class FakeConsumer:
         self.paused -= {(tp.topic, tp.partition) for tp in tps}
 
     def seek(self, tp) -> None:
-        self.position[(tp.topic, tp.partition)] = tp.offset
+        self.position[(tp.topic, tp.partition)] = max(0, tp.offset)  # OFFSET_BEGINNING (-2): the start
+
+    def committed(self, tps, timeout=None):
+        return [TopicPartition(tp.topic, tp.partition, self.offsets.get((tp.topic, tp.partition), -1001))
+                for tp in tps]
 
     def poll(self, timeout: float):
         if self.to_revoke:
@@ -127,6 +130,7 @@ class FakeProducer:
     def init_transactions(self, *a) -> None: pass
     def flush(self, *a) -> int: return 0
     def poll(self, *a) -> int: return 0
+    def purge(self, *a) -> None: pass
 
     def begin_transaction(self, *a) -> None:
         self._open, self._offsets = [], {}
@@ -142,7 +146,7 @@ class FakeProducer:
             self.fail_next_commit = False
             raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "scripted commit failure"))
         self.transactions.append((self._open, self._offsets))
-        self.consumer.committed.update(self._offsets)
+        self.consumer.offsets.update(self._offsets)
         self._open = None
 
     def abort_transaction(self, *a) -> None:
@@ -198,16 +202,15 @@ class GateStage:
 
 
 @pytest.fixture
-def fakes(monkeypatch):
+def fakes() -> tuple[FakeConsumer, FakeProducer]:
     consumer = FakeConsumer()
-    producer = FakeProducer(consumer)
-    monkeypatch.setattr(loop.kafka_clients, "consumer", lambda *a, **k: consumer)
-    monkeypatch.setattr(loop.kafka_clients, "producer", lambda *a, **k: producer)
-    return consumer, producer
+    return consumer, FakeProducer(consumer)
 
 
-def start(stage: GateStage, grace_s: float = 10.0) -> tuple[StageRunner, threading.Thread]:
-    runner = StageRunner(Settings(topic_prefix="t."), stage, worker_id="w1")
+def start(fakes, stage: GateStage, grace_s: float = 10.0) -> tuple[StageRunner, threading.Thread]:
+    consumer, producer = fakes
+    runner = StageRunner(Settings(topic_prefix="t."), stage, worker_id="w1", consumer=consumer,
+                         producer_factory=lambda: producer)
     runner.shutdown_grace_s = grace_s
     thread = threading.Thread(target=runner.run, daemon=True)
     thread.start()
@@ -248,13 +251,13 @@ def test_a_later_message_that_finishes_first_waits_for_the_earlier_one(fakes):
     stage = GateStage(free=("b", "c"))
     for job in "abc":
         consumer.append(0, event(job).encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     try:
         until(lambda: {"b", "c"} <= set(stage.finished), what="b and c done")
         time.sleep(0.2)
         assert producer.transactions == [], "committed past a message still running"
         stage.gates["a"].set()
-        until(lambda: consumer.committed.get((TOPIC, 0)) == 3, what="commit of offset 3")
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 3, what="commit of offset 3")
         assert producer.outputs() == ["a", "b", "c"]  # in offset order, once each
     finally:
         stop(runner, thread)
@@ -267,13 +270,13 @@ def test_one_slow_message_holds_back_neither_its_partition_nor_others(fakes):
     consumer.append(0, event("b").encode())
     consumer.append(1, event("c").encode())
     consumer.append(1, event("d").encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     try:
-        until(lambda: consumer.committed.get((TOPIC, 1)) == 2, what="partition 1 committed")
-        assert "b" in stage.finished and (TOPIC, 0) not in consumer.committed
+        until(lambda: consumer.offsets.get((TOPIC, 1)) == 2, what="partition 1 committed")
+        assert "b" in stage.finished and (TOPIC, 0) not in consumer.offsets
         assert runner.in_flight_count == 2  # a running, b done but waiting for a
         stage.gates["a"].set()
-        until(lambda: consumer.committed.get((TOPIC, 0)) == 2, what="partition 0 committed")
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 2, what="partition 0 committed")
         assert sorted(producer.outputs()) == ["a", "b", "c", "d"]
     finally:
         stop(runner, thread)
@@ -285,9 +288,9 @@ def test_never_more_than_the_bound_at_once(fakes):
     stage = GateStage(concurrency=3, free=tuple(jobs), work_s=0.05)
     for i, job in enumerate(jobs):
         consumer.append(i % 2, event(job).encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     try:
-        until(lambda: consumer.committed == {(TOPIC, 0): 6, (TOPIC, 1): 6}, what="all committed")
+        until(lambda: consumer.offsets == {(TOPIC, 0): 6, (TOPIC, 1): 6}, what="all committed")
         assert stage.max_running == 3
         assert sorted(stage.handled) == sorted(jobs)  # each once: paused fetches are read again, not lost
         assert sorted(producer.outputs()) == sorted(jobs)
@@ -299,7 +302,7 @@ def test_a_revoked_partitions_results_are_left_to_the_next_owner(fakes):
     consumer, producer = fakes
     stage = GateStage()
     consumer.append(0, event("a").encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     try:
         until(lambda: "a" in stage.handled, what="a started")
         consumer.to_revoke = [(TOPIC, 0)]
@@ -309,7 +312,7 @@ def test_a_revoked_partitions_results_are_left_to_the_next_owner(fakes):
         time.sleep(0.2)
         assert producer.transactions == [], "committed a revoked partition's result"
         consumer.to_assign = [(TOPIC, 0)]  # back again: read from the committed offset
-        until(lambda: consumer.committed.get((TOPIC, 0)) == 1, what="redone and committed")
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 1, what="redone and committed")
         assert stage.handled == ["a", "a"] and producer.outputs() == ["a"]
     finally:
         stop(runner, thread)
@@ -321,9 +324,9 @@ def test_a_failed_transaction_redoes_from_the_first_uncommitted_offset(fakes):
     stage = GateStage(free=("a", "b"))
     consumer.append(0, event("a").encode())
     consumer.append(0, event("b").encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     try:
-        until(lambda: consumer.committed.get((TOPIC, 0)) == 2, what="commit after the failed one")
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 2, what="commit after the failed one")
         assert stage.handled.count("a") == 2  # redone once
         assert producer.outputs() == ["a", "b"]  # the aborted transaction's outputs never count
     finally:
@@ -338,11 +341,11 @@ def test_a_held_message_pauses_only_its_partition_until_due(fakes):
     consumer.append(0, event("later").encode())
     consumer.append(0, event("after").encode())
     consumer.append(1, event("other").encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     try:
-        until(lambda: consumer.committed.get((TOPIC, 1)) == 1, what="other partition")
+        until(lambda: consumer.offsets.get((TOPIC, 1)) == 1, what="other partition")
         assert stage.handled == ["other"]  # nothing behind the held head was skipped ahead
-        until(lambda: consumer.committed.get((TOPIC, 0)) == 2, what="held partition")
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 2, what="held partition")
         assert time.time() >= due
         assert stage.handled == ["other", "later", "after"]
     finally:
@@ -356,9 +359,9 @@ def test_crashes_and_undecodable_bytes_end_with_outputs_and_move_on(fakes):
     consumer.append(0, event("bug").encode())
     consumer.append(0, b"not an event")
     consumer.append(0, event("fine").encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     try:
-        until(lambda: consumer.committed.get((TOPIC, 0)) == 3, what="all three committed")
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 3, what="all three committed")
         produced = [(t, decode_event(v)) for txn, _ in producer.transactions for t, v in txn]
         assert sorted((t, e.job_id) for t, e in produced) == [("t.dlq", "failed-bug"), ("t.dlq", "k"), ("t.out", "fine")]
         (letter,) = [e for _, e in produced if e.job_id == "k"]
@@ -371,7 +374,7 @@ def test_stop_lets_in_flight_messages_finish_and_commit(fakes):
     consumer, producer = fakes
     stage = GateStage()
     consumer.append(0, event("a").encode())
-    runner, thread = start(stage)
+    runner, thread = start(fakes, stage)
     until(lambda: "a" in stage.handled, what="a started")
     runner.stop()
     consumer.append(0, event("b").encode())  # arrives after stop: not started
@@ -380,16 +383,34 @@ def test_stop_lets_in_flight_messages_finish_and_commit(fakes):
     stage.gates["a"].set()
     thread.join(10)
     assert not thread.is_alive()
-    assert consumer.committed == {(TOPIC, 0): 1} and stage.handled == ["a"]
+    assert consumer.offsets == {(TOPIC, 0): 1} and stage.handled == ["a"]
 
 
 def test_stop_abandons_what_outlives_the_grace_period(fakes):
     consumer, producer = fakes
     stage = GateStage()
     consumer.append(0, event("a").encode())
-    runner, thread = start(stage, grace_s=0.3)
+    runner, thread = start(fakes, stage, grace_s=0.3)
     until(lambda: "a" in stage.handled, what="a started")
     runner.stop()
     thread.join(10)
     assert not thread.is_alive() and producer.transactions == []
     stage.gates["a"].set()
+
+
+def test_a_hold_outlasts_the_producer_recovery_after_a_failed_transaction(fakes):
+    consumer, producer = fakes
+    producer.fail_next_commit = True
+    stage = GateStage(free=("later", "other"))
+    due = time.time() + 1.0
+    stage.holds["later"] = due
+    consumer.append(0, event("later").encode())
+    consumer.append(1, event("other").encode())
+    runner, thread = start(fakes, stage)
+    try:
+        until(lambda: consumer.offsets.get((TOPIC, 1)) == 1, what="other committed after a failed transaction")
+        assert stage.handled == ["other", "other"]  # redone from the committed offset once
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 1, what="held partition")
+        assert time.time() >= due and stage.handled == ["other", "other", "later"]
+    finally:
+        stop(runner, thread)
