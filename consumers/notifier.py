@@ -28,58 +28,32 @@ import logging
 import random
 import threading
 import time
-import tomllib
 import urllib.error
 import urllib.request
 from dataclasses import replace
 from datetime import UTC, datetime
-from functools import cache
 
-from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
+from confluent_kafka import Message
 
-from infra.bootstrap import TOPICS_FILE
 from kafscribe import webhooks
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.callbackstore import CallbackStore
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
+from .callback_tiers import RETRY_TOPIC, TierClock, retry_output, retry_tiers, shortest_delay_s
 from .loop import Abandoned, Output, park
 from .retry import PermanentFailure
 
 log = logging.getLogger("kafscribe.notifier")
 
 DELIVERED, RETRYING, GAVE_UP = "delivered", "retrying", "gave_up"
-RETRY_TOPIC = "callbacks.retry"  # due now or within the shortest tier; redeliveries
 
 
 def backoff_s(settings: Settings, attempt: int) -> float:
     """Delay before attempt ``attempt + 1`` (attempt >= 1): exponential, capped, ±20 % jitter."""
     base = settings.callback_backoff_base_s * settings.callback_backoff_factor ** (attempt - 1)
     return min(base, settings.callback_backoff_max_s) * random.uniform(0.8, 1.2)
-
-
-@cache
-def retry_tiers() -> tuple[tuple[str, float], ...]:
-    """(logical topic, delay in seconds) of every retry topic, shortest first; ``callbacks.retry`` is 0."""
-    raw = tomllib.loads(TOPICS_FILE.read_text())
-    tiers = [(name, float(spec.get("delay_s", 0))) for name, spec in raw.items()
-             if name == RETRY_TOPIC or name.startswith(RETRY_TOPIC + ".")]
-    return tuple(sorted(tiers, key=lambda t: t[1]))
-
-
-def tier_for(wait_s: float) -> str:
-    """The logical retry topic for an attempt due in ``wait_s``: the largest tier not longer than that."""
-    chosen = RETRY_TOPIC
-    for name, delay in retry_tiers():
-        if delay <= wait_s:
-            chosen = name
-    return chosen
-
-
-def retry_output(settings: Settings, event: CallbackAttempt) -> Output:
-    """``event`` on the retry topic that fits the time it still has to wait."""
-    return Output(settings.topic(tier_for((event.not_before - now_ms()) / 1000)), event)
 
 
 def event_body(settings: Settings, result: Result) -> tuple[str, str]:
@@ -210,20 +184,12 @@ class CallbackRetrier:
         self._stop = stop or threading.Event()
         self.concurrency = settings.callback_concurrency  # the consume loop's concurrent mode
         self.input_topics = tuple(name for name, _ in retry_tiers())
-        self._delays = {settings.topic(name): delay for name, delay in retry_tiers()}
-        self._shortest = min((d for d in self._delays.values() if d > 0), default=float("inf"))
+        self._clock = TierClock(settings)
+        self._shortest = shortest_delay_s()
 
     def hold_until(self, event: Event, message: Message) -> float | None:
-        """When a tier's message may be read: its append time + the tier's delay (or when due, if sooner)."""
-        delay = self._delays.get(message.topic(), 0.0)
-        if not delay:
-            return None
-        kind, stamp_ms = message.timestamp()
-        if kind == TIMESTAMP_NOT_AVAILABLE or stamp_ms <= 0:
-            stamp_ms = event.produced_at
-        release = stamp_ms / 1000 + delay
-        not_before = getattr(event, "not_before", None)
-        return release if not_before is None else min(release, not_before / 1000)
+        """The consume loop holds a tier's partition until then (``callback_tiers``)."""
+        return self._clock.release_at(event, message) if isinstance(event, CallbackAttempt) else None
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, CallbackAttempt):

@@ -15,8 +15,9 @@ import uuid
 import pytest
 from confluent_kafka import TopicPartition
 
+from consumers.callback_tiers import RETRY_TOPIC, retry_tiers, tier_for
 from consumers.loop import StageRunner
-from consumers.notifier import RETRY_TOPIC, CallbackRetrier, Notifier, retry_tiers, tier_for
+from consumers.notifier import CallbackRetrier, Notifier
 from infra import bootstrap
 from kafscribe import cassandra_session, kafka_clients, webhooks
 from kafscribe.settings import Settings

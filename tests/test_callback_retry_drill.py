@@ -12,7 +12,7 @@ import uuid
 
 import pytest
 
-from consumers.notifier import RETRY_TOPIC
+from consumers.callback_tiers import RETRY_TOPIC
 from tests.conftest import fresh_settings, make_pipeline
 from tests.fakes import WebhookReceiver
 from tests.pipeline import wait_until
