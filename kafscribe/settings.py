@@ -125,13 +125,13 @@ class Settings:
     callback_secret: str = _doc("Default HMAC secret of webhook signatures.", "kafscribe-dev-secret")
     callback_secrets: str = _doc("Per-tenant secrets: `tenant=secret,tenant2=secret2`.", "")
     callback_timeout_s: float = _doc("Timeout of one callback POST.", 10.0)
+    callback_concurrency: int = _doc(
+        "Callbacks delivered at once by each notifier loop (first deliveries; retries): a slow receiver holds one.", 16
+    )
     callback_max_attempts: int = _doc("Delivery attempts before the event goes to the DLQ.", 10)
     callback_backoff_base_s: float = _doc("Delay before the 2nd attempt; grows by the factor, with jitter.", 15.0)
     callback_backoff_factor: float = _doc("Growth of the callback retry delay.", 3.0)
     callback_backoff_max_s: float = _doc("Longest delay between two attempts (defaults span ~24 h).", 36000.0)
-    callback_concurrency: int = _doc(
-        "Callbacks delivered at once by each notifier loop (first deliveries; retries): a slow receiver holds one.", 16
-    )
     callback_allow_networks: str = _doc(
         "CIDRs callbacks may reach although private/loopback (e.g. `127.0.0.0/8` for local dev).", ""
     )
