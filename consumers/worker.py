@@ -65,6 +65,9 @@ def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[
 def serve(name: str, settings: Settings) -> int:
     logs.setup(settings.log_level)
     port = settings.metrics_port or DEFAULT_METRICS_PORTS.get(name, 0)
+    if 0 < settings.watchdog_s < 4 * settings.kafka_call_timeout_s:
+        log.warning("KAFSCRIBE_WATCHDOG_S=%g is below 4x KAFSCRIBE_KAFKA_CALL_TIMEOUT_S=%g: a worker waiting out "
+                    "its deadlines may be ended by its watchdog", settings.watchdog_s, settings.kafka_call_timeout_s)
     watchdog = Watchdog([], settings.watchdog_s)
     serve_http(port, settings.metrics_host, watchdog)  # /metrics and /healthz
     stop = threading.Event()

@@ -96,7 +96,7 @@ class Settings:
     )
     watchdog_s: float = _doc(
         "A worker whose poll loop completes no iteration for this long logs why and exits non-zero, "
-        "so its supervisor restarts it (0 = off); also `GET /healthz` on its metrics port.", 120.0
+        "so its supervisor restarts it (0 = off; keep it above 4x the call timeout); also `GET /healthz` on its metrics port.", 180.0
     )
     metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
     metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")

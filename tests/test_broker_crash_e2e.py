@@ -22,12 +22,12 @@ import pytest
 
 from infra import stack
 from infra.process import ServerProcess
+from producers.client import HttpError
 from schemas.events import Result
 from tests.conftest import fresh_settings, make_pipeline
 from tests.fakes import WebhookReceiver
 from tests.kafka_read import read_topic
 from tests.pipeline import wait_until
-from tests.test_outages_e2e import submit_once_accepted
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -61,6 +61,18 @@ def _kill_broker(settings) -> None:
     assert pid, "the test stack's broker must be ours to kill"
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: not broker.alive(), timeout_s=30, what="broker gone")
+
+
+def _submit_once_accepted(pipe, clip, callback: str, timeout_s: float) -> str:
+    """Submit until the ingress accepts (503 meanwhile, nothing else), as a client retrying would."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return pipe.http.submit(clip, callback_url=callback)["job_id"]
+        except HttpError as err:
+            assert err.status == 503, err
+            assert time.monotonic() < deadline, f"ingress still refusing after {timeout_s}s"
+            time.sleep(1)
 
 
 def _logged(pipe, stage: str, message: str, job_id: str) -> bool:
@@ -100,7 +112,7 @@ def test_broker_sigkill_every_job_completes_exactly_once(crash_pipe, clips, mome
     time.sleep(3)  # the workers see the broker gone
     stack.up(settings, log=lambda line: None)
     back = time.monotonic()
-    job_ids.append(submit_once_accepted(pipe, clips["en"], timeout_s=90))
+    job_ids.append(_submit_once_accepted(pipe, clips["en"], callback, timeout_s=90))
     bound = settings.session_timeout_ms / 1000 + RECOVERY_BOUND_S
     done = {j: pipe.wait_job(j, timeout_s=bound) for j in job_ids}
     recovered_s = time.monotonic() - back
