@@ -12,6 +12,7 @@ import time
 from collections import defaultdict
 
 import pytest
+from cassandra.cluster import NoHostAvailable
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from consumers.loop import InOrderCommits, Output, StageRunner, _Slot
@@ -177,10 +178,13 @@ class GateStage:
         self.lock = threading.Lock()
         self.holds: dict[str, float] = {}
         self.crash: set[str] = set()
+        self.outages: dict[str, int] = {}  # job -> how many more calls find Cassandra down
+        self.started_at: dict[str, list[float]] = {}
 
     def handle(self, ev, message) -> list[Output]:
         with self.lock:
             self.handled.append(ev.job_id)
+            self.started_at.setdefault(ev.job_id, []).append(time.monotonic())
             self.running += 1
             self.max_running = max(self.max_running, self.running)
         try:
@@ -188,6 +192,9 @@ class GateStage:
             assert self.gates[ev.job_id].wait(20), f"gate of {ev.job_id} never opened"
             if ev.job_id in self.crash:
                 raise RuntimeError("a bug")
+            if self.outages.get(ev.job_id):
+                self.outages[ev.job_id] -= 1
+                raise NoHostAvailable("Cassandra is down", {})
             return [Output("t.out", ev)]
         finally:
             with self.lock:
@@ -412,5 +419,24 @@ def test_a_hold_outlasts_the_producer_recovery_after_a_failed_transaction(fakes)
         assert stage.handled == ["other", "other"]  # redone from the committed offset once
         until(lambda: consumer.offsets.get((TOPIC, 0)) == 1, what="held partition")
         assert time.time() >= due and stage.handled == ["other", "other", "later"]
+    finally:
+        stop(runner, thread)
+
+
+def test_a_store_outage_redoes_its_message_and_the_rest_of_its_partition_after_a_backoff(fakes):
+    consumer, producer = fakes
+    stage = GateStage(free=("down", "behind", "elsewhere"))
+    stage.outages["down"] = 1
+    consumer.append(0, event("down").encode())
+    consumer.append(0, event("behind").encode())
+    consumer.append(1, event("elsewhere").encode())
+    runner, thread = start(fakes, stage)
+    try:
+        until(lambda: consumer.offsets.get((TOPIC, 1)) == 1, what="the other partition")
+        until(lambda: consumer.offsets.get((TOPIC, 0)) == 2, what="redone after the outage")
+        first, again = stage.started_at["down"]
+        assert again - first >= 0.9  # backed off first (1 s after one outage)
+        assert stage.handled.count("down") == 2 and producer.outputs().count("behind") == 1
+        assert sorted(producer.outputs()) == ["behind", "down", "elsewhere"]
     finally:
         stop(runner, thread)
