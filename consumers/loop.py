@@ -347,7 +347,7 @@ class StageRunner:
         metrics.REBALANCES.labels(self.stage.name, "assign").inc()
         log.info("assigned %s", [p.partition for p in partitions], extra={"stage": self.stage.name})
         consumer.incremental_assign(partitions)
-        self._owned |= {(p.topic, p.partition) for p in partitions}
+        self._owned = self._owned | {(p.topic, p.partition) for p in partitions}  # rebound: read by other threads
         # librdkafka keeps a partition's pause flag across revoke and re-assign: set it explicitly.
         if self._busy():
             consumer.pause(partitions)
@@ -364,7 +364,7 @@ class StageRunner:
 
     def _forget(self, partitions: list[TopicPartition], why: str) -> None:
         log.info("%s %s", why, [p.partition for p in partitions], extra={"stage": self.stage.name})
-        self._owned -= {(p.topic, p.partition) for p in partitions}
+        self._owned = self._owned - {(p.topic, p.partition) for p in partitions}
         cur = self._in_flight
         if cur is not None and any((p.topic, p.partition) == (cur.topic, cur.partition) for p in partitions):
             self._lost_in_flight = True
@@ -425,7 +425,7 @@ class StageRunner:
     def _sit_out(self) -> None:
         """Unsubscribe (partitions move to others) until the stage can take work again."""
         self.consumer.unsubscribe()
-        self._owned.clear()
+        self._owned = set()
         can_resume = getattr(self.stage, "can_resume", lambda: True)
         while not self._stop.is_set() and not can_resume():
             self.consumer.poll(1.0)  # serves the revocation; nothing else arrives
