@@ -465,6 +465,7 @@ class StageRunner(ConcurrentMode):
         self._stop = threading.Event()
         self._in_flight: TopicPartition | None = None
         self._lost_in_flight = False
+        self._owned: set[tuple[str, int]] = set()  # kept by the rebalance callbacks
         self._holding = False  # partitions held paused while the producer is recovered
         self._resync: set[tuple[str, int]] = set()  # partitions to rewind to their committed offset
         self._recover_failures = 0
@@ -487,10 +488,9 @@ class StageRunner(ConcurrentMode):
         return self._stop.is_set()
 
     def assignment(self) -> list[int]:
-        try:
-            return sorted(tp.partition for tp in self.consumer.assignment())
-        except (KafkaException, RuntimeError):  # RuntimeError: the consumer is closed
-            return []
+        """Partitions owned now, as the rebalance callbacks told us (safe from any thread: librdkafka's
+        own ``assignment()`` was seen to block for minutes while the consumer sat out of its group)."""
+        return sorted(p for _, p in self._owned)
 
     def _subscribe(self) -> None:
         self.consumer.subscribe(
@@ -685,6 +685,7 @@ class StageRunner(ConcurrentMode):
         metrics.REBALANCES.labels(self.stage.name, "assign").inc()
         log.info("assigned %s", [p.partition for p in partitions], extra={"stage": self.stage.name})
         consumer.incremental_assign(partitions)
+        self._owned = self._owned | {(p.topic, p.partition) for p in partitions}  # rebound: read by other threads
         # librdkafka keeps a partition's pause flag across revoke and re-assign: set it explicitly.
         if self._busy():
             consumer.pause(partitions)
@@ -701,6 +702,7 @@ class StageRunner(ConcurrentMode):
 
     def _forget(self, partitions: list[TopicPartition], why: str) -> None:
         log.info("%s %s", why, [p.partition for p in partitions], extra={"stage": self.stage.name})
+        self._owned = self._owned - {(p.topic, p.partition) for p in partitions}
         cur = self._in_flight
         if cur is not None and any((p.topic, p.partition) == (cur.topic, cur.partition) for p in partitions):
             self._lost_in_flight = True
@@ -761,6 +763,7 @@ class StageRunner(ConcurrentMode):
     def _sit_out(self) -> None:
         """Unsubscribe (partitions move to others) until the stage can take work again."""
         self.consumer.unsubscribe()
+        self._owned = set()
         can_resume = getattr(self.stage, "can_resume", lambda: True)
         while not self._stop.is_set() and not can_resume():
             self.consumer.poll(1.0)  # serves the revocation; nothing else arrives
