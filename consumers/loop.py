@@ -213,6 +213,7 @@ class ConcurrentMode:
     stage: Stage
     shutdown_grace_s: float
     in_flight_count: int
+    _owned: set[tuple[str, int]]
     _stop: threading.Event
     _outages: int
 
@@ -286,6 +287,7 @@ class ConcurrentMode:
         for tp in partitions:
             self._cc_forget((tp.topic, tp.partition))
         consumer.incremental_assign(partitions)
+        self._owned = self._owned | {(p.topic, p.partition) for p in partitions}  # rebound: read by other threads
         # librdkafka keeps a partition's pause flag across revoke and re-assign: set it explicitly.
         if self._cc_full or self._holding or self._stop.is_set():
             consumer.pause(partitions)
@@ -301,6 +303,7 @@ class ConcurrentMode:
         self._cc_give_up(partitions, "lost")
 
     def _cc_give_up(self, partitions: list[TopicPartition], why: str) -> None:
+        self._owned = self._owned - {(p.topic, p.partition) for p in partitions}
         dropped = sum(len(self._cc_forget((tp.topic, tp.partition))) for tp in partitions)
         log.info("%s %s (%d uncommitted messages left to the next owner)", why,
                  [(p.topic, p.partition) for p in partitions], dropped, extra={"stage": self.stage.name})

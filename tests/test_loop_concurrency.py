@@ -312,8 +312,10 @@ def test_a_revoked_partitions_results_are_left_to_the_next_owner(fakes):
     runner, thread = start(fakes, stage)
     try:
         until(lambda: "a" in stage.handled, what="a started")
+        assert runner.assignment() == [0, 1]  # what the status reports show
         consumer.to_revoke = [(TOPIC, 0)]
         until(lambda: (TOPIC, 0) not in consumer.assigned, what="revocation")
+        assert runner.assignment() == [1]
         stage.gates["a"].set()
         until(lambda: "a" in stage.finished, what="a finished")
         time.sleep(0.2)
