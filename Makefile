@@ -37,7 +37,7 @@ up: install system-deps
 	$(BIN)/kafscribe stack up
 	$(BIN)/kafscribe models prepare
 	$(BIN)/kafscribe services up
-	@echo "kafscribe is up: ingress on http://127.0.0.1:8000 (kafscribe services status; make down to stop)"
+	@echo "kafscribe is up: ingress on http://127.0.0.1:8000, services supervised (kafscribe services status; make down to stop)"
 
 down:
 	-$(BIN)/kafscribe services down

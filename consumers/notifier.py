@@ -15,9 +15,16 @@ notifier never holds a partition waiting on a slow client. Any other 4xx,
 or an address the guard refuses, ends delivery. After the last attempt the
 event goes to ``kafscribe.dlq``. Every attempt is recorded in Cassandra.
 
-``callback-retry`` consumes ``kafscribe.callbacks.retry``: a due attempt is
-delivered; one not yet due is held briefly, then put back at the end of the
-topic (so one far-future retry never stalls the partition for long).
+``callback-retry`` consumes the retry topics: ``kafscribe.callbacks.retry``
+(due now or within a second, and redeliveries) and the delay tiers
+``kafscribe.callbacks.retry.<tier>`` (``infra/topics.toml``). A tier is a
+FIFO delay queue: the consume loop holds its partition until the head's
+append time + the tier's delay (no thread waits, nothing is re-produced
+meanwhile), then the attempt is delivered if due or forwarded to the largest
+tier not longer than its remaining wait -- a bounded number of hops per
+retry. Both stages deliver up to ``KAFSCRIBE_CALLBACK_CONCURRENCY`` callbacks
+at once (the consume loop's concurrent mode), so a receiver that hangs until
+the timeout holds back no one else.
 """
 
 from __future__ import annotations
@@ -39,13 +46,13 @@ from kafscribe.settings import Settings
 from kafscribe.webhook_secrets import WebhookSecrets
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
-from .loop import Output, park
+from .callback_tiers import RETRY_TOPIC, TierClock, retry_output, retry_tiers, shortest_delay_s
+from .loop import Abandoned, Output, park
 from .retry import PermanentFailure
 
 log = logging.getLogger("kafscribe.notifier")
 
 DELIVERED, RETRYING, GAVE_UP = "delivered", "retrying", "gave_up"
-RETRY_HOLD_S = 1.0  # longest a not-yet-due retry is held before it goes back on the topic
 
 
 def backoff_s(settings: Settings, attempt: int) -> float:
@@ -109,7 +116,7 @@ class Deliverer:
             delay = backoff_s(self.settings, event.delivery_attempt)
             nxt = replace(event, delivery_attempt=event.delivery_attempt + 1, produced_at=now_ms(),
                           not_before=now_ms() + int(delay * 1000), last_error=error)
-            return [Output(self.settings.topic("callbacks.retry"), nxt)]
+            return [retry_output(self.settings, nxt)]
         if exhausted:
             reason = f"callback not delivered after {event.delivery_attempt} attempts: {error}"
             return [park(self.settings, self.stage, event, reason, self.settings.topic("callbacks.retry"))]
@@ -150,6 +157,7 @@ class Notifier:
     def __init__(self, settings: Settings, session, worker_id: str) -> None:
         self.settings = settings
         self.deliverer = Deliverer(settings, session, self.name)
+        self.concurrency = settings.callback_concurrency  # the consume loop's concurrent mode
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Result):
@@ -170,25 +178,34 @@ class Notifier:
 
 
 class CallbackRetrier:
+    """Later attempts: waits in the delay tiers (held by the consume loop), then delivers or forwards."""
+
     name = "callback-retry"
     group = "notifier-retry"
-    input_topic = "callbacks.retry"
+    input_topic = RETRY_TOPIC
 
     def __init__(self, settings: Settings, session, worker_id: str, stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.deliverer = Deliverer(settings, session, self.name)
         self._stop = stop or threading.Event()
+        self.concurrency = settings.callback_concurrency  # the consume loop's concurrent mode
+        self.input_topics = tuple(name for name, _ in retry_tiers())
+        self._clock = TierClock(settings)
+        self._shortest = shortest_delay_s()
+
+    def hold_until(self, event: Event, message: Message) -> float | None:
+        """The consume loop holds a tier's partition until then (``callback_tiers``)."""
+        return self._clock.release_at(event, message) if isinstance(event, CallbackAttempt) else None
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, CallbackAttempt):
             raise PermanentFailure(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
         wait_s = (event.not_before - now_ms()) / 1000
-        if wait_s > 0:
-            self._stop.wait(min(wait_s, RETRY_HOLD_S))
-            if event.not_before > now_ms():
-                return [Output(self.settings.topic("callbacks.retry"), event)]  # not due: back of the line
+        if wait_s >= self._shortest:
+            return [retry_output(self.settings, event)]  # not due: on to the tier that fits
+        if wait_s > 0 and self._stop.wait(wait_s):  # under the shortest tier: wait here
+            raise Abandoned("stopping before a callback was due")
         return self.deliverer.attempt(event)
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
         return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
-

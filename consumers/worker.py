@@ -2,7 +2,8 @@
 
 Sets up logging, metrics and the Cassandra session, builds the stage, and
 runs its consume loop until SIGTERM/SIGINT (which let the current job finish
-or abandon it cleanly; see ``loop.StageRunner``). ``notifier`` runs two
+or abandon it cleanly; see ``loop.StageRunner``). A watchdog ends the process
+(status 70) when a poll loop stops turning (``consumers.watchdog``). ``notifier`` runs two
 loops in one process: first deliveries (``finished``) and retries
 (``callbacks.retry``).
 """
@@ -13,11 +14,13 @@ import logging
 import signal
 import threading
 
-from kafscribe import cassandra_session, logs, metrics
+from kafscribe import cassandra_session, logs
 from kafscribe.settings import Settings
 
 from .loop import StageRunner
 from .status import StatusReporter
+from .watchdog import Watchdog
+from .watchdog import serve as serve_http
 
 STAGES = ("transcriber", "translator", "sink", "notifier")
 DEFAULT_METRICS_PORTS = {"transcriber": 9101, "translator": 9102, "sink": 9103, "notifier": 9104}
@@ -62,9 +65,15 @@ def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[
 def serve(name: str, settings: Settings) -> int:
     logs.setup(settings.log_level)
     port = settings.metrics_port or DEFAULT_METRICS_PORTS.get(name, 0)
-    metrics.serve(port, settings.metrics_host)
+    if 0 < settings.watchdog_s < 4 * settings.kafka_call_timeout_s:
+        log.warning("KAFSCRIBE_WATCHDOG_S=%g is below 4x KAFSCRIBE_KAFKA_CALL_TIMEOUT_S=%g: a worker waiting out "
+                    "its deadlines may be ended by its watchdog", settings.watchdog_s, settings.kafka_call_timeout_s)
+    watchdog = Watchdog([], settings.watchdog_s)
+    serve_http(port, settings.metrics_host, watchdog)  # /metrics and /healthz
     stop = threading.Event()
     runners = build_runners(name, settings, stop)
+    watchdog.runners = runners
+    watchdog.start()  # from here on, a poll loop that stops turning ends the process
 
     def on_signal(signum, _frame) -> None:
         log.info("signal %s: stopping after the current job", signum, extra={"stage": name})

@@ -50,15 +50,18 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
 def _services(args: argparse.Namespace, settings: Settings) -> int:
     from . import services
 
+    if args.action == "supervise":
+        names = [n for n in args.names.split(",") if n] if args.names else services.DEFAULT_SERVICES
+        return services.supervise(settings, names)
     if args.action == "up":
         services.up(settings)
     elif args.action == "down":
         services.down(settings)
         return 0
     rows = services.status(settings)
-    for name, pid in rows:
-        print(f"{name:<14} {'running pid ' + str(pid) if pid else 'stopped'}")
-    return 0 if all(pid for _, pid in rows) else 1
+    for row in rows:
+        print(row.line())
+    return 0 if all(row.pid for row in rows) else 1
 
 
 def _models(args: argparse.Namespace, settings: Settings) -> int:
@@ -163,8 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instance", help="name of this instance (pid file tag)")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("services", help="the pipeline's processes in the background")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p = sub.add_parser("services", help="the pipeline's processes in the background, supervised")
+    p.add_argument("action", choices=["up", "down", "status", "supervise"],
+                   help="supervise: run the supervisor in the foreground (what `up` starts)")
+    p.add_argument("--names", help="supervise: comma-separated services (default: all)")
+    p.add_argument("--instance", help="name of this instance (pid file tag)")
     p.set_defaults(func=_services)
 
     p = sub.add_parser("models", help="offline Whisper models")

@@ -16,6 +16,7 @@ available memory -- or free GPU memory, when it runs on CUDA.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import psutil
@@ -52,10 +53,14 @@ def process_rss() -> int:
 
 
 def gpu_memory() -> tuple[int, int] | None:
-    """(free, total) bytes of the current CUDA device, or None off CUDA."""
-    try:
-        import torch
-    except ImportError:
+    """(free, total) bytes of the current CUDA device, or None off CUDA.
+
+    Only asks torch if this process already imported it: importing it here (from a poll loop's
+    status tick) stalled a notifier's first deliveries for 10-20 s, and torch cannot have
+    initialised CUDA in a process that never imported it.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
         return None
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None

@@ -3,12 +3,12 @@
 Names follow Prometheus conventions: ``kafscribe_`` prefix, ``_total``
 counters, ``_seconds`` histograms, small-cardinality labels. Process memory
 (``process_resident_memory_bytes``) comes from prometheus-client's default
-process collector.
+process collector. Workers serve them with ``/healthz`` (``consumers.watchdog.serve``).
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram
 
 HTTP_REQUESTS = Counter(
     "kafscribe_http_requests_total", "Ingress HTTP requests", ["method", "route", "status"]
@@ -33,7 +33,17 @@ THROTTLED_SECONDS = Counter("kafscribe_throttled_seconds_total", "Time workers w
 REBALANCES = Counter("kafscribe_rebalances_total", "Partition assignment changes seen", ["stage", "kind"])
 
 
-def serve(port: int, host: str = "127.0.0.1") -> None:
-    """Expose /metrics on ``port`` (a worker process; the ingress serves its own)."""
-    if port > 0:
-        start_http_server(port, addr=host)
+# Self-healing of the consume loop and the supervisor (issue 17, issue 8).
+PRODUCER_RESETS = Counter(
+    "kafscribe_producer_resets_total", "Transactional producers dropped and created again", ["stage", "reason"]
+)
+GROUP_EVICTIONS = Counter(
+    "kafscribe_group_evictions_total", "Times a worker found itself evicted by max.poll.interval.ms", ["stage"]
+)
+IDLE_PARTITION_LAG = Gauge(
+    "kafscribe_idle_partition_lag", "Lag of a partition owned by a worker that is idle (stuck if > 0)",
+    ["stage", "partition"],
+)
+SERVICE_RESTARTS = Counter(
+    "kafscribe_service_restarts_total", "Services restarted by the `kafscribe services` supervisor", ["service"]
+)

@@ -90,8 +90,23 @@ class Settings:
     throttle_leave_s: float = _doc(
         "A worker short of memory this long leaves the group so its partitions move; it rejoins later.", 60.0
     )
+    kafka_call_timeout_s: float = _doc(
+        "Deadline of each transactional/consumer call of a worker, really enforced: on overrun the producer "
+        "is replaced (same transactional id) and the event redone.", 30.0
+    )
+    watchdog_s: float = _doc(
+        "A worker whose poll loop completes no iteration for this long logs why and exits non-zero, "
+        "so its supervisor restarts it (0 = off; keep it above 4x the call timeout); also `GET /healthz` on its metrics port.", 180.0
+    )
     metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
     metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")
+
+    restart_backoff_max_s: float = _doc(
+        "Longest wait of `kafscribe services` before restarting a service that exited (1 s, doubling).", 30.0
+    )
+    supervisor_metrics_port: int = _doc(
+        "Port of the `kafscribe services` supervisor's /metrics (restart counts; -1 = off).", 9100
+    )
 
     # --- translation -----------------------------------------------------
     translator: str = _doc(
@@ -112,6 +127,9 @@ class Settings:
         86400.0,
     )
     callback_timeout_s: float = _doc("Timeout of one callback POST.", 10.0)
+    callback_concurrency: int = _doc(
+        "Callbacks delivered at once by each notifier loop (first deliveries; retries): a slow receiver holds one.", 16
+    )
     callback_max_attempts: int = _doc("Delivery attempts before the event goes to the DLQ.", 10)
     callback_backoff_base_s: float = _doc("Delay before the 2nd attempt; grows by the factor, with jitter.", 15.0)
     callback_backoff_factor: float = _doc("Growth of the callback retry delay.", 3.0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -84,7 +85,9 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
         owner = self.server_owner
         body = self.rfile.read(int(self.headers["Content-Length"]))
         status = owner.next_status()
-        owner.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body, "status": status})
+        owner.requests.append({"headers": {k.lower(): v for k, v in self.headers.items()}, "body": body, "status": status,
+                               "path": self.path, "received_at": time.time()})
+        time.sleep(owner.hang.get(self.path, 0.0))  # a receiver that hangs before it answers
         self.send_response(status)
         self.send_header("Content-Length", "2")
         self.end_headers()
@@ -92,10 +95,11 @@ class _ReceiverHandler(BaseHTTPRequestHandler):
 
 
 class WebhookReceiver(_Server):
-    """A client's webhook endpoint: answers scripted statuses (default 200)."""
+    """A client's webhook endpoint: answers scripted statuses (default 200); ``hang[path]`` seconds late."""
 
     def __init__(self) -> None:
         super().__init__(_ReceiverHandler)
+        self.hang: dict[str, float] = {}
 
     def for_job(self, job_id: str) -> list[dict]:
         return [r for r in self.requests if json.loads(r["body"])["data"]["job_id"] == job_id]

@@ -144,3 +144,53 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(stack_settings, tmp_path
     finally:
         pipe.stop()
         receiver.close()
+
+
+def test_kill_9_drill_five_victims_every_job_once_no_stranded_partition(stack_settings, tmp_path_factory, clips):
+    """Issue 8: 3 transcribers; 5 times, a job is forced onto a worker (each in turn) and that worker is
+    killed with kill -9 mid-job and started again. Every job completes once; the group ends with no lag
+    on any partition (none left under an idle owner)."""
+    from tests.test_loop_rebalance import group_lag
+
+    settings = fresh_settings(stack_settings, engine="faster-whisper", model="tiny.en", status_interval_s=1.0,
+                              worker_stale_s=4.0, session_timeout_ms=6000)
+    pipe = make_pipeline(settings, tmp_path_factory, "drill")
+    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    publisher = Publisher(settings)
+    try:
+        for stage in ("ingress", "translator", "sink"):
+            pipe.start(stage)
+        names = ["w1", "w2", "w3"]
+        for name in names:
+            pipe.start("transcriber", name=name)
+        job_ids: list[str] = []
+        mid_job = 0
+        for round_no in range(5):
+            victim = names[round_no % 3]
+            target = wait_until(lambda v=victim: settled(pipe, names) and worker(pipe, v), timeout_s=120,
+                                what=f"round {round_no}: three transcribers settled")
+            forced = Submitter(settings, session, publisher)
+            forced.choose_partition = lambda upload, p=target["partitions"][0]: p
+            victim_job = forced.submit(clips["long"], JobOptions()).job_id
+            job_ids += [victim_job, pipe.http.submit(clips["en"])["job_id"]]
+            started = wait_until(lambda j=victim_job: (job := pipe.http.job(j))["status"] != "queued" and job,
+                                 timeout_s=120, what=f"round {round_no}: the victim's job started")
+            pipe.kill(victim, signal.SIGKILL)
+            assert started["worker_id"] == target["worker_id"], "the job ran on the victim"
+            mid_job += started["status"] == "transcribing"
+            pipe.start("transcriber", name=victim)
+
+        done = {j: pipe.wait_job(j, timeout_s=300) for j in job_ids}
+        assert [d["status"] for d in done.values()] == ["completed"] * len(job_ids), done
+        assert mid_job >= 3, f"only {mid_job} of 5 kills landed mid-job"
+        time.sleep(1)
+        results = [e for e in read_topic(settings, "results") if isinstance(e, Result)]
+        for job_id in job_ids:
+            assert len([r for r in results if r.job_id == job_id]) == 1, job_id
+        lag = wait_until(lambda: (lag := group_lag(settings)) and not any(lag.values()) and lag, timeout_s=60,
+                         what="no uploads partition left with lag")
+        assert set(lag) == set(range(settings.uploads_partitions))
+    finally:
+        publisher.close()
+        session.cluster.shutdown()
+        pipe.stop()
