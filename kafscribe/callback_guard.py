@@ -19,6 +19,7 @@ import http.client
 import ipaddress
 import socket
 import ssl
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import SplitResult, urlsplit, urlunsplit
@@ -179,8 +180,11 @@ def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float,
     """POST ``body`` to ``target`` at one of its checked addresses; return the HTTP status.
 
     Addresses are tried in order until one accepts the connection; the
-    response is never followed (a 3xx is returned as it is). Raises
-    ``OSError`` (incl. timeouts) when no address answers.
+    response is never followed (a 3xx is returned as it is). ``timeout_s``
+    bounds each connection attempt and the whole exchange after it: a
+    receiver that trickles its answer a byte at a time is cut off then, so
+    it cannot hold a delivery slot. Raises ``OSError`` (incl. timeouts) when
+    no address answers in time.
     """
     last: OSError | None = None
     for address in target.addresses:
@@ -194,12 +198,31 @@ def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float,
             except OSError as exc:
                 last = exc
                 continue
-            conn.request("POST", target.path, body=body, headers=headers)
-            response = conn.getresponse()
-            response.read(64 * 1024)  # drain a little; the body is not used
-            return response.status
+            cutoff = threading.Timer(timeout_s, _cut, args=(conn,))
+            cutoff.start()
+            try:
+                conn.request("POST", target.path, body=body, headers=headers)
+                response = conn.getresponse()
+                response.read(64 * 1024)  # drain a little; the body is not used
+                return response.status
+            except (OSError, http.client.HTTPException) as exc:
+                if cutoff.finished.is_set() and not cutoff.is_alive():  # the deadline cut it off
+                    raise TimeoutError(f"no complete answer within {timeout_s:g}s") from exc
+                raise
+            finally:
+                cutoff.cancel()
         except http.client.HTTPException as exc:
             raise ConnectionError(f"bad HTTP response: {type(exc).__name__}: {exc}") from exc
         finally:
             conn.close()
     raise last or OSError("no address to connect to")
+
+
+def _cut(conn: http.client.HTTPConnection) -> None:
+    """The exchange outlived its deadline: shut the socket so the blocked read returns."""
+    sock = conn.sock
+    if sock is not None:
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass

@@ -99,3 +99,40 @@ def test_a_host_that_does_not_resolve_is_refused():
 ])
 def test_mask_url_hides_query_values_and_userinfo(url, masked):
     assert mask_url(url) == masked
+
+
+def test_a_receiver_that_trickles_its_answer_is_cut_off_at_the_timeout():
+    """Per-socket timeouts alone let a byte every few seconds hold a delivery slot for ever."""
+    import socket
+    import threading
+    import time
+
+    from kafscribe.callback_guard import post
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    stop = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        for byte in b"HTTP/1.1 200 OK\r\nX-Slow: " + b"a" * 200:
+            if stop.wait(0.2):
+                break
+            try:
+                conn.sendall(bytes([byte]))
+            except OSError:
+                break
+        conn.close()
+
+    thread = threading.Thread(target=trickle, daemon=True)
+    thread.start()
+    target = check_url(f"http://trickle.test:{server.getsockname()[1]}/hook", "127.0.0.0/8",
+                       resolve=lambda host, port: ["127.0.0.1"])
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="no complete answer within 1s"):
+        post(target, b"{}", {"content-type": "application/json"}, timeout_s=1.0)
+    assert time.monotonic() - started < 3.0  # each byte came within the per-read timeout; the total did not
+    stop.set()
+    server.close()
