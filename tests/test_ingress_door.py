@@ -207,3 +207,17 @@ def test_language_table_is_whisper_s_without_importing_torch():
             "from whisper.tokenizer import LANGUAGES; assert _languages() == LANGUAGES; print('ok')")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-2000:]
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [1], [7, 3], [10], [25], [4, 4, 4, 4, 4, 5], [0, 0, 13, 0]])
+def test_rechunk_cuts_any_stream_into_fixed_pieces(sizes):
+    from kafscribe.blobstore import rechunk
+
+    data = os.urandom(sum(sizes))
+    chunks, offset = [], 0
+    for n in sizes:
+        chunks.append(data[offset:offset + n])
+        offset += n
+    pieces = list(rechunk(iter(chunks), 10))
+    assert b"".join(pieces) == data
+    assert all(len(p) == 10 for p in pieces[:-1]) and 0 < len(pieces[-1]) <= 10 or pieces == [b""]

@@ -207,3 +207,21 @@ def test_direct_submit_refuses_bad_text_before_storing_anything(stack_settings, 
         assert os.listdir(tmp_path) == []
     finally:
         publisher.close()
+
+
+@pytest.mark.parametrize("scheme", ["cassandra", "file"])
+def test_put_chunks_stores_uneven_chunks_in_fixed_rows_and_delete_removes_them(
+        stack_settings, session, tmp_path, scheme):
+    settings = stack_settings.with_(blob_chunk_bytes=1000, blob_dir=tmp_path)
+    store = blobstore.open_store(settings, session, scheme=scheme)
+    data = os.urandom(4321)
+    blob_id = uuid.uuid4().hex
+    ref = store.put_chunks(blob_id, iter([data[:17], data[17:2500], b"", data[2500:]]))
+    assert blobstore.read_verified(settings, session, ref, hashlib.sha256(data).hexdigest()) == data
+    if scheme == "cassandra":
+        rows = list(session.execute("SELECT idx, data FROM audio_chunks WHERE blob_id=%s", (blob_id,)))
+        assert [(r.idx, len(r.data)) for r in rows] == [(0, 1000), (1, 1000), (2, 1000), (3, 1000), (4, 321)]
+    store.delete(blob_id)
+    with pytest.raises(blobstore.BlobError, match="not found"):
+        store.get(ref)
+    assert os.listdir(tmp_path) == []  # no .tmp left by the file store either
