@@ -233,3 +233,19 @@ def test_rechunk_cuts_any_stream_into_fixed_pieces(sizes):
     pieces = list(rechunk(iter(chunks), 10))
     assert b"".join(pieces) == data
     assert all(len(p) == 10 for p in pieces[:-1]) and 0 < len(pieces[-1]) <= 10 or pieces == [b""]
+
+
+def test_remove_orphans_takes_only_files_of_dead_ingress_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from producers.ingress.upload import TEMP_PREFIX, remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    names = {f"{TEMP_PREFIX}{dead}-abc": False, f"{TEMP_PREFIX}{os.getpid()}-mine": True,
+             f"{TEMP_PREFIX}{os.getppid()}-alive": True, "kafscribe-other-1-x": True, "unrelated": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_orphans(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)

@@ -95,6 +95,33 @@ def test_disconnect_mid_upload_at_a_real_ingress_leaves_no_temp_file(door):
     assert door.alive("ingress")
 
 
+def test_concurrent_uploads_are_all_accepted_and_leave_no_temp_file(door, clips):
+    data = clips["en_mp3"].read_bytes()
+
+    async def many():
+        port = door.settings.http_port
+        return await asyncio.gather(*(
+            post_raw(port, b"X-Trace-Id: conc-%d\r\n" % i, MULTIPART, body(file_part(b"c%d.mp3" % i, data)))
+            for i in range(8)))
+
+    answers = asyncio.run(many())
+    assert [status for status, _ in answers] == [202] * 8, answers
+    assert len({got["job_id"] for _, got in answers}) == 8
+    assert os.listdir(door.tmpdir) == []
+
+
+def test_temp_file_of_an_ingress_killed_mid_upload_is_removed_when_it_restarts(door):
+    payload = body(file_part(data=b"\x00" * 50_000))
+    with socket.create_connection(("127.0.0.1", door.settings.http_port)) as sock:
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: t\r\nContent-Type: " + MULTIPART
+                     + b"\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload[:25_000])
+        wait_until(lambda: os.listdir(door.tmpdir), 10, "the upload's temp file to exist")
+        door.kill("ingress")
+    assert len(os.listdir(door.tmpdir)) == 1  # a dead process cannot clean up after itself
+    door.start("ingress", TMPDIR=str(door.tmpdir))
+    wait_until(lambda: not os.listdir(door.tmpdir), 10, "the orphaned temp file to be removed")
+
+
 def peak_rss(pid: int) -> int:
     """VmHWM: the process's peak resident memory so far, in bytes."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
