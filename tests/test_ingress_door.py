@@ -249,3 +249,23 @@ def test_remove_orphans_takes_only_files_of_dead_ingress_processes(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     assert remove_orphans(str(tmp_path)) == 1
     assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+
+
+def test_routes_that_need_no_backend_answer_through_the_test_client(tmpdir_of_ingress):
+    from aiohttp.test_utils import TestClient
+
+    async def scenario():
+        app = build_app(Settings(max_upload_bytes=LIMIT), DoorOnly())
+        async with TestClient(TestServer(app)) as client:
+            health = await client.get("/healthz")
+            assert (health.status, await health.json()) == (200, {"status": "ok"})
+            bad_format = await client.get("/v1/jobs/abc/transcript?format=docx")
+            got = await bad_format.json()
+            assert bad_format.status == 422 and "format must be one of" in got["error"]
+            refused = await client.post("/v1/jobs", data=b"not multipart", headers={"Content-Type": "text/plain"})
+            assert refused.status == 422
+            metrics = await (await client.get("/metrics")).text()
+            assert 'route="/v1/jobs",status="422"' in metrics
+            assert (await client.get("/nowhere")).status == 404
+
+    asyncio.run(scenario())
