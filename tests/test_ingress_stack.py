@@ -83,6 +83,15 @@ def test_good_upload_streams_to_the_blob_store_with_its_sha256(door, clips, sess
     assert blobstore.read_verified(door.settings, session, job["blob_ref"], job["audio_sha256"]) == data
 
 
+def test_http_client_streams_a_file_with_an_awkward_name(door, clips, session, tmp_path):
+    awkward = tmp_path / 'naïve "quoted"\nname.mp3'
+    awkward.write_bytes(clips["en_mp3"].read_bytes())
+    got = door.http.submit(awkward, language="en")
+    job = JobStore(session).get(got["job_id"])
+    assert job["filename"] == "naïve %22quoted%22%0Aname.mp3"
+    assert job["audio_bytes"] == awkward.stat().st_size
+
+
 def test_disconnect_mid_upload_at_a_real_ingress_leaves_no_temp_file(door):
     payload = body(file_part(data=b"\x00" * 50_000))
     sock = socket.create_connection(("127.0.0.1", door.settings.http_port))
