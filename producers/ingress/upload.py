@@ -9,6 +9,7 @@ caller owns it (and removes it, see ``routes/jobs.py``).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import logging
 import os
@@ -102,7 +103,7 @@ async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path])
             size += len(chunk)
             if size > settings.max_upload_bytes:
                 raise SubmissionError(413, f"file exceeds the limit of {settings.max_upload_bytes} bytes")
-            out.write(chunk)
+            await asyncio.to_thread(out.write, chunk)  # a slow disk must not stall the event loop
     return path
 
 
