@@ -102,6 +102,9 @@ def test_disconnect_mid_upload_at_a_real_ingress_leaves_no_temp_file(door):
     sock.close()
     wait_until(lambda: not os.listdir(door.tmpdir), 10, "the temp file to be removed")
     assert door.alive("ingress")
+    log = wait_until(lambda: [ln for ln in door.log_tail("ingress", 200).splitlines() if "disconnected" in ln],
+                     10, "the disconnect to be logged")
+    assert '"level": "info"' in log[-1] and '"level": "error"' not in door.log_tail("ingress", 200)
 
 
 def test_concurrent_uploads_are_all_accepted_and_leave_no_temp_file(door, clips):
