@@ -161,6 +161,8 @@ class Submitter:
             info = audio.probe(path)
         except audio.AudioError as exc:
             raise SubmissionError(415, str(exc)) from exc
+        if job_id is not None and self.jobs.get(job_id) is not None:
+            raise SubmissionError(409, f"job {job_id} exists; a job id is used once")
         job_id = job_id or uuid.uuid4().hex
         digest = hashlib.sha256()
         sizes = [0]

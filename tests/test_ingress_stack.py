@@ -265,3 +265,18 @@ def test_put_chunks_stores_uneven_chunks_in_fixed_rows_and_delete_removes_them(
     with pytest.raises(blobstore.BlobError, match="not found"):
         store.get(ref)
     assert os.listdir(tmp_path) == []  # no .tmp left by the file store either
+
+
+def test_direct_submit_refuses_a_used_job_id_and_keeps_that_job_s_blob(stack_settings, session, clips, tmp_path):
+    settings = fresh_settings(stack_settings, blob_store="file", blob_dir=tmp_path)
+    publisher = Publisher(settings)
+    try:
+        submitter = Submitter(settings, session, publisher)
+        first = submitter.submit(clips["en_mp3"], parse_options({}, settings))
+        with pytest.raises(SubmissionError, match="exists") as err:
+            submitter.submit(clips["garbage"], parse_options({}, settings), job_id=first.job_id)
+        assert err.value.status == 409
+    finally:
+        publisher.close()
+    assert blobstore.read_verified(settings, session, first.blob_ref, first.audio_sha256)
+    assert JobStore(session).get(first.job_id)["audio_sha256"] == first.audio_sha256
