@@ -38,6 +38,7 @@ from kafscribe.settings import Settings
 from schemas.codec import DecodeError
 from schemas.events import DeadLetter, Event, decode_event
 
+from . import validation
 from .retry import is_infrastructure_outage
 
 log = logging.getLogger("kafscribe.loop")
@@ -193,8 +194,12 @@ class StageRunner:
             outputs = [self._dead_letter(msg, str(exc))]
             outcome = "dlq"
         else:
+            invalid = validation.check_event(self.settings, self.stage.input_topic, event)  # None = valid
+            if invalid is not None:
+                log.warning("invalid event refused: %s", invalid, extra=self._extra(msg, event))
             try:
-                outputs = self._run_paused(msg, event)
+                outputs = (self._run_paused(msg, event) if invalid is None
+                           else self.stage.failure_outputs(event, invalid))
             except Abandoned as exc:
                 log.warning("job abandoned: %s", exc, extra=self._extra(msg, event))
                 metrics.JOBS.labels(self.stage.name, "abandoned").inc()
@@ -211,7 +216,7 @@ class StageRunner:
                 outputs = self.stage.failure_outputs(event, f"internal error in {self.stage.name}: {exc!r}")
                 outcome = "crashed"
             else:
-                outcome = "ok"
+                outcome = "ok" if invalid is None else "invalid"
         if self._commit(msg, outputs):
             self._outages = 0
             metrics.JOBS.labels(self.stage.name, outcome).inc()

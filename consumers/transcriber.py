@@ -9,7 +9,18 @@ Admission: before a job starts, the worker checks its memory headroom
 against the job's estimate (``kafscribe.memory``) and waits -- partitions
 paused, still polling, reporting ``throttled`` -- rather than run out of
 memory; after ``KAFSCRIBE_THROTTLE_LEAVE_S`` it leaves the group so the
-partitions move to workers that have the memory.
+partitions move to workers that have the memory. That is only for a
+temporary shortage: a job whose estimate exceeds what this worker could
+offer even when idle (``memory.idle_capacity_bytes``) fails at once with the
+reason, so it can never hold a partition.
+
+Trust: the event was validated by the loop (``consumers.validation``). Here
+the audio is decoded with a bound -- at most the ``Upload``'s
+``audio_duration`` (+1 %, +1 s), which admission budgeted for, and never more
+than ``KAFSCRIBE_MAX_AUDIO_S`` -- and the job has a time limit
+(``Settings.job_time_limit_s``): past it, the job fails. An ``Upload`` that
+reuses the id of a finished job goes to the DLQ and the finished job is left
+as it was. Only models in ``Settings.allowed_model_names`` are ever loaded.
 
 Redo: every start counts an attempt in the job row; a job started more than
 ``KAFSCRIBE_MAX_ATTEMPTS`` times (its workers kept dying) fails, with its
@@ -25,13 +36,16 @@ import psutil
 from confluent_kafka import Message
 
 from kafscribe import audio, blobstore, memory, metrics
-from kafscribe.engines import Engine, load_engine
+from kafscribe.engines import Engine, TimeLimitExceeded, load_engine
 from kafscribe.jobstore import TRANSCRIBING, JobStore
 from kafscribe.settings import Settings
 from schemas.events import Event, Result, Transcript, Upload
 
 from .loop import LeaveGroup, Output, park
 from .retry import PermanentFailure, with_retries
+from .validation import is_job_id
+
+MIB = 2**20
 
 log = logging.getLogger("kafscribe.transcriber")
 
@@ -50,6 +64,7 @@ class Transcriber:
         self._engines: dict[str, Engine] = {settings.model: self.default_engine}
         self.throttled = False
         self._last_need = memory.estimate_job_bytes(30.0, settings.model)
+        self._idle_rss = memory.process_rss()  # with the default model loaded, no job
 
     @property
     def model_name(self) -> str:
@@ -58,7 +73,10 @@ class Transcriber:
     def engine_for(self, model: str | None) -> Engine:
         model = model or self.settings.model
         if model not in self._engines:
+            if model not in self.settings.allowed_model_names():  # validated already; never load the rest
+                raise PermanentFailure(f"model {model!r} is not allowed here (KAFSCRIBE_ALLOWED_MODELS)")
             self._engines[model] = load_engine(self.settings, model=model)
+            self._idle_rss = max(self._idle_rss, memory.process_rss())
         return self._engines[model]
 
     # --- memory admission ------------------------------------------------------------
@@ -69,14 +87,32 @@ class Transcriber:
             int(psutil.virtual_memory().available), gpu[0] if gpu else None,
         )
 
+    def idle_capacity(self) -> int:
+        gpu = memory.gpu_memory()
+        return memory.idle_capacity_bytes(
+            self.settings.memory_budget_bytes, self._idle_rss, int(psutil.virtual_memory().total),
+            gpu[1] if gpu else None,
+        )
+
     def can_resume(self) -> bool:
-        ok = self.headroom() >= self._last_need
+        # A need above the idle capacity is failed on arrival, so waiting for it always ends.
+        ok = self.headroom() >= min(self._last_need, self.idle_capacity())
         self.throttled = not ok
         return ok
 
-    def admit(self, event: Upload) -> None:
-        """Wait until there is memory for ``event``; raise ``LeaveGroup`` if that takes too long."""
-        need = memory.estimate_job_bytes(event.audio_duration, event.options.model or self.settings.model)
+    def admit(self, event: Upload) -> str | None:
+        """Wait until there is memory for ``event``; raise ``LeaveGroup`` if that takes too long.
+
+        Returns why the job can never run here (its estimate exceeds this worker's idle
+        capacity), or None once it may start.
+        """
+        model = event.options.model or self.settings.model
+        need = memory.estimate_job_bytes(event.audio_duration, model)
+        capacity = self.idle_capacity()
+        if need > capacity:
+            return (f"the job needs about {need / MIB:.0f} MiB ({event.audio_duration:.0f} s of audio, model"
+                    f" {model!r}) but this worker can never offer more than {capacity / MIB:.0f} MiB"
+                    " (KAFSCRIBE_MEMORY_BUDGET_BYTES, or host/GPU memory)")
         self._last_need = need
         started = time.monotonic()
         while (free := self.headroom()) < need:
@@ -89,12 +125,21 @@ class Transcriber:
         if self.throttled:
             metrics.THROTTLED_SECONDS.labels(self.name).inc(time.monotonic() - started)
         self.throttled = False
+        return None
 
     # --- one job -------------------------------------------------------------------------
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Upload):
             raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
-        self.admit(event)
+        finished = self.jobs.finished_status(event.job_id)
+        if finished is not None:
+            reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
+            log.warning(reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+        too_big = self.admit(event)
+        if too_big is not None:
+            log.warning("job refused: %s", too_big, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+            return self.failure_outputs(event, too_big)
         attempt = self.jobs.start_attempt(event.job_id, TRANSCRIBING, self.worker_id)
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": attempt}
         if attempt > 1:
@@ -105,21 +150,38 @@ class Transcriber:
             return self.failure_outputs(event, reason, attempt, dead_letter=True)
         log.info("transcribing %.1fs of audio", event.audio_duration, extra=extra)
         started = time.monotonic()
+        limit_s = self.settings.job_time_limit_s(event.audio_duration)
+        deadline = started + limit_s
+        # Admission budgeted for the claimed duration: decode no more than that (+ rounding slack).
+        max_audio_s = min(self.settings.max_audio_s, event.audio_duration * 1.01 + 1.0)
         try:
             engine = self.engine_for(event.options.model)
             data = with_retries(
                 lambda: blobstore.read_verified(self.settings, self.session, event.blob_ref, event.audio_sha256),
                 stage=self.name, attempts=self.settings.transient_retries,
             )
-            samples = audio.decode(data)
+            try:
+                samples = audio.decode(data, max_audio_s, timeout_s=deadline - time.monotonic())
+            except audio.AudioTooLong as exc:
+                raise PermanentFailure(
+                    f"the audio decodes to more than {max_audio_s:.1f} s, longer than the Upload's"
+                    f" audio_duration ({event.audio_duration:.1f} s) or the limit"
+                    f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
+                ) from exc
+            del data
             out = with_retries(
-                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task),
+                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
+                                          deadline=deadline),
                 stage=self.name, attempts=self.settings.transient_retries,
             )
-        except (PermanentFailure, audio.AudioError) as exc:
-            log.warning("job failed: %s", exc, extra=extra)
-            transient = str(exc).startswith("gave up after transient failures")
-            return self.failure_outputs(event, str(exc), attempt, dead_letter=transient)
+        except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
+            reason = str(exc)
+            if time.monotonic() > deadline:
+                reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
+                          f" KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x {event.audio_duration:.1f} s of audio): {exc}")
+            log.warning("job failed: %s", reason, extra=extra)
+            transient = reason.startswith("gave up after transient failures")
+            return self.failure_outputs(event, reason, attempt, dead_letter=transient)
         seconds = time.monotonic() - started
         metrics.AUDIO_SECONDS.labels(self.name).inc(out.duration)
         if out.duration > 0:
@@ -138,7 +200,10 @@ class Transcriber:
     def failure_outputs(self, event: Event, reason: str, attempt: int | None = None,
                         dead_letter: bool = False) -> list[Output]:
         """A failed ``Result`` (the job ends, the client is told); with ``dead_letter`` the
-        input is also parked in the DLQ for an operator."""
+        input is also parked in the DLQ for an operator. An event that names no usable job
+        (not an Upload, or an invalid job id) only goes to the DLQ."""
+        if not isinstance(event, Upload) or not is_job_id(event.job_id):
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
         result = Result.failed(event, reason, self.worker_id, attempt)
         outputs = [Output(self.settings.topic("results"), result)]
         if dead_letter:

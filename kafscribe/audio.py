@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import tempfile
@@ -63,10 +64,11 @@ class AudioInfo:
 
 
 def default_max_duration_s() -> float:
-    """``KAFSCRIBE_MAX_AUDIO_S`` of this process's settings."""
+    """``KAFSCRIBE_MAX_AUDIO_S`` of this process's environment (else its documented default)."""
     from kafscribe.settings import Settings
 
-    return Settings.from_env().max_audio_s
+    raw = os.environ.get("KAFSCRIBE_MAX_AUDIO_S")
+    return Settings.from_env({"KAFSCRIBE_MAX_AUDIO_S": raw}).max_audio_s if raw else Settings().max_audio_s
 
 
 def input_args(path: Path) -> list[str]:
