@@ -12,7 +12,10 @@ memory; after ``KAFSCRIBE_THROTTLE_LEAVE_S`` it leaves the group so the
 partitions move to workers that have the memory. That is only for a
 temporary shortage: a job whose estimate exceeds what this worker could
 offer even when idle (``memory.idle_capacity_bytes``) fails at once with the
-reason, so it can never hold a partition.
+reason, so it can never hold a partition. With a budget
+(``KAFSCRIBE_MEMORY_BUDGET_BYTES``) nothing outside the process frees memory
+for it, so a job that does not fit between jobs fails; without one, other
+processes' memory is the temporary shortage worth waiting for.
 
 Trust: the event was validated by the loop (``consumers.validation``). Here
 the audio is decoded with a bound -- at most the ``Upload``'s
@@ -29,6 +32,7 @@ errors, and a copy of its ``Upload`` goes to the DLQ.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -64,7 +68,6 @@ class Transcriber:
         self._engines: dict[str, Engine] = {settings.model: self.default_engine}
         self.throttled = False
         self._last_need = memory.estimate_job_bytes(30.0, settings.model)
-        self._idle_rss = memory.process_rss()  # with the default model loaded, no job
 
     @property
     def model_name(self) -> str:
@@ -76,7 +79,6 @@ class Transcriber:
             if model not in self.settings.allowed_model_names():  # validated already; never load the rest
                 raise PermanentFailure(f"model {model!r} is not allowed here (KAFSCRIBE_ALLOWED_MODELS)")
             self._engines[model] = load_engine(self.settings, model=model)
-            self._idle_rss = max(self._idle_rss, memory.process_rss())
         return self._engines[model]
 
     # --- memory admission ------------------------------------------------------------
@@ -88,9 +90,11 @@ class Transcriber:
         )
 
     def idle_capacity(self) -> int:
+        """The most this worker could offer a job: measured between jobs, so its RSS is its idle RSS."""
+        gc.collect()
         gpu = memory.gpu_memory()
         return memory.idle_capacity_bytes(
-            self.settings.memory_budget_bytes, self._idle_rss, int(psutil.virtual_memory().total),
+            self.settings.memory_budget_bytes, memory.process_rss(), int(psutil.virtual_memory().total),
             gpu[1] if gpu else None,
         )
 

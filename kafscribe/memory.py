@@ -13,8 +13,9 @@ minus its RSS when ``KAFSCRIBE_MEMORY_BUDGET_BYTES`` is set, else the host's
 available memory -- or free GPU memory, when it runs on CUDA.
 
 ``idle_capacity_bytes`` is the most a worker could ever offer a job (idle,
-nothing else running): a job above it fails at once instead of waiting for
-memory that cannot come.
+no other process using memory): a job above it fails at once instead of
+waiting for memory that cannot come. With a budget it equals the headroom
+of an idle worker: only other processes make a shortage temporary.
 """
 
 from __future__ import annotations
@@ -75,7 +76,8 @@ def headroom_bytes(budget: int, rss: int, host_available: int, gpu_free: int | N
 
 
 def idle_capacity_bytes(budget: int, idle_rss: int, host_total: int, gpu_total: int | None) -> int:
-    """The headroom this worker would have when idle and alone: budget (or host, or GPU) minus its idle RSS."""
+    """The headroom this worker would have idle and alone: budget (or host memory) minus its idle RSS,
+    or the whole GPU."""
     if budget > 0:
         return budget - idle_rss
     if gpu_total is not None:
