@@ -201,12 +201,19 @@ class Transcriber:
         log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
         return [Output(self.settings.topic("transcripts"), transcript)]
 
+    def _finished(self, job_id: str) -> bool:
+        try:
+            return self.jobs.finished_status(job_id) is not None
+        except Exception:  # noqa: BLE001 - failure_outputs must not raise; the sink skips finished jobs anyway
+            return False
+
     def failure_outputs(self, event: Event, reason: str, attempt: int | None = None,
                         dead_letter: bool = False) -> list[Output]:
         """A failed ``Result`` (the job ends, the client is told); with ``dead_letter`` the
         input is also parked in the DLQ for an operator. An event that names no usable job
-        (not an Upload, or an invalid job id) only goes to the DLQ."""
-        if not isinstance(event, Upload) or not is_job_id(event.job_id):
+        (not an Upload, an invalid id, a job already finished) only goes to the DLQ: a failed
+        Result would reach the notifier for a job that ended long ago."""
+        if not isinstance(event, Upload) or not is_job_id(event.job_id) or self._finished(event.job_id):
             return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
         result = Result.failed(event, reason, self.worker_id, attempt)
         outputs = [Output(self.settings.topic("results"), result)]

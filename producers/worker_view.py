@@ -33,7 +33,6 @@ class WorkerView:
         self.topic = settings.topic("worker-status")
         self._latest: dict[str, WorkerStatus] = {}
         self.uploads_partitions = settings.uploads_partitions  # replaced by the topic's real count
-        self.ignored = 0  # invalid statuses seen (for tests and logs)
         self.reserved: dict[str, int] = {}  # bytes routed to a worker since its last status
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -67,7 +66,6 @@ class WorkerView:
                 if isinstance(status, WorkerStatus):
                     reason = check_worker_status(self.settings, status, self.uploads_partitions)
                     if reason is not None:
-                        self.ignored += 1
                         log.warning("ignoring status of worker %r: %s", status.worker_id[:80], reason)
                         continue
                     with self._lock:
