@@ -122,10 +122,13 @@ def decode(data: bytes, max_duration_s: float | None = None, timeout_s: float = 
     ``KAFSCRIBE_MAX_AUDIO_S``.
     """
     limit = default_max_duration_s() if max_duration_s is None else max_duration_s
-    with tempfile.NamedTemporaryFile(prefix="kafscribe-audio-", suffix=".bin") as tmp:
+    # An unnamed temporary file (seekable, unlike a pipe: MP4s with the index at the end decode),
+    # handed to ffmpeg as /dev/fd/N: nothing is left on disk even if this process is killed.
+    with tempfile.TemporaryFile(prefix="kafscribe-audio-") as tmp:
         tmp.write(data)
         tmp.flush()
-        pcm = _run_ffmpeg(input_args(Path(tmp.name)), limit, timeout_s, keep=True)
+        fd = tmp.fileno()
+        pcm = _run_ffmpeg(input_args(Path(f"/dev/fd/{fd}")), limit, timeout_s, keep=True, pass_fds=(fd,))
     assert isinstance(pcm, bytearray)
     if len(pcm) / PCM_BYTES_PER_SECOND > limit:
         raise AudioTooLong(f"the audio decodes to more than {limit:.1f} s")
@@ -134,7 +137,9 @@ def decode(data: bytes, max_duration_s: float | None = None, timeout_s: float = 
     return np.frombuffer(pcm, np.int16).astype(np.float32) / 32768.0
 
 
-def _run_ffmpeg(inputs: list[str], limit_s: float, timeout_s: float, *, keep: bool) -> bytearray | int:
+def _run_ffmpeg(
+    inputs: list[str], limit_s: float, timeout_s: float, *, keep: bool, pass_fds: tuple[int, ...] = ()
+) -> bytearray | int:
     """Decode the first audio stream to s16le, stopping 0.5 s past ``limit_s``.
 
     Returns the PCM (``keep``) or only its byte count. The output is capped in
@@ -147,7 +152,7 @@ def _run_ffmpeg(inputs: list[str], limit_s: float, timeout_s: float, *, keep: bo
     cmd = ["ffmpeg", "-nostdin", "-v", "error", *inputs, "-map", "0:a:0", "-t", f"{stop_at:.3f}",
            "-f", "s16le", "-ac", "1", "-acodec", "pcm_s16le", "-ar", str(SAMPLE_RATE), "pipe:1"]
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err)
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, pass_fds=pass_fds)
         timed_out = threading.Event()
 
         def kill() -> None:

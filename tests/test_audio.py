@@ -46,6 +46,9 @@ def test_common_formats_are_still_accepted(tmp_path, clips, suffix):
     converted = ac.to_format(clips["en"], tmp_path / f"en.{suffix}")
     reference = audio.probe(clips["en"], max_duration_s=60).duration
     assert audio.probe(converted, max_duration_s=60).duration == pytest.approx(reference, abs=0.1)
+    # The worker decodes from a seekable file (an m4a written by ffmpeg has its index at the end).
+    samples = audio.decode(converted.read_bytes(), max_duration_s=60)
+    assert len(samples) / audio.SAMPLE_RATE == pytest.approx(reference, abs=0.1)
 
 
 def test_long_audio_is_refused_and_never_decoded_past_the_limit(tmp_path):
