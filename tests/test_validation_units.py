@@ -68,11 +68,16 @@ def test_wrong_event_type_for_the_topic():
     assert "expected Upload events on uploads, got Result" in check_event(SETTINGS, "uploads", result, NOW)
     assert check_event(SETTINGS, "results", result, NOW) is None
     assert "status 'done'" in check_event(SETTINGS, "results", replace(result, status="done"), NOW)
-    bad_segment = replace(result, segments=[Segment(id=3, start=2.0, end=1.0, text="x")])
+    bad_segment = replace(result, segments=[Segment(id=3, start=2.0, end=math.nan, text="x")])
     assert "segment 3" in check_event(SETTINGS, "results", bad_segment, NOW)
     attempt = CallbackAttempt(job_id="job-1", event_id="e", url="http://x", event_type="job.completed", body="{}",
                               delivery_attempt=0, not_before=NOW, produced_at=NOW)
     assert "delivery_attempt 0" in check_event(SETTINGS, "callbacks.retry", attempt, NOW)
+
+
+def test_a_rule_that_cannot_read_a_value_refuses_instead_of_raising():
+    weird = replace(GOOD, options=None)  # not possible from Avro; a bug elsewhere must still not crash the loop
+    assert check_event(SETTINGS, "uploads", weird, NOW).startswith("invalid event: AttributeError")
 
 
 def test_job_ids():
