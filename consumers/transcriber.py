@@ -12,7 +12,9 @@ memory; after ``KAFSCRIBE_THROTTLE_LEAVE_S`` it leaves the group so the
 partitions move to workers that have the memory. That is only for a
 temporary shortage: a job whose estimate exceeds what this worker could
 offer even when idle (``memory.idle_capacity_bytes``) fails at once with the
-reason, so it can never hold a partition. With a budget
+reason -- or, when another live transcriber reports the headroom for it, is
+handed to that worker (re-produced onto one of its partitions, at most
+``MAX_HANDOFFS`` times) -- so it can never hold a partition. With a budget
 (``KAFSCRIBE_MEMORY_BUDGET_BYTES``) nothing outside the process frees memory
 for it, so a job that does not fit between jobs fails; without one, other
 processes' memory is the temporary shortage worth waiting for.
@@ -35,6 +37,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from dataclasses import replace
 
 import psutil
 from confluent_kafka import Message
@@ -43,13 +46,16 @@ from kafscribe import audio, blobstore, memory, metrics
 from kafscribe.engines import Engine, TimeLimitExceeded, load_engine
 from kafscribe.jobstore import TRANSCRIBING, JobStore
 from kafscribe.settings import Settings
-from schemas.events import Event, Result, Transcript, Upload
+from producers.routing import choose_partition
+from producers.worker_view import WorkerView
+from schemas.events import Event, Result, Transcript, Upload, now_ms
 
 from .loop import LeaveGroup, Output, park
 from .retry import PermanentFailure, with_retries
 from .validation import is_job_id
 
 MIB = 2**20
+MAX_HANDOFFS = 3  # an Upload handed on this often (views can be stale) fails instead
 
 log = logging.getLogger("kafscribe.transcriber")
 
@@ -68,6 +74,7 @@ class Transcriber:
         self._engines: dict[str, Engine] = {settings.model: self.default_engine}
         self.throttled = False
         self._last_need = memory.estimate_job_bytes(30.0, settings.model)
+        self.view = WorkerView(settings)  # the other transcribers, for jobs this one can never fit
 
     @property
     def model_name(self) -> str:
@@ -131,6 +138,24 @@ class Transcriber:
         self.throttled = False
         return None
 
+    def hand_off_or_fail(self, event: Upload, too_big: str) -> list[Output]:
+        """A job this worker can never fit: hand it to a live transcriber whose reported headroom
+        fits it (the Upload is re-produced onto one of its partitions, in the transaction that
+        commits this offset), else fail it with ``too_big``. ``attempt`` counts the hand-offs."""
+        extra = {"job_id": event.job_id, "trace_id": event.trace_id}
+        need = memory.estimate_job_bytes(event.audio_duration, event.options.model or self.settings.model)
+        others = [w for w in self.view.workers() if w.status.worker_id != self.worker_id
+                  and w.status.stage == "transcriber" and w.status.state == "running" and w.headroom >= need]
+        choice = choose_partition(others, need) if event.attempt <= MAX_HANDOFFS else None
+        if choice is None:
+            log.warning("job refused: %s", too_big, extra=extra)
+            return self.failure_outputs(event, too_big)
+        partition, worker_id = choice
+        log.info("handing the job to %s (partition %d): %s", worker_id, partition, too_big, extra=extra)
+        metrics.JOBS.labels(self.name, "handed_off").inc()
+        moved = replace(event, attempt=event.attempt + 1, produced_at=now_ms())
+        return [Output(self.settings.topic(self.input_topic), moved, partition=partition)]
+
     # --- one job -------------------------------------------------------------------------
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Upload):
@@ -142,8 +167,7 @@ class Transcriber:
             return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
         too_big = self.admit(event)
         if too_big is not None:
-            log.warning("job refused: %s", too_big, extra={"job_id": event.job_id, "trace_id": event.trace_id})
-            return self.failure_outputs(event, too_big)
+            return self.hand_off_or_fail(event, too_big)
         attempt = self.jobs.start_attempt(event.job_id, TRANSCRIBING, self.worker_id)
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": attempt}
         if attempt > 1:

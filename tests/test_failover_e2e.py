@@ -81,8 +81,8 @@ def test_worker_capped_below_the_estimate_takes_no_job(pipe, clips):
 
     # Routed through the ingress: never to the capped worker.
     job_ids = [pipe.http.submit(clips["en"])["job_id"] for _ in range(3)]
-    # Produced straight onto a partition the capped worker owns: the job can never fit its
-    # budget (even idle), so it fails at once with the reason instead of holding the partition.
+    # Produced straight onto a partition the capped worker owns: it waits for memory,
+    # then leaves the group, and the job completes elsewhere.
     settings = pipe.settings
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     publisher = Publisher(settings)
@@ -93,9 +93,9 @@ def test_worker_capped_below_the_estimate_takes_no_job(pipe, clips):
     session.cluster.shutdown()
 
     done = [pipe.wait_job(j, timeout_s=120) for j in job_ids]
-    assert all(j["status"] == "completed" for j in done[:-1]), done
-    assert capped["worker_id"] not in {j["worker_id"] for j in done[:-1]}
-    assert done[-1]["status"] == "failed" and "can never offer" in done[-1]["error"], done[-1]
+    assert all(j["status"] == "completed" for j in done), done
+    assert capped["worker_id"] not in {j["worker_id"] for j in done}
+    assert done[-1]["attempts"] == 1
     assert pipe.alive("capped")
 
 

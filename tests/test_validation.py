@@ -17,7 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from kafscribe import blobstore, cassandra_session, kafka_clients, memory
+from kafscribe import audio, blobstore, cassandra_session, kafka_clients, memory
 from kafscribe.jobstore import JobStore
 from producers.client import HttpError
 from schemas.events import (
@@ -245,6 +245,7 @@ def test_a_job_over_its_time_limit_fails_with_the_reason(pipe, clips):
 
     settings = pipe.settings.with_(job_time_limit_min_s=0.0, job_time_limit_factor=0.0)
     stage = Transcriber(settings, pipe.session, "time-limit-test")
+    stage.view.close()
     data = clips["en"].read_bytes()
     upload = _store(pipe, "v-time-" + uuid.uuid4().hex[:8], data, 6.0)
     started = time.monotonic()
@@ -253,3 +254,29 @@ def test_a_job_over_its_time_limit_fails_with_the_reason(pipe, clips):
     (out,) = outputs
     assert isinstance(out.event, Result) and out.event.status == "failed"
     assert "exceeded its time limit of 0.0 s" in out.event.error
+
+
+def test_a_job_this_worker_can_never_fit_is_handed_to_one_that_can(pipe, clips):
+    """A transcriber capped below its own RSS hands a job forced onto its partition to a worker with room."""
+    pipe.start("transcriber", name="capped", KAFSCRIBE_MEMORY_BUDGET_BYTES=str(64 * 2**20))
+
+    def settled():
+        ws = [w for w in _workers(pipe) if w["stage"] == "transcriber" and w["state"] == "live"]
+        owned = sorted(p for w in ws for p in w["partitions"])
+        capped = [w for w in ws if w["worker_id"].startswith("capped-") and w["partitions"]]
+        all_owned = owned == list(range(pipe.settings.uploads_partitions))
+        return capped[0] if len(ws) == 2 and all_owned and capped else None
+
+    capped = wait_until(settled, timeout_s=120, what="two transcribers sharing the partitions")
+    data = clips["en"].read_bytes()
+    upload = _store(pipe, "v-handoff-" + uuid.uuid4().hex[:8], data, audio.probe(clips["en"], 60).duration)
+    producer = kafka_clients.producer(pipe.settings)
+    producer.produce(pipe.settings.topic("uploads"), key=upload.job_id.encode(), value=upload.encode(),
+                     partition=capped["partitions"][0])
+    assert producer.flush(30) == 0
+
+    job = pipe.wait_job(upload.job_id, timeout_s=180)
+    assert job["status"] == "completed", job
+    assert not job["worker_id"].startswith("capped-") and job["attempts"] == 1
+    assert "handing the job to" in pipe.log_tail("capped", 200)
+    assert pipe.alive("capped")
