@@ -57,7 +57,7 @@ from kafscribe.settings import Settings
 from schemas.codec import DecodeError
 from schemas.events import DeadLetter, Event, decode_event
 
-from . import deadline
+from . import deadline, validation
 from .retry import is_infrastructure_outage
 
 log = logging.getLogger("kafscribe.loop")
@@ -329,6 +329,12 @@ class ConcurrentMode:
             event = decode_event(msg.value())
         except DecodeError as exc:
             self._cc_work.add(key, _Slot(msg, now, outputs=[self._dead_letter(msg, str(exc))], outcome="dlq"))
+            return
+        invalid = validation.check_event(self.settings, self.stage.input_topic, event)  # None = valid
+        if invalid is not None:
+            log.warning("invalid event refused: %s", invalid, extra=self._extra(msg, event))
+            self._cc_work.add(key, _Slot(msg, now, event, outputs=self.stage.failure_outputs(event, invalid),
+                                         outcome="invalid"))
             return
         hold = self._cc_hold_until(event, msg)
         if hold is not None and hold > time.time():
@@ -719,8 +725,12 @@ class StageRunner(ConcurrentMode):
             outputs = [self._dead_letter(msg, str(exc))]
             outcome = "dlq"
         else:
+            invalid = validation.check_event(self.settings, self.stage.input_topic, event)  # None = valid
+            if invalid is not None:
+                log.warning("invalid event refused: %s", invalid, extra=self._extra(msg, event))
             try:
-                outputs = self._run_paused(msg, event)
+                outputs = (self._run_paused(msg, event) if invalid is None
+                           else self.stage.failure_outputs(event, invalid))
             except Abandoned as exc:
                 log.warning("job abandoned: %s", exc, extra=self._extra(msg, event))
                 metrics.JOBS.labels(self.stage.name, "abandoned").inc()
@@ -737,7 +747,7 @@ class StageRunner(ConcurrentMode):
                 outputs = self.stage.failure_outputs(event, f"internal error in {self.stage.name}: {exc!r}")
                 outcome = "crashed"
             else:
-                outcome = "ok"
+                outcome = "ok" if invalid is None else "invalid"
         offsets = [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)]
         if self._commit(offsets, outputs, self._extra(msg)):
             self._outages = 0

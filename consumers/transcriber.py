@@ -9,7 +9,23 @@ Admission: before a job starts, the worker checks its memory headroom
 against the job's estimate (``kafscribe.memory``) and waits -- partitions
 paused, still polling, reporting ``throttled`` -- rather than run out of
 memory; after ``KAFSCRIBE_THROTTLE_LEAVE_S`` it leaves the group so the
-partitions move to workers that have the memory.
+partitions move to workers that have the memory. That is only for a
+temporary shortage: a job whose estimate exceeds what this worker could
+offer even when idle (``memory.idle_capacity_bytes``) fails at once with the
+reason -- or, when another live transcriber reports the headroom for it, is
+handed to that worker (re-produced onto one of its partitions, at most
+``MAX_HANDOFFS`` times) -- so it can never hold a partition. With a budget
+(``KAFSCRIBE_MEMORY_BUDGET_BYTES``) nothing outside the process frees memory
+for it, so a job that does not fit between jobs fails; without one, other
+processes' memory is the temporary shortage worth waiting for.
+
+Trust: the event was validated by the loop (``consumers.validation``). Here
+the audio is decoded with a bound -- at most the ``Upload``'s
+``audio_duration`` (+1 %, +1 s), which admission budgeted for, and never more
+than ``KAFSCRIBE_MAX_AUDIO_S`` -- and the job has a time limit
+(``Settings.job_time_limit_s``): past it, the job fails. An ``Upload`` that
+reuses the id of a finished job goes to the DLQ and the finished job is left
+as it was. Only models in ``Settings.allowed_model_names`` are ever loaded.
 
 Redo: every start counts an attempt in the job row; a job started more than
 ``KAFSCRIBE_MAX_ATTEMPTS`` times (its workers kept dying) fails, with its
@@ -18,20 +34,28 @@ errors, and a copy of its ``Upload`` goes to the DLQ.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
+from dataclasses import replace
 
 import psutil
 from confluent_kafka import Message
 
 from kafscribe import audio, blobstore, memory, metrics
-from kafscribe.engines import Engine, load_engine
+from kafscribe.engines import Engine, TimeLimitExceeded, load_engine
 from kafscribe.jobstore import TRANSCRIBING, JobStore
 from kafscribe.settings import Settings
-from schemas.events import Event, Result, Transcript, Upload
+from producers.routing import choose_partition
+from producers.worker_view import WorkerView
+from schemas.events import Event, Result, Transcript, Upload, now_ms
 
 from .loop import LeaveGroup, Output, park
 from .retry import PermanentFailure, with_retries
+from .validation import is_job_id
+
+MIB = 2**20
+MAX_HANDOFFS = 3  # an Upload handed on this often (views can be stale) fails instead
 
 log = logging.getLogger("kafscribe.transcriber")
 
@@ -50,6 +74,7 @@ class Transcriber:
         self._engines: dict[str, Engine] = {settings.model: self.default_engine}
         self.throttled = False
         self._last_need = memory.estimate_job_bytes(30.0, settings.model)
+        self.view = WorkerView(settings)  # the other transcribers, for jobs this one can never fit
 
     @property
     def model_name(self) -> str:
@@ -58,6 +83,8 @@ class Transcriber:
     def engine_for(self, model: str | None) -> Engine:
         model = model or self.settings.model
         if model not in self._engines:
+            if model not in self.settings.allowed_model_names():  # validated already; never load the rest
+                raise PermanentFailure(f"model {model!r} is not allowed here (KAFSCRIBE_ALLOWED_MODELS)")
             self._engines[model] = load_engine(self.settings, model=model)
         return self._engines[model]
 
@@ -69,14 +96,34 @@ class Transcriber:
             int(psutil.virtual_memory().available), gpu[0] if gpu else None,
         )
 
+    def idle_capacity(self) -> int:
+        """The most this worker could offer a job: measured between jobs, so its RSS is its idle RSS."""
+        gc.collect()
+        gpu = memory.gpu_memory()
+        return memory.idle_capacity_bytes(
+            self.settings.memory_budget_bytes, memory.process_rss(), int(psutil.virtual_memory().total),
+            gpu[1] if gpu else None,
+        )
+
     def can_resume(self) -> bool:
-        ok = self.headroom() >= self._last_need
+        # A need above the idle capacity is failed on arrival, so waiting for it always ends.
+        ok = self.headroom() >= min(self._last_need, self.idle_capacity())
         self.throttled = not ok
         return ok
 
-    def admit(self, event: Upload) -> None:
-        """Wait until there is memory for ``event``; raise ``LeaveGroup`` if that takes too long."""
-        need = memory.estimate_job_bytes(event.audio_duration, event.options.model or self.settings.model)
+    def admit(self, event: Upload) -> str | None:
+        """Wait until there is memory for ``event``; raise ``LeaveGroup`` if that takes too long.
+
+        Returns why the job can never run here (its estimate exceeds this worker's idle
+        capacity), or None once it may start.
+        """
+        model = event.options.model or self.settings.model
+        need = memory.estimate_job_bytes(event.audio_duration, model)
+        capacity = self.idle_capacity()
+        if need > capacity:
+            return (f"the job needs about {need / MIB:.0f} MiB ({event.audio_duration:.0f} s of audio, model"
+                    f" {model!r}) but this worker can never offer more than {capacity / MIB:.0f} MiB"
+                    " (KAFSCRIBE_MEMORY_BUDGET_BYTES, or host/GPU memory)")
         self._last_need = need
         started = time.monotonic()
         while (free := self.headroom()) < need:
@@ -89,12 +136,38 @@ class Transcriber:
         if self.throttled:
             metrics.THROTTLED_SECONDS.labels(self.name).inc(time.monotonic() - started)
         self.throttled = False
+        return None
+
+    def hand_off_or_fail(self, event: Upload, too_big: str) -> list[Output]:
+        """A job this worker can never fit: hand it to a live transcriber whose reported headroom
+        fits it (the Upload is re-produced onto one of its partitions, in the transaction that
+        commits this offset), else fail it with ``too_big``. ``attempt`` counts the hand-offs."""
+        extra = {"job_id": event.job_id, "trace_id": event.trace_id}
+        need = memory.estimate_job_bytes(event.audio_duration, event.options.model or self.settings.model)
+        others = [w for w in self.view.workers() if w.status.worker_id != self.worker_id
+                  and w.status.stage == "transcriber" and w.status.state == "running" and w.headroom >= need]
+        choice = choose_partition(others, need) if event.attempt <= MAX_HANDOFFS else None
+        if choice is None:
+            log.warning("job refused: %s", too_big, extra=extra)
+            return self.failure_outputs(event, too_big)
+        partition, worker_id = choice
+        log.info("handing the job to %s (partition %d): %s", worker_id, partition, too_big, extra=extra)
+        metrics.JOBS.labels(self.name, "handed_off").inc()
+        moved = replace(event, attempt=event.attempt + 1, produced_at=now_ms())
+        return [Output(self.settings.topic(self.input_topic), moved, partition=partition)]
 
     # --- one job -------------------------------------------------------------------------
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Upload):
             raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
-        self.admit(event)
+        finished = self.jobs.finished_status(event.job_id)
+        if finished is not None:
+            reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
+            log.warning(reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+        too_big = self.admit(event)
+        if too_big is not None:
+            return self.hand_off_or_fail(event, too_big)
         attempt = self.jobs.start_attempt(event.job_id, TRANSCRIBING, self.worker_id)
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": attempt}
         if attempt > 1:
@@ -105,21 +178,38 @@ class Transcriber:
             return self.failure_outputs(event, reason, attempt, dead_letter=True)
         log.info("transcribing %.1fs of audio", event.audio_duration, extra=extra)
         started = time.monotonic()
+        limit_s = self.settings.job_time_limit_s(event.audio_duration)
+        deadline = started + limit_s
+        # Admission budgeted for the claimed duration: decode no more than that (+ rounding slack).
+        max_audio_s = min(self.settings.max_audio_s, event.audio_duration * 1.01 + 1.0)
         try:
             engine = self.engine_for(event.options.model)
             data = with_retries(
                 lambda: blobstore.read_verified(self.settings, self.session, event.blob_ref, event.audio_sha256),
                 stage=self.name, attempts=self.settings.transient_retries,
             )
-            samples = audio.decode(data)
+            try:
+                samples = audio.decode(data, max_audio_s, timeout_s=deadline - time.monotonic())
+            except audio.AudioTooLong as exc:
+                raise PermanentFailure(
+                    f"the audio decodes to more than {max_audio_s:.1f} s, longer than the Upload's"
+                    f" audio_duration ({event.audio_duration:.1f} s) or the limit"
+                    f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
+                ) from exc
+            del data
             out = with_retries(
-                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task),
+                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
+                                          deadline=deadline),
                 stage=self.name, attempts=self.settings.transient_retries,
             )
-        except (PermanentFailure, audio.AudioError) as exc:
-            log.warning("job failed: %s", exc, extra=extra)
-            transient = str(exc).startswith("gave up after transient failures")
-            return self.failure_outputs(event, str(exc), attempt, dead_letter=transient)
+        except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
+            reason = str(exc)
+            if time.monotonic() > deadline:
+                reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
+                          f" KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x {event.audio_duration:.1f} s of audio): {exc}")
+            log.warning("job failed: %s", reason, extra=extra)
+            transient = reason.startswith("gave up after transient failures")
+            return self.failure_outputs(event, reason, attempt, dead_letter=transient)
         seconds = time.monotonic() - started
         metrics.AUDIO_SECONDS.labels(self.name).inc(out.duration)
         if out.duration > 0:
@@ -135,10 +225,20 @@ class Transcriber:
         log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
         return [Output(self.settings.topic("transcripts"), transcript)]
 
+    def _finished(self, job_id: str) -> bool:
+        try:
+            return self.jobs.finished_status(job_id) is not None
+        except Exception:  # noqa: BLE001 - failure_outputs must not raise; the sink skips finished jobs anyway
+            return False
+
     def failure_outputs(self, event: Event, reason: str, attempt: int | None = None,
                         dead_letter: bool = False) -> list[Output]:
         """A failed ``Result`` (the job ends, the client is told); with ``dead_letter`` the
-        input is also parked in the DLQ for an operator."""
+        input is also parked in the DLQ for an operator. An event that names no usable job
+        (not an Upload, an invalid id, a job already finished) only goes to the DLQ: a failed
+        Result would reach the notifier for a job that ended long ago."""
+        if not isinstance(event, Upload) or not is_job_id(event.job_id) or self._finished(event.job_id):
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
         result = Result.failed(event, reason, self.worker_id, attempt)
         outputs = [Output(self.settings.topic("results"), result)]
         if dead_letter:

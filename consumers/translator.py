@@ -5,7 +5,9 @@ passes straight through as a completed ``Result``. Otherwise the job shows
 ``translating`` while a backend works: ``whisper`` (speech -> English, on
 the job's audio) or ``llm`` (any target, segment by segment); see
 ``kafscribe.translation``. A translation that cannot succeed fails the job
-with the backend's message.
+with the backend's message. Invalid Transcripts are refused before they get
+here (``consumers.validation``): a failed job, or the DLQ when the event
+names no usable job.
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from kafscribe.settings import Settings
 from kafscribe.translation import TranslationError, Translator, backend_name
 from schemas.events import Event, Result, Transcript
 
-from .loop import Output
+from .loop import Output, park
 from .retry import PermanentFailure, with_retries
+from .validation import is_job_id
 
 log = logging.getLogger("kafscribe.translator")
 
@@ -70,6 +73,9 @@ class TranslatorStage:
         return [Output(self.settings.topic("results"), result)]
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
+        """A failed ``Result``; an event that names no usable job (not a Transcript, a bad id) goes to the DLQ."""
+        if not isinstance(event, Transcript) or not is_job_id(event.job_id):
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
         return [Output(self.settings.topic("results"), Result.failed(event, reason, self.worker_id))]
 
 

@@ -70,6 +70,11 @@ class JobStore:
         row = self.session.execute(self._status, (job_id,)).one()
         return self._move(job_id, row, status, worker_id, attempts, error)
 
+    def finished_status(self, job_id: str) -> str | None:
+        """The job's status if it is finished (completed or failed), else None."""
+        row = self.session.execute(self._status, (job_id,)).one()
+        return row.status if row is not None and row.status in TERMINAL else None
+
     def start_attempt(self, job_id: str, status: str, worker_id: str) -> int:
         """A worker starts (or redoes) a job: count the attempt, return its number."""
         row = self.session.execute(self._status, (job_id,)).one()
@@ -86,8 +91,14 @@ class JobStore:
         self.session.execute(self._update, (status, _now(), worker_id, attempts, error, job_id))
         return True
 
-    def save_result(self, result: Result) -> None:
-        """Store a finished job's outcome and mark it completed or failed (idempotent)."""
+    def save_result(self, result: Result) -> bool:
+        """Store a finished job's outcome and mark it completed or failed (idempotent).
+
+        A job that is already finished keeps its result and status: a replay finds
+        them written, and a late or forged ``Result`` overwrites nothing (returns False).
+        """
+        if self.finished_status(result.job_id) is not None:
+            return False
         translation = result.translation
         if result.status == COMPLETED:
             self.session.execute(
@@ -106,6 +117,7 @@ class JobStore:
         self.transition(
             result.job_id, result.status, worker_id=result.worker_id, attempts=result.attempt, error=result.error
         )
+        return True
 
     def _segment_async(self, job_id: str, track: str, s: Segment):
         return self.session.execute_async(

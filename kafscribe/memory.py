@@ -11,6 +11,11 @@ weights are already resident (they count in the worker's RSS), so a job adds
 ``headroom_bytes`` is what a worker reports and admits jobs by: its budget
 minus its RSS when ``KAFSCRIBE_MEMORY_BUDGET_BYTES`` is set, else the host's
 available memory -- or free GPU memory, when it runs on CUDA.
+
+``idle_capacity_bytes`` is the most a worker could ever offer a job (idle,
+no other process using memory): a job above it fails at once instead of
+waiting for memory that cannot come. With a budget it equals the headroom
+of an idle worker: only other processes make a shortage temporary.
 """
 
 from __future__ import annotations
@@ -73,3 +78,13 @@ def headroom_bytes(budget: int, rss: int, host_available: int, gpu_free: int | N
     if budget > 0:
         return budget - rss
     return gpu_free if gpu_free is not None else host_available
+
+
+def idle_capacity_bytes(budget: int, idle_rss: int, host_total: int, gpu_total: int | None) -> int:
+    """The headroom this worker would have idle and alone: budget (or host memory) minus its idle RSS,
+    or the whole GPU."""
+    if budget > 0:
+        return budget - idle_rss
+    if gpu_total is not None:
+        return gpu_total
+    return host_total - idle_rss

@@ -98,6 +98,23 @@ class Settings:
         "A worker whose poll loop completes no iteration for this long logs why and exits non-zero, "
         "so its supervisor restarts it (0 = off; keep it above 4x the call timeout); also `GET /healthz` on its metrics port.", 180.0
     )
+    max_audio_s: float = _doc(
+        "Longest audio accepted, in decoded seconds (refused at the door with 413, re-checked by workers).",
+        4 * 3600.0,
+    )
+    job_time_limit_min_s: float = _doc(
+        "Per-job time limit: this many seconds plus KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x the audio's duration;"
+        " a job over it fails.", 300.0
+    )
+    job_time_limit_factor: float = _doc("Seconds a job may take per second of audio (see the minimum above).", 10.0)
+    allowed_models: str = _doc(
+        "Comma-separated models a job may ask for (names or local paths); empty = KAFSCRIBE_MODEL plus the"
+        " packaged offline models. Nothing else is ever loaded or downloaded for a job.", ""
+    )
+    max_clock_skew_s: float = _doc(
+        "An event whose produced_at lies further in the future than this is refused (workers) or ignored"
+        " (the ingress's worker view).", 300.0
+    )
     metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
     metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")
 
@@ -175,6 +192,19 @@ class Settings:
 
     def effective_worker_id(self, stage: str) -> str:
         return self.worker_id or f"{stage}-{socket.gethostname()}-{os.getpid()}"
+
+    def allowed_model_names(self) -> frozenset[str]:
+        """Models a job may name: the operator's list, else the configured model and the packaged ones."""
+        listed = {m.strip() for m in self.allowed_models.split(",") if m.strip()}
+        if listed:
+            return frozenset(listed | {self.model})
+        from kafscribe.models.offline import PACKAGED
+
+        return frozenset({self.model, *PACKAGED})
+
+    def job_time_limit_s(self, audio_duration_s: float) -> float:
+        """How long one job of ``audio_duration_s`` seconds may take before it fails."""
+        return self.job_time_limit_min_s + self.job_time_limit_factor * max(audio_duration_s, 0.0)
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``KAFSCRIBE_*`` variables (to hand to a child process)."""

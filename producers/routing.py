@@ -4,7 +4,9 @@ Pure functions over the latest ``WorkerStatus`` of each worker, so the rule is
 easy to read and to test:
 
 1. Candidates are transcribers that are live (status younger than
-   ``worker_stale_s``, not ``stopped``) and own partitions.
+   ``worker_stale_s`` and not from the future, not ``stopped``) and own
+   partitions of the uploads topic (others are dropped: a partition that
+   does not exist would make every upload fail).
 2. Prefer those whose headroom (minus what the ingress already routed to
    them since their last status) covers the job's estimate and that are not
    ``throttled``; if none does, every live candidate (the job waits in the
@@ -19,7 +21,7 @@ No candidate -> ``None``: the producer's key hashing decides.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from kafscribe import memory
 from schemas.events import WorkerStatus
@@ -36,10 +38,14 @@ class WorkerState:
     headroom: int
 
 
+FUTURE_TOLERANCE_S = 300.0  # clock skew between hosts; a status further ahead is not live
+
+
 def liveness(status: WorkerStatus, now_ms: int, stale_s: float) -> str:
     if status.state == "stopped":
         return "stopped"
-    return "live" if now_ms - status.produced_at <= stale_s * 1000 else "stale"
+    age_s = (now_ms - status.produced_at) / 1000
+    return "live" if -FUTURE_TOLERANCE_S <= age_s <= stale_s else "stale"
 
 
 def headroom(status: WorkerStatus) -> int:
@@ -48,8 +54,16 @@ def headroom(status: WorkerStatus) -> int:
     )
 
 
-def classify(statuses: list[WorkerStatus], now_ms: int, stale_s: float) -> list[WorkerState]:
-    return [WorkerState(s, liveness(s, now_ms, stale_s), headroom(s)) for s in statuses]
+def classify(
+    statuses: list[WorkerStatus], now_ms: int, stale_s: float, partition_count: int | None = None
+) -> list[WorkerState]:
+    """Each status with its liveness and headroom; partitions outside ``partition_count`` are dropped."""
+    states = []
+    for s in statuses:
+        if partition_count is not None:
+            s = replace(s, partitions=sorted({p for p in s.partitions if 0 <= p < partition_count}))
+        states.append(WorkerState(s, liveness(s, now_ms, stale_s), headroom(s)))
+    return states
 
 
 def choose_partition(

@@ -161,6 +161,8 @@ class Submitter:
             raise SubmissionError(413, f"file is {size} bytes; the limit is {self.settings.max_upload_bytes}")
         try:
             info = audio.probe(path)
+        except audio.AudioTooLong as exc:
+            raise SubmissionError(413, str(exc)) from exc
         except audio.AudioError as exc:
             raise SubmissionError(415, str(exc)) from exc
         job_id = job_id or uuid.uuid4().hex

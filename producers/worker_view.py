@@ -1,7 +1,11 @@
 """The ingress's live view of ``kafscribe.worker-status`` (for routing and GET /v1/workers).
 
 A background thread reads the compacted topic from the beginning (assigned,
-not in a consumer group) and keeps the newest status of every worker.
+not in a consumer group) and keeps the newest valid status of every worker.
+A status that names partitions the uploads topic does not have, lies in the
+future (``KAFSCRIBE_MAX_CLOCK_SKEW_S``) or carries negative numbers is
+ignored with a log line (``consumers.validation.check_worker_status``):
+routing by it would send uploads nowhere, or to a worker forever "live".
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import uuid
 
 from confluent_kafka import KafkaException, TopicPartition
 
+from consumers.validation import check_worker_status
 from kafscribe import kafka_clients
 from kafscribe.settings import Settings
 from schemas.codec import DecodeError
@@ -27,6 +32,7 @@ class WorkerView:
         self.settings = settings
         self.topic = settings.topic("worker-status")
         self._latest: dict[str, WorkerStatus] = {}
+        self.uploads_partitions = settings.uploads_partitions  # replaced by the topic's real count
         self.reserved: dict[str, int] = {}  # bytes routed to a worker since its last status
         self._lock = threading.Lock()
         self._closed = threading.Event()
@@ -41,6 +47,10 @@ class WorkerView:
                 if not assigned:
                     try:
                         meta = consumer.list_topics(self.topic, timeout=5).topics[self.topic]
+                        uploads = self.settings.topic("uploads")
+                        counted = consumer.list_topics(uploads, timeout=5).topics[uploads].partitions
+                        if counted:
+                            self.uploads_partitions = len(counted)
                         consumer.assign([TopicPartition(self.topic, p, 0) for p in meta.partitions])
                         assigned = bool(meta.partitions)
                     except (KafkaException, KeyError):
@@ -54,6 +64,10 @@ class WorkerView:
                 except DecodeError:
                     continue
                 if isinstance(status, WorkerStatus):
+                    reason = check_worker_status(self.settings, status, self.uploads_partitions)
+                    if reason is not None:
+                        log.warning("ignoring status of worker %r: %s", status.worker_id[:80], reason)
+                        continue
                     with self._lock:
                         self._latest[status.worker_id] = status
                         self.reserved.pop(status.worker_id, None)
@@ -63,7 +77,7 @@ class WorkerView:
     def workers(self) -> list[WorkerState]:
         with self._lock:
             statuses = list(self._latest.values())
-        return classify(statuses, now_ms(), self.settings.worker_stale_s)
+        return classify(statuses, now_ms(), self.settings.worker_stale_s, self.uploads_partitions)
 
     def reserve(self, worker_id: str, need_bytes: int) -> None:
         with self._lock:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -16,6 +17,16 @@ from ..settings import Settings
 
 class EngineError(RuntimeError):
     """The engine cannot be loaded or used as configured."""
+
+
+class TimeLimitExceeded(EngineError):
+    """The job's time limit passed while the engine worked (checked between windows/segments)."""
+
+
+def check_deadline(deadline: float | None) -> None:
+    """Raise ``TimeLimitExceeded`` once ``time.monotonic()`` is past ``deadline`` (None: no limit)."""
+    if deadline is not None and time.monotonic() > deadline:
+        raise TimeLimitExceeded("the job's time limit passed while transcribing")
 
 
 @dataclass
@@ -33,7 +44,11 @@ class Engine(Protocol):
     device: str
     multilingual: bool
 
-    def transcribe(self, audio: np.ndarray, *, language: str | None, task: str) -> TranscriptionOutput: ...
+    def transcribe(
+        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None
+    ) -> TranscriptionOutput:
+        """Transcribe; past ``deadline`` (a ``time.monotonic()`` value) raise ``TimeLimitExceeded``."""
+        ...
 
 
 def resolve_device(device: str) -> str:

@@ -7,7 +7,15 @@ import numpy as np
 from schemas.events import Segment
 
 from ..settings import Settings
-from .base import EngineError, TranscriptionOutput, ct2_model_dir, is_multilingual, join_text, resolve_device
+from .base import (
+    EngineError,
+    TranscriptionOutput,
+    check_deadline,
+    ct2_model_dir,
+    is_multilingual,
+    join_text,
+    resolve_device,
+)
 
 
 class FasterWhisperEngine:
@@ -33,19 +41,22 @@ class FasterWhisperEngine:
         except Exception as exc:  # noqa: BLE001 - report any loader failure with the model named
             raise EngineError(f"cannot load faster-whisper model {model!r}: {exc}") from exc
 
-    def transcribe(self, audio: np.ndarray, *, language: str | None, task: str) -> TranscriptionOutput:
+    def transcribe(
+        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None
+    ) -> TranscriptionOutput:
         if not self.multilingual:
             language, task = "en", "transcribe"
+        check_deadline(deadline)
         segments_iter, info = self._model.transcribe(
             audio, language=language, task=task, beam_size=self.beam_size, vad_filter=False
         )
-        segments = [
-            Segment(
+        segments = []
+        for i, s in enumerate(segments_iter):  # a generator: each step decodes a window
+            check_deadline(deadline)
+            segments.append(Segment(
                 id=i, start=float(s.start), end=float(s.end), text=s.text,
                 avg_logprob=float(s.avg_logprob), no_speech_prob=float(s.no_speech_prob),
-            )
-            for i, s in enumerate(segments_iter)
-        ]
+            ))
         return TranscriptionOutput(
             language=info.language,
             language_probability=float(info.language_probability),

@@ -14,7 +14,7 @@ from schemas.events import Segment
 
 from ..models import offline
 from ..settings import Settings
-from .base import EngineError, TranscriptionOutput, is_multilingual, join_text, resolve_device
+from .base import EngineError, TranscriptionOutput, check_deadline, is_multilingual, join_text, resolve_device
 
 
 def checkpoint_for(settings: Settings, model: str) -> str:
@@ -47,10 +47,13 @@ class OpenAIWhisperEngine:
             raise EngineError(f"cannot load openai-whisper model {model!r}: {exc}") from exc
         self.multilingual = self._model.is_multilingual
 
-    def transcribe(self, audio: np.ndarray, *, language: str | None, task: str) -> TranscriptionOutput:
+    def transcribe(
+        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None
+    ) -> TranscriptionOutput:
         import torch
         import whisper
 
+        check_deadline(deadline)
         probability = 1.0
         if not self.multilingual:
             language, task = "en", "transcribe"
@@ -62,14 +65,25 @@ class OpenAIWhisperEngine:
                 _, probs = self._model.detect_language(mel)
             language = max(probs, key=probs.get)
             probability = float(probs[language])
-        result = self._model.transcribe(
-            audio,
-            language=language,
-            task=task,
-            fp16=self.device == "cuda",
-            beam_size=self.beam_size,
-            verbose=None,
-        )
+        model = self._model
+        decode_window = model.decode
+
+        def decode_before_deadline(*args, **kwargs):  # whisper.transcribe decodes window by window
+            check_deadline(deadline)
+            return decode_window(*args, **kwargs)
+
+        model.decode = decode_before_deadline  # one job at a time per engine
+        try:
+            result = model.transcribe(
+                audio,
+                language=language,
+                task=task,
+                fp16=self.device == "cuda",
+                beam_size=self.beam_size,
+                verbose=None,
+            )
+        finally:
+            del model.decode  # back to the class's method
         segments = [
             Segment(
                 id=i, start=float(s["start"]), end=float(s["end"]), text=s["text"],
