@@ -1,0 +1,60 @@
+"""The ingress's handles on Cassandra (job store, callback store) and Kafka (publisher, worker view)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from kafscribe import cassandra_session
+from kafscribe.callbackstore import CallbackStore
+from kafscribe.jobstore import JobStore
+from kafscribe.settings import Settings
+
+from ..publisher import Publisher
+from ..submission import Submitter, Unavailable
+from ..worker_view import WorkerView
+
+
+class Backends:
+    """Lazily (re)connected Cassandra session + the Kafka publisher."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.publisher = Publisher(settings)
+        self.view = WorkerView(settings)
+        self._session = None
+        self._submitter: Submitter | None = None
+        self._callbacks: CallbackStore | None = None
+        self._lock = threading.Lock()
+        self._next_try = 0.0
+
+    def submitter(self) -> Submitter:
+        with self._lock:
+            if self._submitter is None:
+                if time.monotonic() < self._next_try:
+                    raise Unavailable("Cassandra unavailable (reconnecting)")
+                try:
+                    self._session = cassandra_session.connect(
+                        self.settings, keyspace=self.settings.cassandra_keyspace, timeout_s=5
+                    )
+                except Exception as exc:  # noqa: BLE001
+                    self._next_try = time.monotonic() + 2
+                    raise Unavailable(f"Cassandra unavailable: {exc}") from exc
+                self._submitter = Submitter(self.settings, self._session, self.publisher, self.view)
+            return self._submitter
+
+    def jobs(self) -> JobStore:
+        return self.submitter().jobs
+
+    def callbacks(self) -> CallbackStore:
+        submitter = self.submitter()  # connects to Cassandra if needed
+        with self._lock:
+            if self._callbacks is None:  # statements are prepared once, not per request
+                self._callbacks = CallbackStore(submitter.session)
+            return self._callbacks
+
+    def close(self) -> None:
+        self.view.close()
+        self.publisher.close()
+        if self._session is not None:
+            self._session.cluster.shutdown()

@@ -1,0 +1,1 @@
+"""Route handlers of the ingress, one module per resource."""

@@ -1,0 +1,169 @@
+"""POST /v1/jobs (upload), GET /v1/jobs/{id} and its transcript."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kafscribe import cassandra_session, formats, metrics
+from kafscribe.jobstore import COMPLETED
+from kafscribe.settings import Settings
+
+from ...submission import SubmissionError, Unavailable, parse_options
+from ..backends import Backends
+from ..links import job_links
+from ..responses import error, json_response, unavailable
+
+log = logging.getLogger("kafscribe.ingress")
+
+
+async def _read_upload(request: web.Request, settings: Settings) -> tuple[Path, str, dict[str, str]]:
+    """Stream the multipart body: the ``file`` part to a temp file (size-limited), the rest as options."""
+    if not request.content_type.startswith("multipart/"):
+        raise SubmissionError(422, "send multipart/form-data with a 'file' part")
+    reader = await request.multipart()
+    fields: dict[str, str] = {}
+    path: Path | None = None
+    filename = ""
+    try:
+        while (part := await reader.next()) is not None:
+            if part.name == "file":
+                filename = part.filename or "upload"
+                fd, tmp = tempfile.mkstemp(prefix="kafscribe-upload-")
+                path = Path(tmp)
+                size = 0
+                with open(fd, "wb") as out:
+                    while chunk := await part.read_chunk(1 << 20):
+                        size += len(chunk)
+                        if size > settings.max_upload_bytes:
+                            raise SubmissionError(413, f"file exceeds the limit of {settings.max_upload_bytes} bytes")
+                        out.write(chunk)
+            else:
+                fields[part.name or ""] = (await part.text()).strip()
+    except SubmissionError:
+        if path:
+            path.unlink(missing_ok=True)
+        raise
+    if path is None:
+        raise SubmissionError(422, "missing the 'file' part")
+    return path, filename, fields
+
+
+async def create_job(request: web.Request) -> web.Response:
+    settings: Settings = request.app["settings"]
+    backends: Backends = request.app["backends"]
+    path = None
+    try:
+        path, filename, fields = await _read_upload(request, settings)
+        options = parse_options(fields, settings)
+        trace_id = request.headers.get("X-Trace-Id", "")
+        tenant = request.headers.get("X-Tenant", "default")
+        upload = await asyncio.to_thread(
+            lambda: backends.submitter().submit(path, options, filename=filename, tenant=tenant, trace_id=trace_id)
+        )
+    except SubmissionError as exc:
+        return error(exc.status, exc.reason)
+    except Unavailable as exc:
+        log.warning("refusing upload: %s", exc)
+        return unavailable(settings, str(exc))
+    finally:
+        if path is not None:
+            path.unlink(missing_ok=True)
+    metrics.UPLOADS.inc()
+    metrics.UPLOAD_BYTES.inc(upload.audio_bytes)
+    log.info("accepted %.1fs of audio", upload.audio_duration, extra={"job_id": upload.job_id, "trace_id": upload.trace_id})
+    return json_response(
+        {"job_id": upload.job_id, "status": "queued", "links": job_links(request, upload.job_id)},
+        status=202,
+        headers={"Location": f"/v1/jobs/{upload.job_id}"},
+    )
+
+
+def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:
+    view = {
+        "job_id": job["job_id"],
+        "status": job["status"],
+        "tenant": job["tenant"],
+        "created_at": job["created_at"],
+        "updated_at": job["updated_at"],
+        "attempts": job["attempts"] or 0,
+        "worker_id": job["worker_id"],
+        "error": job["error"],
+        "options": job["options"],
+        "audio": {"filename": job["filename"], "bytes": job["audio_bytes"], "duration": job["audio_duration"]},
+    }
+    if result is not None and job["status"] == COMPLETED:
+        view["result"] = {
+            "language": result["language"],
+            "language_probability": result["language_probability"],
+            "duration": result["duration"],
+            "text": result["text"],
+            "segments": result["segments"],
+            "engine": result["engine"],
+            "model": result["model"],
+        }
+        if result["target_language"]:
+            view["result"]["translation"] = {
+                "language": result["target_language"],
+                "text": result["translated_text"],
+                "segments": result["translated_segments"],
+            }
+    return view
+
+
+async def load_job(request: web.Request) -> tuple[dict, dict | None]:
+    backends: Backends = request.app["backends"]
+    job_id = request.match_info["job_id"]
+
+    def load():
+        jobs = backends.jobs()
+        try:
+            job = jobs.get(job_id)
+            return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
+        except Exception as exc:
+            if cassandra_session.is_outage(exc):
+                raise Unavailable(f"Cassandra unavailable: {exc}") from exc
+            raise
+
+    try:
+        job, result = await asyncio.to_thread(load)
+    except Unavailable as exc:
+        raise web.HTTPServiceUnavailable(
+            text=json.dumps({"error": str(exc)}), content_type="application/json",
+            headers={"Retry-After": str(request.app["settings"].retry_after_s)},
+        ) from exc
+    if job is None:
+        raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id}"}), content_type="application/json")
+    return job, result
+
+
+async def get_job(request: web.Request) -> web.Response:
+    job, result = await load_job(request)
+    view = job_view(job, result)
+    view["links"] = job_links(request, job["job_id"])
+    return json_response(view)
+
+
+async def get_transcript(request: web.Request) -> web.Response:
+    fmt = request.query.get("format", "json")
+    if fmt not in formats.FORMATS:
+        return error(422, f"format must be one of {', '.join(formats.FORMATS)}")
+    job, result = await load_job(request)
+    if job["status"] != COMPLETED or result is None:
+        return error(409, f"job is {job['status']}; the transcript exists once it is completed")
+    lang = request.query.get("lang") or result["language"]
+    if lang == result["language"]:
+        segments, text = result["segments"], result["text"]
+    elif lang == result["target_language"]:
+        segments, text = result["translated_segments"], result["translated_text"]
+    else:
+        have = [x for x in (result["language"], result["target_language"]) if x]
+        return error(404, f"no transcript in {lang!r}; available: {', '.join(have)}")
+    body, content_type = formats.render(fmt, segments, {"job_id": job["job_id"], "language": lang, "text": text})
+    return web.Response(text=body, content_type=content_type.split(";")[0], charset="utf-8")
