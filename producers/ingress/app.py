@@ -10,6 +10,7 @@ from aiohttp import web
 from kafscribe import logs, metrics
 from kafscribe.settings import Settings
 
+from . import auth
 from .backends import Backends
 from .routes import callbacks, health, jobs, workers
 
@@ -29,9 +30,12 @@ async def count_requests(request: web.Request, handler):
 
 
 def build_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[count_requests], client_max_size=settings.max_upload_bytes + (1 << 20))
+    app = web.Application(
+        middlewares=[count_requests, auth.authenticate], client_max_size=settings.max_upload_bytes + (1 << 20)
+    )
     app["settings"] = settings
     app["backends"] = Backends(settings)
+    auth.setup(app, settings)
     app.router.add_post("/v1/jobs", jobs.create_job)
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
     app.router.add_get("/v1/jobs/{job_id}/transcript", jobs.get_transcript)

@@ -16,6 +16,7 @@ from kafscribe.jobstore import COMPLETED
 from kafscribe.settings import Settings
 
 from ...submission import SubmissionError, Unavailable, parse_options
+from .. import auth
 from ..backends import Backends
 from ..links import job_links
 from ..responses import error, json_response, unavailable
@@ -63,7 +64,7 @@ async def create_job(request: web.Request) -> web.Response:
         path, filename, fields = await _read_upload(request, settings)
         options = parse_options(fields, settings)
         trace_id = request.headers.get("X-Trace-Id", "")
-        tenant = request.headers.get("X-Tenant", "default")
+        tenant = auth.caller(request).tenant
         upload = await asyncio.to_thread(
             lambda: backends.submitter().submit(path, options, filename=filename, tenant=tenant, trace_id=trace_id)
         )
@@ -120,11 +121,12 @@ def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, An
 async def load_job(request: web.Request) -> tuple[dict, dict | None]:
     backends: Backends = request.app["backends"]
     job_id = request.match_info["job_id"]
+    scope = auth.job_scope(request)
 
     def load():
         jobs = backends.jobs()
         try:
-            job = jobs.get(job_id)
+            job = jobs.get(job_id, tenant=scope)  # another tenant's job reads as missing
             return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
         except Exception as exc:
             if cassandra_session.is_outage(exc):
