@@ -176,3 +176,21 @@ def test_keys_cli_prints_the_key_last_and_revokes_it(stack_settings, session):
     assert apikeys.KeyStore(session).lookup(key) is None
     assert "revoked" in cli("list", "--tenant", tenant).stdout
     assert cli("create", "--tenant", "bad name").returncode == 1
+
+
+def test_local_key_is_made_once_kept_private_and_remade_when_revoked(stack_settings, session, tmp_path):
+    env = {**stack_settings.with_(state_dir=tmp_path).to_env(), **_base_env()}
+
+    def local() -> str:
+        out = subprocess.run([sys.executable, "-m", "kafscribe.cli", "keys", "local"], env=env,
+                             capture_output=True, text=True, timeout=120, check=True).stdout
+        return out.strip().splitlines()[-1]
+
+    key = local()
+    record = apikeys.KeyStore(session).lookup(key)
+    assert record is not None and record.admin and record.tenant == "default"
+    assert (tmp_path / "local-api-key").stat().st_mode & 0o077 == 0
+    assert local() == key  # make up again: the same key
+    apikeys.KeyStore(session).revoke(key)
+    fresh = local()
+    assert fresh != key and apikeys.KeyStore(session).lookup(fresh) is not None

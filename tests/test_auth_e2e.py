@@ -7,6 +7,9 @@ do what, and queued jobs are enough for that.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import uuid
 
 import pytest
@@ -201,3 +204,22 @@ def _submit_with_host(client: HttpClient, path, host: str) -> dict:
         return client.submit(path)
     finally:
         client._request = original
+
+
+def test_cli_submit_sends_the_key_from_the_environment_or_the_option(pipe, clips):
+    key = pipe.key(tenant())
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    argv = [sys.executable, "-m", "kafscribe.cli", "submit", str(clips["en"]), "--url", pipe.url]
+
+    def run(extra_argv=(), **env):
+        return subprocess.run([*argv, *extra_argv], env={**base, **env}, capture_output=True, text=True, timeout=120)
+
+    refused = run()
+    assert refused.returncode == 1 and "401" in refused.stderr and "KAFSCRIBE_API_KEY" in refused.stderr
+    by_env = run(KAFSCRIBE_API_KEY=key)
+    assert by_env.returncode == 0, by_env.stderr
+    by_option = run(["--api-key", key])
+    assert by_option.returncode == 0, by_option.stderr
+    client = pipe.client(key)
+    for job_id in (by_env.stdout.strip(), by_option.stdout.strip()):
+        assert call(client, "GET", f"/v1/jobs/{job_id}")[0] == 200  # the key's tenant owns both

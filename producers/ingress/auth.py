@@ -59,9 +59,9 @@ class Caller:
 class Gate:
     """API keys (cached lookups) and the redelivery limit, over the ingress's Cassandra session."""
 
-    def __init__(self, settings: Settings, backends) -> None:
+    def __init__(self, settings: Settings, app: web.Application) -> None:
         self.settings = settings
-        self.backends = backends
+        self.app = app  # its "backends" hold the Cassandra session
         self._store: apikeys.KeyStore | None = None
         self._redeliveries: quotas.RedeliverLimiter | None = None
         self._cache: dict[str, tuple[float, apikeys.ApiKey | None]] = {}
@@ -87,7 +87,7 @@ class Gate:
         return record
 
     def _keys(self) -> apikeys.KeyStore:
-        session = self.backends.submitter().session  # connects (or raises Unavailable)
+        session = self.app["backends"].submitter().session  # connects (or raises Unavailable)
         with self._lock:
             if self._store is None or self._store.session is not session:
                 self._store = apikeys.KeyStore(session)
@@ -95,16 +95,20 @@ class Gate:
 
     def redeliveries(self) -> quotas.RedeliverLimiter:
         """The per-job redelivery limit (blocking: prepares statements on first use)."""
-        session = self.backends.submitter().session
+        session = self.app["backends"].submitter().session
         with self._lock:
             if self._redeliveries is None or self._redeliveries.session is not session:
                 self._redeliveries = quotas.RedeliverLimiter(session, self.settings)
             return self._redeliveries
 
 
+CALLER = web.RequestKey("caller", Caller)
+GATE = web.AppKey("gate", Gate)
+
+
 def caller(request: web.Request) -> Caller:
     """The caller ``authenticate`` found for this ``/v1/*`` request."""
-    return request["caller"]
+    return request[CALLER]
 
 
 def job_scope(request: web.Request) -> str | None:
@@ -119,29 +123,36 @@ def _refuse(exc_cls: type[web.HTTPException], reason: str, **headers: str) -> we
 
 async def _identify(request: web.Request) -> Caller:
     settings: Settings = request.app["settings"]
+    if not settings.auth_required:
+        return Caller(tenant=_wanted_tenant(request) or DEFAULT_TENANT, admin=True)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    challenge = {"WWW-Authenticate": 'Bearer realm="kafscribe"'}
+    if scheme.lower() != "bearer" or not token:
+        raise _refuse(web.HTTPUnauthorized, "send 'Authorization: Bearer KEY' (kafscribe keys create)", **challenge)
+    key = None
+    if apikeys.key_id_of(token) is not None:  # a malformed key costs no lookup
+        try:
+            key = await asyncio.to_thread(gate(request).lookup, token)
+        except Unavailable as exc:
+            raise _refuse(web.HTTPServiceUnavailable, str(exc), **{"Retry-After": str(settings.retry_after_s)}) from exc
+    if key is None:
+        raise _refuse(web.HTTPUnauthorized, "unknown or revoked API key", **challenge)
+    wanted = _wanted_tenant(request)
+    if wanted and wanted != key.tenant and not key.admin:
+        raise _refuse(web.HTTPForbidden, "only an admin key may act for another tenant (X-Tenant)")
+    return Caller(tenant=wanted or key.tenant, admin=key.admin, key_id=key.key_id)
+
+
+def _wanted_tenant(request: web.Request) -> str:
+    """The tenant named in ``X-Tenant`` ("" if none); 422 for a name no key could have."""
     wanted = request.headers.get("X-Tenant", "").strip()
     if wanted:
         try:
             apikeys.check_tenant(wanted)
         except apikeys.ApiKeyError as exc:
             raise _refuse(web.HTTPUnprocessableEntity, f"X-Tenant: {exc}") from exc
-    if not settings.auth_required:
-        return Caller(tenant=wanted or DEFAULT_TENANT, admin=True)
-    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-    token = token.strip()
-    challenge = {"WWW-Authenticate": 'Bearer realm="kafscribe"'}
-    if scheme.lower() != "bearer" or not token:
-        raise _refuse(web.HTTPUnauthorized, "send 'Authorization: Bearer KEY' (kafscribe keys create)", **challenge)
-    auth: Gate = request.app["gate"]
-    try:
-        key = await asyncio.to_thread(auth.lookup, token)
-    except Unavailable as exc:
-        raise _refuse(web.HTTPServiceUnavailable, str(exc), **{"Retry-After": str(settings.retry_after_s)}) from exc
-    if key is None:
-        raise _refuse(web.HTTPUnauthorized, "unknown or revoked API key", **challenge)
-    if wanted and wanted != key.tenant and not key.admin:
-        raise _refuse(web.HTTPForbidden, "only an admin key may act for another tenant (X-Tenant)")
-    return Caller(tenant=wanted or key.tenant, admin=key.admin, key_id=key.key_id)
+    return wanted
 
 
 async def _check_quota(request: web.Request, who: Caller) -> None:
@@ -166,7 +177,7 @@ async def authenticate(request: web.Request, handler):
     if not request.path.startswith("/v1/"):
         return await handler(request)
     who = await _identify(request)
-    request["caller"] = who
+    request[CALLER] = who
     resource = request.match_info.route.resource
     route = resource.canonical if resource is not None else ""
     if route in ADMIN_ONLY and not who.admin:
@@ -177,7 +188,7 @@ async def authenticate(request: web.Request, handler):
 
 
 def setup(app: web.Application, settings: Settings) -> None:
-    """Check the auth settings and hand the app its key lookup; call from ``build_app``."""
+    """Check the auth settings and hand the app its key lookup; call first in ``build_app``."""
     if not settings.auth_required:
         if not _loopback(settings.http_host):
             raise SettingsError(
@@ -186,11 +197,11 @@ def setup(app: web.Application, settings: Settings) -> None:
             )
         log.warning("AUTH IS OFF (KAFSCRIBE_AUTH_REQUIRED=false): every request to %s:%s is an admin of any"
                     " tenant. Local development only.", settings.http_host, settings.http_port)
-    app["gate"] = Gate(settings, app["backends"])
+    app[GATE] = Gate(settings, app)
 
 
 def gate(request: web.Request) -> Gate:
-    return request.app["gate"]
+    return request.app[GATE]
 
 
 def _loopback(host: str) -> bool:
