@@ -37,6 +37,8 @@ def base_test_settings(**overrides) -> Settings:
         session_timeout_ms=10000,
         heartbeat_ms=1000,
         metrics_port=-1,
+        # No quota unless a test sets one: jobs that tests leave unfinished pile up in the shared keyspace.
+        tenant_max_unfinished=0,
     )
     values.update(overrides)
     return Settings(**values)
