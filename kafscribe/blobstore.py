@@ -4,6 +4,10 @@ Audio never travels through Kafka: the ingress stores it here, the ``Upload``
 event carries a reference (``cassandra:<id>`` or ``file:<id>``) plus the
 sha256 the worker verifies. ``cassandra`` works for workers on any host;
 ``file`` is for one host (or a shared mount).
+
+Stores take the audio as an iterable of chunks (``put_chunks``) so the
+ingress never holds a whole upload in memory; ``delete`` removes a blob whose
+job was not accepted, so no blob outlives a refused job.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from collections import deque
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
@@ -25,7 +31,9 @@ class BlobStore(Protocol):
     scheme: str
 
     def put(self, blob_id: str, data: bytes) -> str: ...
+    def put_chunks(self, blob_id: str, chunks: Iterable[bytes]) -> str: ...
     def get(self, ref: str) -> bytes: ...
+    def delete(self, blob_id: str) -> None: ...
 
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -45,14 +53,24 @@ class FileBlobStore:
         directory.mkdir(parents=True, exist_ok=True)
 
     def put(self, blob_id: str, data: bytes) -> str:
+        return self.put_chunks(blob_id, [data])
+
+    def put_chunks(self, blob_id: str, chunks: Iterable[bytes]) -> str:
         path = self.directory / _check_id(blob_id)
         tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.rename(path)
+        try:
+            with open(tmp, "wb") as f:
+                for chunk in chunks:
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            tmp.rename(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         return f"file:{blob_id}"
+
+    def delete(self, blob_id: str) -> None:
+        (self.directory / _check_id(blob_id)).unlink(missing_ok=True)
 
     def get(self, ref: str) -> bytes:
         blob_id = _check_id(ref.split(":", 1)[1])
@@ -63,25 +81,38 @@ class FileBlobStore:
 
 
 class CassandraBlobStore:
-    """Chunks of ``blob_chunk_bytes`` in ``audio_chunks``; upserts, so a retried put is harmless."""
+    """Chunks of ``blob_chunk_bytes`` in ``audio_chunks``; upserts, so a retried put is harmless.
+
+    At most ``in_flight`` chunk writes are outstanding, so memory stays
+    bounded by ``in_flight * chunk_bytes`` whatever the blob's size.
+    """
 
     scheme = "cassandra"
 
-    def __init__(self, session, chunk_bytes: int) -> None:
+    def __init__(self, session, chunk_bytes: int, in_flight: int = 4) -> None:
         self.session = session
         self.chunk_bytes = chunk_bytes
+        self.in_flight = in_flight
         self._insert = session.prepare("INSERT INTO audio_chunks (blob_id, idx, data) VALUES (?, ?, ?)")
         self._select = session.prepare("SELECT idx, data FROM audio_chunks WHERE blob_id = ?")
+        self._delete = session.prepare("DELETE FROM audio_chunks WHERE blob_id = ?")
 
     def put(self, blob_id: str, data: bytes) -> str:
+        return self.put_chunks(blob_id, [data])
+
+    def put_chunks(self, blob_id: str, chunks: Iterable[bytes]) -> str:
         _check_id(blob_id)
-        futures = [
-            self.session.execute_async(self._insert, (blob_id, i, data[off : off + self.chunk_bytes]))
-            for i, off in enumerate(range(0, max(len(data), 1), self.chunk_bytes))
-        ]
-        for fut in futures:
-            fut.result()
+        pending: deque = deque()
+        for idx, piece in enumerate(rechunk(chunks, self.chunk_bytes)):
+            if len(pending) >= self.in_flight:
+                _settle(pending.popleft())
+            pending.append(self.session.execute_async(self._insert, (blob_id, idx, piece)))
+        while pending:
+            _settle(pending.popleft())
         return f"cassandra:{blob_id}"
+
+    def delete(self, blob_id: str) -> None:
+        self.session.execute(self._delete, (_check_id(blob_id),))
 
     def get(self, ref: str) -> bytes:
         blob_id = _check_id(ref.split(":", 1)[1])
@@ -91,6 +122,34 @@ class CassandraBlobStore:
         if [r.idx for r in rows] != list(range(len(rows))):
             raise BlobError(f"blob {ref} is missing chunks")
         return b"".join(r.data for r in rows)
+
+
+def _settle(future) -> None:
+    """Wait for a chunk write, then let go of its chunk.
+
+    The driver keeps a finished ``ResponseFuture`` alive until its request
+    timer expires (the timer heap holds it), and the future holds the chunk
+    (via ``query``, ``message`` and the query plan's generator): without this,
+    a fast upload keeps every chunk in memory for the timeout.
+    """
+    try:
+        future.result()
+    finally:
+        future.query = future.message = future.query_plan = None
+
+
+def rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """The bytes of ``chunks`` again, in pieces of exactly ``size`` (the last may be shorter; at least one)."""
+    buf = bytearray()
+    emitted = False
+    for chunk in chunks:
+        buf += chunk
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+            emitted = True
+    if buf or not emitted:
+        yield bytes(buf)
 
 
 def open_store(settings: Settings, session=None, scheme: str | None = None) -> BlobStore:

@@ -7,7 +7,12 @@ event and the job row exists; bad input is refused with a clear reason.
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.util
+import logging
+import unicodedata
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,8 +29,14 @@ from . import routing
 from .publisher import Publisher, PublishError
 from .worker_view import WorkerView
 
+log = logging.getLogger("kafscribe.submission")
+
 TASKS = ("transcribe", "translate")
 OPTION_FIELDS = ("language", "task", "translate_to", "callback_url", "model", "callback_include_transcript")
+MAX_FILENAME_CHARS = 255
+MAX_TRACE_ID_CHARS = 128
+MAX_TENANT_CHARS = 128
+READ_CHUNK_BYTES = 1 << 20
 
 
 class SubmissionError(Exception):
@@ -41,10 +52,46 @@ class Unavailable(Exception):
     """Kafka or Cassandra is down: nothing was accepted; try again later (503)."""
 
 
-def _languages() -> dict[str, str]:
-    from whisper.tokenizer import LANGUAGES
+def check_text(name: str, value: str, max_chars: int) -> str:
+    """``value`` if it is valid UTF-8 text without control characters and at most ``max_chars``; else 422.
 
-    return LANGUAGES
+    Header and multipart values arrive with invalid UTF-8 bytes as lone
+    surrogates (``surrogateescape``); they would fail later, in Cassandra or
+    Avro, as a 503 the client retries forever.
+    """
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SubmissionError(422, f"{name} is not valid UTF-8 (at character {exc.start})") from exc
+    if len(value) > max_chars:
+        raise SubmissionError(422, f"{name} is {len(value)} characters; the limit is {max_chars}")
+    for i, char in enumerate(value):
+        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            raise SubmissionError(422, f"{name} contains a control character ({char!r} at {i})")
+    return value
+
+
+def check_trace_id(trace_id: str) -> str:
+    """A trace id is printable ASCII without spaces, at most 128 characters (W3C ids fit); else 422."""
+    check_text("X-Trace-Id", trace_id, MAX_TRACE_ID_CHARS)
+    bad = next((c for c in trace_id if not "!" <= c <= "~"), None)
+    if bad is not None:
+        raise SubmissionError(422, f"X-Trace-Id must be printable ASCII without spaces; found {bad!r}")
+    return trace_id
+
+
+@functools.cache
+def _languages() -> dict[str, str]:
+    """Whisper's language table, read from its source: importing ``whisper`` would import torch
+    (seconds, ~800 MiB) into the ingress for one dict."""
+    spec = importlib.util.find_spec("whisper")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the openai-whisper package is not installed")
+    source = Path(next(iter(spec.submodule_search_locations)), "tokenizer.py").read_text()
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "LANGUAGES" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise RuntimeError("whisper/tokenizer.py has no LANGUAGES table")
 
 
 def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
@@ -95,7 +142,16 @@ class Submitter:
         self, path: Path, options: JobOptions, *, filename: str = "", tenant: str = "default",
         trace_id: str = "", job_id: str | None = None,
     ) -> Upload:
-        """Accept the audio at ``path``; returns the published ``Upload``."""
+        """Accept the audio at ``path``; returns the published ``Upload``.
+
+        The audio is streamed to the blob store and hashed on the way, never
+        read whole. A blob never outlives a refusal: if the job row or the
+        publish fails, the blob is deleted before ``Unavailable`` is raised.
+        """
+        filename = check_text("filename", filename or path.name, MAX_FILENAME_CHARS)
+        check_text("tenant", tenant, MAX_TENANT_CHARS)
+        if trace_id:
+            check_trace_id(trace_id)
         size = path.stat().st_size
         if size == 0:
             raise SubmissionError(415, "the file is empty")
@@ -105,17 +161,31 @@ class Submitter:
             info = audio.probe(path)
         except audio.AudioError as exc:
             raise SubmissionError(415, str(exc)) from exc
-        data = path.read_bytes()
         job_id = job_id or uuid.uuid4().hex
+        digest = hashlib.sha256()
+        sizes = [0]
+
+        def chunks():
+            with open(path, "rb") as f:
+                while chunk := f.read(READ_CHUNK_BYTES):
+                    digest.update(chunk)
+                    sizes[0] += len(chunk)
+                    yield chunk
+
+        try:
+            blob_ref = self.blobs.put_chunks(job_id, chunks())
+        except Exception as exc:  # noqa: BLE001 - Cassandra/file errors all mean "not accepted"
+            self._forget_blob(job_id)
+            raise Unavailable(f"blob store unavailable: {type(exc).__name__}: {exc}") from exc
         upload = Upload(
             job_id=job_id, tenant=tenant, trace_id=trace_id or uuid.uuid4().hex,
-            blob_ref="", audio_sha256=hashlib.sha256(data).hexdigest(), audio_bytes=len(data),
-            audio_duration=info.duration, filename=filename or path.name, options=options,
+            blob_ref=blob_ref, audio_sha256=digest.hexdigest(), audio_bytes=sizes[0],
+            audio_duration=info.duration, filename=filename, options=options,
         )
         try:
-            upload.blob_ref = self.blobs.put(job_id, data)
             self.jobs.create(upload)
-        except Exception as exc:  # noqa: BLE001 - Cassandra/file errors all mean "not accepted"
+        except Exception as exc:  # noqa: BLE001 - Cassandra errors all mean "not accepted"
+            self._forget_blob(job_id)
             raise Unavailable(f"job store unavailable: {type(exc).__name__}: {exc}") from exc
         try:
             self.publisher.publish(
@@ -127,8 +197,16 @@ class Submitter:
                 self.jobs.transition(job_id, FAILED, error=f"not queued: {exc}")
             except Exception:  # noqa: BLE001 - best effort; the client gets 503 either way
                 pass
+            self._forget_blob(job_id)
             raise Unavailable(str(exc)) from exc
         return upload
+
+    def _forget_blob(self, job_id: str) -> None:
+        """Delete the blob of a job that was not accepted (best effort: the store may be what failed)."""
+        try:
+            self.blobs.delete(job_id)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not delete the blob of refused job %s: %s", job_id, exc)
 
     def choose_partition(self, upload: Upload) -> int | None:
         """Partition of the live transcriber with the most headroom; None lets the key hash decide."""

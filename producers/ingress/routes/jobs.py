@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -14,59 +13,31 @@ from aiohttp import web
 from kafscribe import cassandra_session, formats, metrics
 from kafscribe.jobstore import COMPLETED
 from kafscribe.settings import Settings
+from schemas.events import JobOptions, Upload
 
-from ...submission import SubmissionError, Unavailable, parse_options
+from ...submission import SubmissionError, Unavailable, check_trace_id, parse_options
 from .. import auth
 from ..backends import Backends
 from ..links import job_links
 from ..responses import error, json_response, unavailable
+from ..upload import read_upload
 
 log = logging.getLogger("kafscribe.ingress")
-
-
-async def _read_upload(request: web.Request, settings: Settings) -> tuple[Path, str, dict[str, str]]:
-    """Stream the multipart body: the ``file`` part to a temp file (size-limited), the rest as options."""
-    if not request.content_type.startswith("multipart/"):
-        raise SubmissionError(422, "send multipart/form-data with a 'file' part")
-    reader = await request.multipart()
-    fields: dict[str, str] = {}
-    path: Path | None = None
-    filename = ""
-    try:
-        while (part := await reader.next()) is not None:
-            if part.name == "file":
-                filename = part.filename or "upload"
-                fd, tmp = tempfile.mkstemp(prefix="kafscribe-upload-")
-                path = Path(tmp)
-                size = 0
-                with open(fd, "wb") as out:
-                    while chunk := await part.read_chunk(1 << 20):
-                        size += len(chunk)
-                        if size > settings.max_upload_bytes:
-                            raise SubmissionError(413, f"file exceeds the limit of {settings.max_upload_bytes} bytes")
-                        out.write(chunk)
-            else:
-                fields[part.name or ""] = (await part.text()).strip()
-    except SubmissionError:
-        if path:
-            path.unlink(missing_ok=True)
-        raise
-    if path is None:
-        raise SubmissionError(422, "missing the 'file' part")
-    return path, filename, fields
 
 
 async def create_job(request: web.Request) -> web.Response:
     settings: Settings = request.app["settings"]
     backends: Backends = request.app["backends"]
-    path = None
+    path = None  # the temp file while this handler owns it
     try:
-        path, filename, fields = await _read_upload(request, settings)
-        options = parse_options(fields, settings)
-        trace_id = request.headers.get("X-Trace-Id", "")
+        trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))
+        received = await read_upload(request, settings)
+        path, filename = received.path, received.filename
+        options = parse_options(received.fields, settings)
         tenant = auth.caller(request).tenant
+        owned, path = path, None  # the thread removes it, even if this handler is cancelled meanwhile
         upload = await asyncio.to_thread(
-            lambda: backends.submitter().submit(path, options, filename=filename, tenant=tenant, trace_id=trace_id)
+            _submit_then_remove, backends, owned, options, filename=filename, tenant=tenant, trace_id=trace_id
         )
     except SubmissionError as exc:
         return error(exc.status, exc.reason)
@@ -84,6 +55,13 @@ async def create_job(request: web.Request) -> web.Response:
         status=202,
         headers={"Location": f"/v1/jobs/{upload.job_id}"},
     )
+
+
+def _submit_then_remove(backends: Backends, path: Path, options: JobOptions, **kwargs: str) -> Upload:
+    try:
+        return backends.submitter().submit(path, options, **kwargs)
+    finally:
+        path.unlink(missing_ok=True)
 
 
 def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:

@@ -1,0 +1,120 @@
+"""Reading ``POST /v1/jobs`` bodies: one ``file`` part to a temp file, small known text fields.
+
+Everything is refused as it arrives, before it is read whole: an unknown or
+repeated field name, a second ``file`` part, a text field over
+``MAX_FIELD_BYTES``, an unknown charset, an encoded part, a bad filename. The
+temp file is removed on every path out of here except success, where the
+caller owns it (and removes it, see ``routes/jobs.py``).
+"""
+
+from __future__ import annotations
+
+import codecs
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from kafscribe.settings import Settings
+
+from ..submission import MAX_FILENAME_CHARS, OPTION_FIELDS, SubmissionError, check_text
+
+MAX_FIELD_BYTES = 4096
+FILE_FIELD = "file"
+_PLAIN_TRANSFER = ("", "7bit", "8bit", "binary")
+
+
+@dataclass
+class Received:
+    path: Path
+    filename: str
+    fields: dict[str, str]
+
+
+async def read_upload(request: web.Request, settings: Settings) -> Received:
+    """Stream the multipart body: the ``file`` part to a temp file (size-limited), the rest as options."""
+    if not request.content_type.startswith("multipart/form-data"):
+        raise SubmissionError(422, "send multipart/form-data with a 'file' part")
+    temp: list[Path] = []  # the temp file, once created
+    done = False
+    try:
+        try:
+            received = await _read_parts(await request.multipart(), settings, temp)
+        except (ValueError, LookupError, HttpProcessingError) as exc:  # aiohttp's words for a malformed body
+            raise SubmissionError(422, f"malformed multipart body: {exc}") from exc
+        done = True
+        return received
+    finally:
+        if not done:  # every path but success (refusal, disconnect, cancellation): the partial file goes
+            for path in temp:
+                path.unlink(missing_ok=True)
+
+
+async def _read_parts(reader: MultipartReader, settings: Settings, temp: list[Path]) -> Received:
+    fields: dict[str, str] = {}
+    received: Received | None = None
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            raise SubmissionError(422, "nested multipart parts are not accepted")
+        name = part.name
+        if name is None:
+            raise SubmissionError(422, "every part needs a form-data name")
+        _check_plain(part, name)
+        if name == FILE_FIELD:
+            if received is not None:
+                raise SubmissionError(422, "send one 'file' part; this request has a second one")
+            filename = check_text("filename", part.filename or "upload", MAX_FILENAME_CHARS)
+            received = Received(await _save_file(part, settings, temp), filename, fields)
+        elif name in OPTION_FIELDS:
+            if name in fields:
+                raise SubmissionError(422, f"field {name!r} is given twice")
+            fields[name] = await _read_field(part, name)
+        else:
+            allowed = ", ".join((FILE_FIELD, *OPTION_FIELDS))
+            raise SubmissionError(422, f"unknown field {ascii(name)[:80]}; allowed: {allowed}")
+    if received is None:
+        raise SubmissionError(422, "missing the 'file' part")
+    return received
+
+
+def _check_plain(part: BodyPartReader, name: str) -> None:
+    """Parts are sent as they are: no Content-Encoding (a gzip bomb) nor base64/quoted-printable."""
+    encoding = part.headers.get("Content-Encoding", "").strip().lower()
+    transfer = part.headers.get("Content-Transfer-Encoding", "").strip().lower()
+    if encoding not in ("", "identity") or transfer not in _PLAIN_TRANSFER:
+        raise SubmissionError(422, f"part {ascii(name)[:80]}: encoded parts are not accepted; send the bytes as they are")
+
+
+async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path]) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix="kafscribe-upload-")
+    path = Path(tmp)
+    temp.append(path)
+    size = 0
+    with open(fd, "wb") as out:
+        while chunk := await part.read_chunk(1 << 20):
+            size += len(chunk)
+            if size > settings.max_upload_bytes:
+                raise SubmissionError(413, f"file exceeds the limit of {settings.max_upload_bytes} bytes")
+            out.write(chunk)
+    return path
+
+
+async def _read_field(part: BodyPartReader, name: str) -> str:
+    charset = part.get_charset(default="utf-8")
+    try:
+        codec = codecs.lookup(charset)
+    except LookupError as exc:
+        raise SubmissionError(422, f"field {name!r}: unknown charset {ascii(charset)[:60]}") from exc
+    data = bytearray()
+    while chunk := await part.read_chunk(MAX_FIELD_BYTES + 1):
+        data += chunk
+        if len(data) > MAX_FIELD_BYTES:
+            raise SubmissionError(422, f"field {name!r} exceeds the limit of {MAX_FIELD_BYTES} bytes")
+    try:
+        value = codec.decode(bytes(data))[0]
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SubmissionError(422, f"field {name!r} is not valid {codec.name}: {exc}") from exc
+    return check_text(f"field {name!r}", value.strip(), MAX_FIELD_BYTES)
+
