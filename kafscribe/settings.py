@@ -190,7 +190,7 @@ class Settings:
         return cls(**values)
 
 
-_SECRET_WORDS = ("secret", "password", "api_key", "token", "credential", "sasl_username")
+_SECRET_WORDS = ("secret", "password", "api_key", "token", "credential")
 
 
 def is_secret(name: str) -> bool:
