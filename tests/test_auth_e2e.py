@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -224,3 +225,16 @@ def test_cli_submit_sends_the_key_from_the_environment_or_the_option(pipe, clips
     client = pipe.client(key)
     for job_id in (by_env.stdout.strip(), by_option.stdout.strip()):
         assert call(client, "GET", f"/v1/jobs/{job_id}")[0] == 200  # the key's tenant owns both
+
+
+def test_concurrent_redeliveries_of_one_job_let_exactly_one_through(pipe, clips, session):
+    alice = pipe.client(pipe.key(tenant()))
+    job_id = alice.submit(clips["en"], callback_url="http://127.0.0.1:9/hook")["job_id"]
+    CallbackStore(session).save_event(CallbackAttempt(
+        job_id=job_id, tenant="whoever", event_id=f"evt_{job_id}", url="http://127.0.0.1:9/hook",
+        event_type="job.completed", body="{}", delivery_attempt=1, not_before=0,
+    ))
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(lambda _: call(alice, "POST", f"/v1/jobs/{job_id}/callbacks/redeliver")[0],
+                                 range(8)))
+    assert sorted(statuses) == [202] + [429] * 7
