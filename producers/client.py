@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class HttpClient:
         self.timeout_s = timeout_s
         self.api_key = api_key
 
-    def _request(self, method: str, path: str, body: bytes | None = None,
+    def _request(self, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
                  headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
         headers = dict(headers or {})
         if self.api_key:
@@ -100,23 +100,34 @@ class HttpClient:
             return exc.code, exc.read(), dict(exc.headers)
 
     def submit(self, path: str | Path, **options: str) -> dict[str, Any]:
+        """POST the file as multipart, streamed from disk (never read whole)."""
         boundary = uuid.uuid4().hex
         parts = []
         for name, value in options.items():
             if value is not None:
                 parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
         path = Path(path)
+        filename = path.name.replace('"', "%22").replace("\r", "%0D").replace("\n", "%0A")  # as browsers do
         parts.append(
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{path.name}"\r\n'
-            "Content-Type: application/octet-stream\r\n\r\n".encode() + path.read_bytes() + b"\r\n"
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n".encode(errors="surrogateescape")
         )
-        parts.append(f"--{boundary}--\r\n".encode())
-        status, body, _ = self._request(
-            "POST", "/v1/jobs", b"".join(parts), {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        )
+        head, tail = b"".join(parts), f"\r\n--{boundary}--\r\n".encode()
+
+        def body():
+            yield head
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    yield chunk
+            yield tail
+
+        status, answer, _ = self._request("POST", "/v1/jobs", body(), {
+            "Content-Type": f"multipart/form-data; boundary={boundary}",
+            "Content-Length": str(len(head) + path.stat().st_size + len(tail)),
+        })
         if status != 202:
-            raise HttpError(status, body.decode(errors="replace"))
-        return json.loads(body)
+            raise HttpError(status, answer.decode(errors="replace"))
+        return json.loads(answer)
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         status, body, _ = self._request("GET", f"/v1/jobs/{job_id}")

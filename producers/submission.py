@@ -152,6 +152,8 @@ class Submitter:
         check_text("tenant", tenant, MAX_TENANT_CHARS)
         if trace_id:
             check_trace_id(trace_id)
+        if job_id is not None:
+            self._check_unused(job_id)
         size = path.stat().st_size
         if size == 0:
             raise SubmissionError(415, "the file is empty")
@@ -200,6 +202,15 @@ class Submitter:
             self._forget_blob(job_id)
             raise Unavailable(str(exc)) from exc
         return upload
+
+    def _check_unused(self, job_id: str) -> None:
+        """A job id given by the caller must be new: reusing one would overwrite that job's blob and row."""
+        try:
+            existing = self.jobs.get(job_id)
+        except Exception as exc:  # noqa: BLE001 - Cassandra errors all mean "not accepted"
+            raise Unavailable(f"job store unavailable: {type(exc).__name__}: {exc}") from exc
+        if existing is not None:
+            raise SubmissionError(409, f"job {job_id} exists; a job id is used once")
 
     def _forget_blob(self, job_id: str) -> None:
         """Delete the blob of a job that was not accepted (best effort: the store may be what failed)."""

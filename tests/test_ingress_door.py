@@ -121,11 +121,14 @@ def tmpdir_of_ingress(tmp_path, monkeypatch) -> Path:
     return directory
 
 
+def door_settings(settings: Settings | None = None) -> Settings:
+    """No key lookup or quota here: both need Cassandra (tests/test_auth*.py cover them)."""
+    return (settings or Settings(max_upload_bytes=LIMIT)).with_(auth_required=False, tenant_max_unfinished=0)
+
+
 def run_with_server(coro_fn, settings: Settings | None = None):
     async def main():
-        # no key lookup or quota here (both need Cassandra; tests/test_auth*.py cover them)
-        door = (settings or Settings(max_upload_bytes=LIMIT)).with_(auth_required=False, tenant_max_unfinished=0)
-        app = build_app(door, DoorOnly())
+        app = build_app(door_settings(settings), DoorOnly())
         async with TestServer(app, host="127.0.0.1") as server:
             return await coro_fn(server)
 
@@ -141,27 +144,39 @@ def test_bad_upload_is_refused_at_the_door_with_its_reason(row, tmpdir_of_ingres
     assert os.listdir(tmpdir_of_ingress) == []
 
 
-def test_client_disconnecting_mid_upload_leaves_no_temp_file(tmpdir_of_ingress):
+FIELD = part(b"language", b"en")
+FILE = file_part(data=b"\x00" * 40_000)
+DISCONNECT_AT = {  # where the client goes away: bytes of the body sent before the connection is reset
+    "in-a-text-field": len(FIELD) - 5,
+    "in-the-file": len(FIELD) + 20_000,
+    "after-the-file-before-the-end": len(FIELD) + len(FILE),
+}
+
+
+@pytest.mark.parametrize("where", DISCONNECT_AT, ids=list(DISCONNECT_AT))
+def test_client_disconnecting_mid_upload_leaves_no_temp_file(where, tmpdir_of_ingress):
+    payload = body(FIELD, FILE)
+    cut = DISCONNECT_AT[where]
+
     async def scenario(server):
         reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        payload = body(file_part(data=b"\x00" * 40_000))
         writer.write(b"POST /v1/jobs HTTP/1.1\r\nHost: test\r\nContent-Type: " + MULTIPART
-                     + b"\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload[:20_000])
+                     + b"\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload[:cut])
         await writer.drain()
-        for _ in range(200):  # the file part has started: a temp file exists
-            if os.listdir(tmpdir_of_ingress):
-                break
+        seen = set()
+        for _ in range(50):  # 1 s for the ingress to take what was sent
+            seen.update(os.listdir(tmpdir_of_ingress))
             await asyncio.sleep(0.02)
-        started = os.listdir(tmpdir_of_ingress)
         writer.transport.abort()
         for _ in range(250):  # generous: 5 s for the handler to notice and clean up
             if not os.listdir(tmpdir_of_ingress):
                 break
             await asyncio.sleep(0.02)
-        return started
+        return seen
 
-    started = run_with_server(scenario)
-    assert len(started) == 1 and started[0].startswith("kafscribe-upload-")
+    seen = run_with_server(scenario)
+    if where != "in-a-text-field":  # the file part had started: its temp file existed
+        assert len(seen) == 1 and next(iter(seen)).startswith("kafscribe-upload-")
     assert os.listdir(tmpdir_of_ingress) == []
 
 
@@ -223,3 +238,39 @@ def test_rechunk_cuts_any_stream_into_fixed_pieces(sizes):
     pieces = list(rechunk(iter(chunks), 10))
     assert b"".join(pieces) == data
     assert all(len(p) == 10 for p in pieces[:-1]) and 0 < len(pieces[-1]) <= 10 or pieces == [b""]
+
+
+def test_remove_orphans_takes_only_files_of_dead_ingress_processes(tmp_path):
+    import subprocess
+    import sys
+
+    from producers.ingress.upload import TEMP_PREFIX, remove_orphans
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    names = {f"{TEMP_PREFIX}{dead}-abc": False, f"{TEMP_PREFIX}{os.getpid()}-mine": True,
+             f"{TEMP_PREFIX}{os.getppid()}-alive": True, "kafscribe-other-1-x": True, "unrelated": True}
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert remove_orphans(str(tmp_path)) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(n for n, kept in names.items() if kept)
+
+
+def test_routes_that_need_no_backend_answer_through_the_test_client(tmpdir_of_ingress):
+    from aiohttp.test_utils import TestClient
+
+    async def scenario():
+        app = build_app(door_settings(), DoorOnly())
+        async with TestClient(TestServer(app)) as client:
+            health = await client.get("/healthz")
+            assert (health.status, await health.json()) == (200, {"status": "ok"})
+            bad_format = await client.get("/v1/jobs/abc/transcript?format=docx")
+            got = await bad_format.json()
+            assert bad_format.status == 422 and "format must be one of" in got["error"]
+            refused = await client.post("/v1/jobs", data=b"not multipart", headers={"Content-Type": "text/plain"})
+            assert refused.status == 422
+            metrics = await (await client.get("/metrics")).text()
+            assert 'route="/v1/jobs",status="422"' in metrics
+            assert (await client.get("/nowhere")).status == 404
+
+    asyncio.run(scenario())

@@ -88,6 +88,15 @@ def test_good_upload_streams_to_the_blob_store_with_its_sha256(door, clips, sess
     assert blobstore.read_verified(door.settings, session, job["blob_ref"], job["audio_sha256"]) == data
 
 
+def test_http_client_streams_a_file_with_an_awkward_name(door, clips, session, tmp_path):
+    awkward = tmp_path / 'naïve "quoted"\nname.mp3'
+    awkward.write_bytes(clips["en_mp3"].read_bytes())
+    got = door.http.submit(awkward, language="en")
+    job = JobStore(session).get(got["job_id"])
+    assert job["filename"] == "naïve %22quoted%22%0Aname.mp3"
+    assert job["audio_bytes"] == awkward.stat().st_size
+
+
 def test_disconnect_mid_upload_at_a_real_ingress_leaves_no_temp_file(door):
     payload = body(file_part(data=b"\x00" * 50_000))
     sock = socket.create_connection(("127.0.0.1", door.settings.http_port))
@@ -98,6 +107,36 @@ def test_disconnect_mid_upload_at_a_real_ingress_leaves_no_temp_file(door):
     sock.close()
     wait_until(lambda: not os.listdir(door.tmpdir), 10, "the temp file to be removed")
     assert door.alive("ingress")
+    log = wait_until(lambda: [ln for ln in door.log_tail("ingress", 200).splitlines() if "disconnected" in ln],
+                     10, "the disconnect to be logged")
+    assert '"level": "info"' in log[-1] and '"level": "error"' not in door.log_tail("ingress", 200)
+
+
+def test_concurrent_uploads_are_all_accepted_and_leave_no_temp_file(door, clips):
+    data = clips["en_mp3"].read_bytes()
+
+    async def many():
+        port = door.settings.http_port
+        return await asyncio.gather(*(
+            post_raw(port, key_header(door) + b"X-Trace-Id: conc-%d\r\n" % i, MULTIPART, body(file_part(b"c%d.mp3" % i, data)))
+            for i in range(8)))
+
+    answers = asyncio.run(many())
+    assert [status for status, _ in answers] == [202] * 8, answers
+    assert len({got["job_id"] for _, got in answers}) == 8
+    assert os.listdir(door.tmpdir) == []
+
+
+def test_temp_file_of_an_ingress_killed_mid_upload_is_removed_when_it_restarts(door):
+    payload = body(file_part(data=b"\x00" * 50_000))
+    with socket.create_connection(("127.0.0.1", door.settings.http_port)) as sock:
+        sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: t\r\n" + key_header(door) + b"Content-Type: " + MULTIPART
+                     + b"\r\nContent-Length: %d\r\n\r\n" % len(payload) + payload[:25_000])
+        wait_until(lambda: os.listdir(door.tmpdir), 10, "the upload's temp file to exist")
+        door.kill("ingress")
+    assert len(os.listdir(door.tmpdir)) == 1  # a dead process cannot clean up after itself
+    door.start("ingress", TMPDIR=str(door.tmpdir))
+    wait_until(lambda: not os.listdir(door.tmpdir), 10, "the orphaned temp file to be removed")
 
 
 def peak_rss(pid: int) -> int:
@@ -132,7 +171,7 @@ def silent_wav(path: Path, seconds: int) -> Path:
 
 def test_peak_memory_does_not_grow_with_field_or_file_size(stack_settings, tmp_path_factory, tmp_path, clips):
     """Cassandra blob store. Peak RSS after an 8 MiB file, then after a 40 MiB one: the larger file adds
-    (almost) nothing, as it is streamed in chunks; three 32 MiB fields are refused after 4 KiB."""
+    far less than its size, as it is streamed in chunks; three 32 MiB fields are refused after 4 KiB."""
     settings = fresh_settings(stack_settings, max_upload_bytes=64 << 20)
     pipe = make_pipeline(settings, tmp_path_factory, "ingress-memory")
     pipe.start("ingress", TMPDIR=str(tmp_path))
@@ -152,7 +191,8 @@ def test_peak_memory_does_not_grow_with_field_or_file_size(stack_settings, tmp_p
         mib = 1 << 20
         print(f"ingress peak RSS {start / mib:.0f} MiB; first upload (8 MiB) +{(small - start) / mib:.1f} MiB; "
               f"40 MiB upload +{(large - small) / mib:.1f} MiB; 3x32 MiB fields +{(after_fields - large) / mib:.1f} MiB")
-        assert large - small < 8 * mib
+        # streamed: 0.2-12 MiB measured, the same for 110 MiB (malloc arenas); read whole it would be >= 40
+        assert large - small < 20 * mib
         assert after_fields - large < 4 * mib
         assert os.listdir(tmp_path) == []
     finally:
@@ -188,10 +228,9 @@ def test_failed_job_row_deletes_the_blob(stack_settings, clips):
     try:
         submitter = Submitter(settings, session, publisher)
         session.execute(f"DROP TABLE {keyspace}.jobs", timeout=60)
-        job_id = uuid.uuid4().hex
         with pytest.raises(Unavailable, match="job store unavailable"):
-            submitter.submit(clips["en_mp3"], parse_options({}, settings), job_id=job_id)
-        assert list(session.execute("SELECT idx FROM audio_chunks WHERE blob_id=%s", (job_id,))) == []
+            submitter.submit(clips["en_mp3"], parse_options({}, settings))
+        assert list(session.execute("SELECT blob_id FROM audio_chunks")) == []  # the keyspace is this test's
     finally:
         publisher.close()
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
@@ -230,3 +269,18 @@ def test_put_chunks_stores_uneven_chunks_in_fixed_rows_and_delete_removes_them(
     with pytest.raises(blobstore.BlobError, match="not found"):
         store.get(ref)
     assert os.listdir(tmp_path) == []  # no .tmp left by the file store either
+
+
+def test_direct_submit_refuses_a_used_job_id_and_keeps_that_job_s_blob(stack_settings, session, clips, tmp_path):
+    settings = fresh_settings(stack_settings, blob_store="file", blob_dir=tmp_path)
+    publisher = Publisher(settings)
+    try:
+        submitter = Submitter(settings, session, publisher)
+        first = submitter.submit(clips["en_mp3"], parse_options({}, settings))
+        with pytest.raises(SubmissionError, match="exists") as err:
+            submitter.submit(clips["garbage"], parse_options({}, settings), job_id=first.job_id)
+        assert err.value.status == 409
+    finally:
+        publisher.close()
+    assert blobstore.read_verified(settings, session, first.blob_ref, first.audio_sha256)
+    assert JobStore(session).get(first.job_id)["audio_sha256"] == first.audio_sha256

@@ -10,7 +10,7 @@ from aiohttp import web
 from kafscribe import logs, metrics
 from kafscribe.settings import Settings
 
-from . import auth
+from . import auth, upload
 from .backends import Backends
 from .routes import callbacks, health, jobs, workers
 
@@ -47,9 +47,13 @@ def build_app(settings: Settings, backends: Backends | None = None) -> web.Appli
     app.router.add_get("/readyz", health.readyz)
     app.router.add_get("/metrics", health.metrics_endpoint)
 
+    async def sweep(app: web.Application) -> None:
+        await asyncio.to_thread(upload.remove_orphans)
+
     async def close(app: web.Application) -> None:
         await asyncio.to_thread(app["backends"].close)
 
+    app.on_startup.append(sweep)
     app.on_cleanup.append(close)
     return app
 

@@ -9,7 +9,10 @@ caller owns it (and removes it, see ``routes/jobs.py``).
 
 from __future__ import annotations
 
+import asyncio
 import codecs
+import logging
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +26,10 @@ from ..submission import MAX_FILENAME_CHARS, OPTION_FIELDS, SubmissionError, che
 
 MAX_FIELD_BYTES = 4096
 FILE_FIELD = "file"
+TEMP_PREFIX = "kafscribe-upload-"
 _PLAIN_TRANSFER = ("", "7bit", "8bit", "binary")
+
+log = logging.getLogger("kafscribe.ingress")
 
 
 @dataclass
@@ -88,7 +94,7 @@ def _check_plain(part: BodyPartReader, name: str) -> None:
 
 
 async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix="kafscribe-upload-")
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
     path = Path(tmp)
     temp.append(path)
     size = 0
@@ -97,7 +103,7 @@ async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path])
             size += len(chunk)
             if size > settings.max_upload_bytes:
                 raise SubmissionError(413, f"file exceeds the limit of {settings.max_upload_bytes} bytes")
-            out.write(chunk)
+            await asyncio.to_thread(out.write, chunk)  # a slow disk must not stall the event loop
     return path
 
 
@@ -118,3 +124,33 @@ async def _read_field(part: BodyPartReader, name: str) -> str:
         raise SubmissionError(422, f"field {name!r} is not valid {codec.name}: {exc}") from exc
     return check_text(f"field {name!r}", value.strip(), MAX_FIELD_BYTES)
 
+
+
+def remove_orphans(directory: str | None = None) -> int:
+    """Remove temp files of ingress processes that no longer run (killed mid-upload); returns how many.
+
+    Temp file names carry the writer's pid, so ingresses sharing a TMPDIR never
+    remove each other's uploads in progress.
+    """
+    directory = directory or tempfile.gettempdir()
+    removed = 0
+    for entry in os.scandir(directory):
+        if not entry.name.startswith(TEMP_PREFIX):
+            continue
+        pid = entry.name[len(TEMP_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            Path(entry.path).unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        log.warning("removed %d temp file(s) left by ingress processes that died mid-upload", removed)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

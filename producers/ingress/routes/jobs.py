@@ -41,6 +41,9 @@ async def create_job(request: web.Request) -> web.Response:
         )
     except SubmissionError as exc:
         return error(exc.status, exc.reason)
+    except ConnectionError as exc:  # the client went away mid-upload; nobody reads this answer
+        log.info("client disconnected mid-upload (%s); nothing kept", type(exc).__name__)
+        return error(400, "the client disconnected before the upload was complete")
     except Unavailable as exc:
         log.warning("refusing upload: %s", exc)
         return unavailable(settings, str(exc))
