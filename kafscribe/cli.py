@@ -128,7 +128,12 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
     from . import apikeys, cassandra_session
 
-    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    try:
+        session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    except Exception as exc:  # noqa: BLE001 - any failure: say where we looked
+        print(f"kafscribe: cannot reach Cassandra at {settings.cassandra_hosts}:{settings.cassandra_port}"
+              f" (keyspace {settings.cassandra_keyspace}; `kafscribe stack up` starts it): {exc}", file=sys.stderr)
+        return 1
     try:
         store = apikeys.KeyStore(session)
         if args.action == "create":

@@ -65,3 +65,15 @@ def test_links_come_from_public_url_or_an_allowed_host(public_url, host, base):
     app["settings"] = Settings(public_url=public_url)
     request = make_mocked_request("GET", "/v1/jobs/j1", headers={"Host": host} if host else {}, app=app)
     assert job_links(request, "j1") == {"self": f"{base}/v1/jobs/j1", "transcript": f"{base}/v1/jobs/j1/transcript"}
+
+
+def test_keys_cli_says_where_it_looked_when_cassandra_is_down():
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    env["KAFSCRIBE_CASSANDRA_PORT"] = str(free_port())
+    proc = subprocess.run([sys.executable, "-m", "kafscribe.cli", "keys", "create", "--tenant", "acme"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "cannot reach Cassandra" in proc.stderr and "Traceback" not in proc.stderr
