@@ -38,6 +38,11 @@ up: install system-deps
 	$(BIN)/kafscribe models prepare
 	$(BIN)/kafscribe services up
 	@echo "kafscribe is up: ingress on http://127.0.0.1:8000, services supervised (kafscribe services status; make down to stop)"
+	@key=$$($(BIN)/kafscribe keys local | tail -n 1) || exit 1; \
+	echo "local API key (admin, tenant 'default'; kept in .kafscribe/local-api-key, new keys: kafscribe keys create):"; \
+	echo "  export KAFSCRIBE_API_KEY=$$key"; \
+	echo '  curl -H "Authorization: Bearer $$KAFSCRIBE_API_KEY" -F file=@clip.wav localhost:8000/v1/jobs'; \
+	echo "  $(BIN)/kafscribe submit clip.wav --wait"
 
 down:
 	-$(BIN)/kafscribe services down

@@ -40,8 +40,8 @@ def percentile(values: list[float], q: float) -> float:
     return values[lo] + (values[hi] - values[lo]) * (k - lo)
 
 
-def run_pipeline(url: str, clips: list[tuple[Path, float]]) -> tuple[float, list[float]]:
-    http = HttpClient(url)
+def run_pipeline(url: str, clips: list[tuple[Path, float]], api_key: str = "") -> tuple[float, list[float]]:
+    http = HttpClient(url, api_key=api_key)
     start = time.monotonic()
 
     def one(path: Path) -> float:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     audio_s = sum(d for _, d in clips)
     print(f"{len(clips)} clips, {audio_s:.1f} s of audio; engine {settings.engine}, model {settings.model}, "
           f"device {settings.device}")
-    wall, latencies = run_pipeline(args.url, clips)
+    wall, latencies = run_pipeline(args.url, clips, settings.api_key)
     bare, load_s = run_bare(settings, clips)
     print(f"pipeline : {wall:7.2f} s wall   {audio_s / wall:6.2f} audio-s/s")
     print(f"bare     : {bare:7.2f} s        {audio_s / bare:6.2f} audio-s/s   (model load {load_s:.1f} s, not counted)")

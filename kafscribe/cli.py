@@ -97,11 +97,14 @@ def _submit(args: argparse.Namespace, settings: Settings) -> int:
         read = client.direct_job_reader(settings)
         get_job = lambda: read(job_id)  # noqa: E731
     else:
-        http = client.HttpClient(args.url or settings.public_url or f"http://127.0.0.1:{settings.http_port}")
+        http = client.HttpClient(args.url or settings.public_url or f"http://127.0.0.1:{settings.http_port}",
+                                 api_key=args.api_key or settings.api_key)
         try:
             job_id = http.submit(args.file, **{k: v for k, v in options.items() if v is not None})["job_id"]
         except client.HttpError as exc:
             print(f"kafscribe: upload refused: {exc}", file=sys.stderr)
+            if exc.status == 401:
+                print("kafscribe: pass --api-key or set KAFSCRIBE_API_KEY (`kafscribe keys create`)", file=sys.stderr)
             return 1
         get_job = lambda: http.job(job_id)  # noqa: E731
     print(f"job {job_id} queued", file=sys.stderr)
@@ -153,6 +156,61 @@ def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    from . import apikeys, cassandra_session
+
+    try:
+        session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    except Exception as exc:  # noqa: BLE001 - any failure: say where we looked
+        print(f"kafscribe: cannot reach Cassandra at {settings.cassandra_hosts}:{settings.cassandra_port}"
+              f" (keyspace {settings.cassandra_keyspace}; `kafscribe stack up` starts it): {exc}", file=sys.stderr)
+        return 1
+    try:
+        store = apikeys.KeyStore(session)
+        if args.action == "create":
+            if not args.tenant:
+                print("kafscribe: keys create needs --tenant NAME", file=sys.stderr)
+                return 2
+            key, record = store.create(args.tenant, admin=args.admin, label=args.label or "")
+            print(f"created {'admin ' if record.admin else ''}key {record.key_id} of tenant {record.tenant}"
+                  " (shown once; send it as 'Authorization: Bearer KEY' or set KAFSCRIBE_API_KEY):")
+            print(key)
+        elif args.action == "local":
+            print(_local_key(store, settings))
+        elif args.action == "list":
+            print(f"{'key_id':<13} {'tenant':<20} {'admin':<6} {'state':<8} {'created':<26} label")
+            for k in store.list(args.tenant):
+                state = "active" if k.active else "revoked"
+                print(f"{k.key_id:<13} {k.tenant:<20} {'yes' if k.admin else 'no':<6} {state:<8} "
+                      f"{k.created_at.isoformat(timespec='seconds') if k.created_at else '':<26} {k.label}")
+        else:
+            if not args.key:
+                print("kafscribe: keys revoke needs a key id (see keys list) or the key", file=sys.stderr)
+                return 2
+            record = store.revoke(args.key)
+            print(f"revoked key {record.key_id} of tenant {record.tenant}")
+    except apikeys.ApiKeyError as exc:
+        print(f"kafscribe: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        session.cluster.shutdown()
+    return 0
+
+
+def _local_key(store, settings: Settings) -> str:
+    """The local development key (admin, tenant `default`) kept in the state directory; made once."""
+    path = settings.state_dir / "local-api-key"
+    if path.exists():
+        key = path.read_text().strip()
+        if store.lookup(key) is not None:
+            return key
+    key, _ = store.create("default", admin=True, label="local (make up)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.write_text(key + "\n")
+    return key
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kafscribe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", help="with --wait: which language's transcript to print")
     p.add_argument("--timeout", type=float, default=1800.0)
     p.add_argument("--url", help="ingress base URL (default http://127.0.0.1:$KAFSCRIBE_HTTP_PORT)")
+    p.add_argument("--api-key", help="API key for the ingress (default: $KAFSCRIBE_API_KEY)")
     p.add_argument("--direct", action="store_true", help="produce straight to Kafka instead of HTTP")
     p.set_defaults(func=_submit)
 
@@ -201,6 +260,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rotate", action="store_true",
                    help="make a new secret; the old one keeps signing for KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S")
     p.set_defaults(func=_webhooks)
+    p = sub.add_parser("keys", help="API keys of the ingress (stored hashed in Cassandra)")
+    p.add_argument("action", choices=["create", "list", "revoke", "local"],
+                   help="create: print a new key as the last line; list; revoke KEY_ID|KEY; "
+                   "local: the local admin key of `make up` (made once, kept in the state dir)")
+    p.add_argument("key", nargs="?", help="revoke: the key id (see list) or the key")
+    p.add_argument("--tenant", help="create: the key's tenant; list: only this tenant's keys")
+    p.add_argument("--admin", action="store_true", help="create: may act for any tenant and see /v1/workers")
+    p.add_argument("--label", help="create: a note shown by list (who has the key)")
+    p.set_defaults(func=_keys)
 
     p = sub.add_parser("settings", help="print every KAFSCRIBE_* setting and its value")
     p.add_argument("--markdown", action="store_true", help="the defaults as a Markdown table")

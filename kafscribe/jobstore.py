@@ -4,6 +4,12 @@ Statuses: ``queued -> transcribing -> translating -> completed | failed``.
 Every write is an upsert keyed by ``job_id`` (segments: and track, index), so
 a stage that redoes a job after a crash rewrites the same rows. A finished
 job is never moved back to a running status by a late or replayed event.
+
+Tenants: reads can be scoped to a tenant (another tenant's job reads as
+missing), and the store keeps the set of each tenant's unfinished jobs
+(``tenant_unfinished_jobs``) for the ingress's quota: a job enters it when
+it is created (in one logged batch with the job row) and leaves it when it
+moves to ``completed`` or ``failed`` (idempotent, so replays are harmless).
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import json
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
+
+from cassandra.query import BatchStatement, BatchType
 
 from schemas.events import JobOptions, Result, Segment, Upload
 
@@ -34,7 +42,10 @@ class JobStore:
             "INSERT INTO jobs (job_id, tenant, status, created_at, updated_at, attempts, trace_id, filename,"
             " options, blob_ref, audio_sha256, audio_bytes, audio_duration) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
         )
-        self._status = p("SELECT status, attempts FROM jobs WHERE job_id = ?")
+        self._status = p("SELECT status, attempts, tenant FROM jobs WHERE job_id = ?")
+        self._add_unfinished = p("INSERT INTO tenant_unfinished_jobs (tenant, job_id, created_at) VALUES (?,?,?)")
+        self._drop_unfinished = p("DELETE FROM tenant_unfinished_jobs WHERE tenant = ? AND job_id = ?")
+        self._unfinished = p("SELECT job_id FROM tenant_unfinished_jobs WHERE tenant = ? LIMIT ?")
         self._update = p(
             "UPDATE jobs SET status = ?, updated_at = ?, worker_id = ?, attempts = ?, error = ? WHERE job_id = ?"
         )
@@ -52,9 +63,10 @@ class JobStore:
 
     # --- writes ------------------------------------------------------------
     def create(self, upload: Upload) -> None:
-        """The job row of a new upload, ``queued``."""
+        """The job row of a new upload, ``queued``, and its place among the tenant's unfinished jobs."""
         now = _now()
-        self.session.execute(
+        batch = BatchStatement(batch_type=BatchType.LOGGED)  # both rows or neither: no quota slot leaks
+        batch.add(
             self._insert_job,
             (
                 upload.job_id, upload.tenant, QUEUED, now, now, 0, upload.trace_id, upload.filename,
@@ -62,6 +74,8 @@ class JobStore:
                 upload.audio_bytes, upload.audio_duration,
             ),
         )
+        batch.add(self._add_unfinished, (upload.tenant, upload.job_id, now))
+        self.session.execute(batch)
 
     def transition(
         self, job_id: str, status: str, *, worker_id: str = "", attempts: int = 0, error: str | None = None
@@ -89,6 +103,8 @@ class JobStore:
         if row is not None and row.status in TERMINAL and status not in TERMINAL:
             return False
         self.session.execute(self._update, (status, _now(), worker_id, attempts, error, job_id))
+        if status in TERMINAL and row is not None and row.tenant is not None:
+            self.session.execute(self._drop_unfinished, (row.tenant, job_id))
         return True
 
     def save_result(self, result: Result) -> bool:
@@ -126,9 +142,10 @@ class JobStore:
         )
 
     # --- reads -------------------------------------------------------------
-    def get(self, job_id: str) -> dict[str, Any] | None:
+    def get(self, job_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """The job ``job_id``; with ``tenant``, None unless the job is that tenant's (no existence leak)."""
         row = self.session.execute(self._get_job, (job_id,)).one()
-        if row is None:
+        if row is None or (tenant is not None and row.tenant != tenant):
             return None
         job = row._asdict()
         job["options"] = json.loads(job["options"] or "{}")
@@ -148,6 +165,27 @@ class JobStore:
         out["segments"] = tracks["source"]
         out["translated_segments"] = tracks["translation"]
         return out
+
+
+    def unfinished_jobs(self, tenant: str, limit: int) -> list[str]:
+        """Up to ``limit`` ids of ``tenant``'s queued or running jobs (for the quota).
+
+        At the limit the entries are checked against the job rows, and any whose
+        job is finished or gone (a crash between two writes) are dropped, so a
+        lost bookkeeping write cannot hold a tenant at its quota for ever.
+        """
+        ids = [r.job_id for r in self.session.execute(self._unfinished, (tenant, limit))]
+        if len(ids) < limit:
+            return ids
+        live = []
+        futures = [(job_id, self.session.execute_async(self._status, (job_id,))) for job_id in ids]
+        for job_id, fut in futures:
+            row = fut.result().one()
+            if row is None or row.status in TERMINAL or row.tenant != tenant:
+                self.session.execute(self._drop_unfinished, (tenant, job_id))
+            else:
+                live.append(job_id)
+        return live
 
 
 def options_from_json(raw: dict[str, Any]) -> JobOptions:

@@ -60,9 +60,24 @@ class Settings:
     # --- ingress ---------------------------------------------------------
     http_host: str = _doc("Ingress listen address.", "127.0.0.1")
     http_port: int = _doc("Ingress listen port.", 8000)
-    public_url: str = _doc("Base URL used in links handed to clients.", "")
+    public_url: str = _doc("Base URL of links handed to clients (wins over the request's Host).", "")
+    allowed_hosts: str = _doc(
+        "Host headers (`name` or `name:port`, comma-separated) links may be built from when PUBLIC_URL is empty;"
+        " any other Host gets relative links.", "localhost,127.0.0.1,[::1]",
+    )
     max_upload_bytes: int = _doc("Largest accepted upload (413 above).", 200 * 1024 * 1024)
     retry_after_s: int = _doc("Retry-After sent with 503 when Kafka/Cassandra is down.", 5)
+
+    # --- auth and quotas ---------------------------------------------------
+    auth_required: bool = _doc(
+        "`/v1/*` needs `Authorization: Bearer KEY`. `false` is for local development only (loopback"
+        " HTTP_HOST only; every request then acts as an admin).", True,
+    )
+    auth_cache_s: float = _doc("How long the ingress trusts a looked-up API key (a revocation takes effect within this).", 2.0)
+    api_key: str = _doc("API key `kafscribe submit` sends (`kafscribe keys create` makes one).", "")
+    tenant_max_unfinished: int = _doc("Unfinished jobs a tenant may have; more get 429 + Retry-After (0 = no limit).", 100)
+    quota_retry_after_s: int = _doc("Retry-After sent with a quota 429.", 30)
+    redeliver_interval_s: int = _doc("A job's callback may be redelivered once per this many seconds (429 inside).", 60)
 
     # --- blobs -----------------------------------------------------------
     blob_store: str = _doc("Where audio lives: `cassandra` (any host) or `file` (one host).", "cassandra")
@@ -206,6 +221,13 @@ class Settings:
         """How long one job of ``audio_duration_s`` seconds may take before it fails."""
         return self.job_time_limit_min_s + self.job_time_limit_factor * max(audio_duration_s, 0.0)
 
+    def shown(self, name: str) -> str:
+        """The value of setting ``name`` as `kafscribe settings` prints it: secrets masked."""
+        value = str(getattr(self, name))
+        if is_secret(name) and value:
+            return "****" if len(value) < 12 else f"****{value[-4:]}"
+        return value
+
     def to_env(self) -> dict[str, str]:
         """These settings as ``KAFSCRIBE_*`` variables (to hand to a child process)."""
         return {ENV_PREFIX + f.name.upper(): str(getattr(self, f.name)) for f in fields(self)}
@@ -230,6 +252,14 @@ class Settings:
         return cls(**values)
 
 
+_SECRET_WORDS = ("secret", "password", "api_key", "token", "credential")
+
+
+def is_secret(name: str) -> bool:
+    """Settings whose values are never printed (keys, secrets, passwords)."""
+    return any(word in name for word in _SECRET_WORDS)
+
+
 def _parse(f: dataclasses.Field, raw: str, key: str) -> Any:
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
     try:
@@ -251,9 +281,9 @@ def _parse(f: dataclasses.Field, raw: str, key: str) -> Any:
 
 
 def settings_table(settings: Settings | None = None) -> list[tuple[str, str, str]]:
-    """(variable, default-or-current value, description) rows, for docs and the CLI."""
+    """(variable, default-or-current value, description) rows, for docs and the CLI; secrets masked."""
     settings = settings or Settings()
     return [
-        (ENV_PREFIX + f.name.upper(), str(getattr(settings, f.name)), f.metadata["doc"])
+        (ENV_PREFIX + f.name.upper(), settings.shown(f.name), f.metadata["doc"])
         for f in fields(Settings)
     ]

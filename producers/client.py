@@ -80,15 +80,19 @@ class HttpError(RuntimeError):
 
 
 class HttpClient:
-    """A minimal client of the ingress API (stdlib only)."""
+    """A minimal client of the ingress API (stdlib only); sends ``api_key`` as a Bearer token."""
 
-    def __init__(self, base_url: str, timeout_s: float = 120.0) -> None:
+    def __init__(self, base_url: str, timeout_s: float = 120.0, api_key: str = "") -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.api_key = api_key
 
     def _request(self, method: str, path: str, body: bytes | Iterable[bytes] | None = None,
                  headers: dict[str, str] | None = None) -> tuple[int, bytes, dict[str, str]]:
-        req = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers or {})
+        headers = dict(headers or {})
+        if self.api_key:
+            headers.setdefault("Authorization", f"Bearer {self.api_key}")
+        req = urllib.request.Request(self.base_url + path, data=body, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                 return resp.status, resp.read(), dict(resp.headers)

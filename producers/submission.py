@@ -21,7 +21,6 @@ from typing import Any
 from kafscribe import audio, blobstore, memory
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.jobstore import FAILED, JobStore
-from kafscribe.models import offline
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
 
@@ -111,7 +110,7 @@ def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
         raise SubmissionError(422, f"task={task!r} must be one of {', '.join(TASKS)}")
     opts.task = task
     model = (raw.get("model") or "").strip() or None
-    allowed = {settings.model, *offline.PACKAGED}
+    allowed = settings.allowed_model_names()
     if model is not None and model not in allowed:
         raise SubmissionError(422, f"model={model!r} is not served here; choose one of {', '.join(sorted(allowed))}")
     opts.model = model

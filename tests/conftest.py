@@ -41,6 +41,8 @@ def base_test_settings(**overrides) -> Settings:
         kafka_sasl_port=19094 + PORT_OFFSET,
         kafka_sasl_username="kafscribe",
         kafka_sasl_password="test-sasl-password",
+        # No quota unless a test sets one: jobs that tests leave unfinished pile up in the shared keyspace.
+        tenant_max_unfinished=0,
     )
     values.update(overrides)
     return Settings(**values)

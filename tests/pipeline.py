@@ -1,4 +1,11 @@
-"""Run the real kafscribe services as subprocesses against the test stack."""
+"""Run the real kafscribe services as subprocesses against the test stack.
+
+A ``Pipeline`` makes an admin API key of tenant ``default`` (``self.api_key``)
+and its ``http`` client sends it, so tests written before auth keep working:
+jobs go to tenant ``default``, and an ``X-Tenant`` header acts for another
+tenant as an admin may. Tests of tenant separation make their own tenant keys
+(``Pipeline.key``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from kafscribe import cassandra_session
+from kafscribe.apikeys import KeyStore
 from kafscribe.settings import Settings
 from producers.client import HttpClient
 
@@ -38,7 +47,24 @@ class Pipeline:
         self.settings = settings.with_(http_port=free_port())
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
-        self.http = HttpClient(f"http://127.0.0.1:{self.settings.http_port}", timeout_s=60)
+        self.api_key = self.key("default", admin=True)
+        self.http = self.client(self.api_key)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.settings.http_port}"
+
+    def client(self, api_key: str = "") -> HttpClient:
+        """A client of this pipeline's ingress sending ``api_key`` (none: unauthenticated)."""
+        return HttpClient(self.url, timeout_s=60, api_key=api_key)
+
+    def key(self, tenant: str, admin: bool = False) -> str:
+        """A new API key of ``tenant`` in the test keyspace."""
+        session = cassandra_session.connect(self.settings, keyspace=self.settings.cassandra_keyspace)
+        try:
+            return KeyStore(session).create(tenant, admin=admin, label="tests")[0]
+        finally:
+            session.cluster.shutdown()
 
     def env(self, **overrides: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}

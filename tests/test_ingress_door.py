@@ -121,9 +121,14 @@ def tmpdir_of_ingress(tmp_path, monkeypatch) -> Path:
     return directory
 
 
+def door_settings(settings: Settings | None = None) -> Settings:
+    """No key lookup or quota here: both need Cassandra (tests/test_auth*.py cover them)."""
+    return (settings or Settings(max_upload_bytes=LIMIT)).with_(auth_required=False, tenant_max_unfinished=0)
+
+
 def run_with_server(coro_fn, settings: Settings | None = None):
     async def main():
-        app = build_app(settings or Settings(max_upload_bytes=LIMIT), DoorOnly())
+        app = build_app(door_settings(settings), DoorOnly())
         async with TestServer(app, host="127.0.0.1") as server:
             return await coro_fn(server)
 
@@ -255,7 +260,7 @@ def test_routes_that_need_no_backend_answer_through_the_test_client(tmpdir_of_in
     from aiohttp.test_utils import TestClient
 
     async def scenario():
-        app = build_app(Settings(max_upload_bytes=LIMIT), DoorOnly())
+        app = build_app(door_settings(), DoorOnly())
         async with TestClient(TestServer(app)) as client:
             health = await client.get("/healthz")
             assert (health.status, await health.json()) == (200, {"status": "ok"})

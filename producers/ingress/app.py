@@ -10,7 +10,7 @@ from aiohttp import web
 from kafscribe import logs, metrics
 from kafscribe.settings import Settings
 
-from . import upload
+from . import auth, upload
 from .backends import Backends
 from .routes import callbacks, health, jobs, workers
 
@@ -31,8 +31,11 @@ async def count_requests(request: web.Request, handler):
 
 def build_app(settings: Settings, backends: Backends | None = None) -> web.Application:
     """The ingress app; ``backends`` defaults to fresh Cassandra/Kafka handles for ``settings``."""
-    app = web.Application(middlewares=[count_requests], client_max_size=settings.max_upload_bytes + (1 << 20))
+    app = web.Application(
+        middlewares=[count_requests, auth.authenticate], client_max_size=settings.max_upload_bytes + (1 << 20)
+    )
     app["settings"] = settings
+    auth.setup(app, settings)  # refuses auth off on a non-loopback address before anything starts
     app["backends"] = backends if backends is not None else Backends(settings)
     app.router.add_post("/v1/jobs", jobs.create_job)
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)

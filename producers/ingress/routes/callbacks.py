@@ -6,10 +6,13 @@ import asyncio
 
 from aiohttp import web
 
+from kafscribe import quotas
+from kafscribe.callback_guard import mask_url
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, now_ms
 
 from ...publisher import PublishError
+from .. import auth
 from ..backends import Backends
 from ..responses import error, json_response, unavailable
 from .jobs import load_job
@@ -27,8 +30,11 @@ async def get_callbacks(request: web.Request) -> web.Response:
     event, attempts = await asyncio.to_thread(load)
     return json_response({
         "job_id": job["job_id"],
-        "callback_url": job["options"].get("callback_url"),
-        "event": None if event is None else {k: event[k] for k in ("event_id", "event_type", "url", "created_at")},
+        "callback_url": mask_url(job["options"].get("callback_url")),
+        "event": None if event is None else {
+            "event_id": event["event_id"], "event_type": event["event_type"], "url": mask_url(event["url"]),
+            "created_at": event["created_at"],
+        },
         "attempts": [
             {k: a[k] for k in ("attempt", "attempted_at", "status_code", "latency_ms", "error", "outcome")}
             for a in attempts
@@ -47,19 +53,27 @@ async def redeliver_callback(request: web.Request) -> web.Response:
         event = store.get_event(job["job_id"])
         if event is None:
             return None
+        limiter = auth.gate(request).redeliveries()
+        limiter.claim(job["job_id"])  # once per job per interval, else LimitExceeded (429)
         attempts = store.attempts(job["job_id"])
         attempt = CallbackAttempt(
             job_id=job["job_id"], tenant=event["tenant"], trace_id=job["trace_id"] or "",
             event_id=event["event_id"], url=event["url"], event_type=event["event_type"], body=event["body"],
             delivery_attempt=max((a["attempt"] for a in attempts), default=0) + 1, not_before=now_ms(),
         )
-        backends.publisher.publish(settings.topic("callbacks.retry"), attempt.job_id.encode(), attempt.encode())
+        try:
+            backends.publisher.publish(settings.topic("callbacks.retry"), attempt.job_id.encode(), attempt.encode())
+        except PublishError:
+            limiter.release(job["job_id"])
+            raise
         return attempt
 
     try:
         attempt = await asyncio.to_thread(send)
     except PublishError as exc:
         return unavailable(settings, str(exc))
+    except quotas.LimitExceeded as exc:
+        return error(429, exc.reason, **{"Retry-After": str(exc.retry_after_s)})
     if attempt is None:
         return error(409, "this job has no callback event (no callback_url, or not finished yet)")
     return json_response({"job_id": attempt.job_id, "event_id": attempt.event_id,

@@ -11,11 +11,13 @@ from typing import Any
 from aiohttp import web
 
 from kafscribe import cassandra_session, formats, metrics
+from kafscribe.callback_guard import mask_url
 from kafscribe.jobstore import COMPLETED
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
 
 from ...submission import SubmissionError, Unavailable, check_trace_id, parse_options
+from .. import auth
 from ..backends import Backends
 from ..links import job_links
 from ..responses import error, json_response, unavailable
@@ -32,8 +34,8 @@ async def create_job(request: web.Request) -> web.Response:
         trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))
         received = await read_upload(request, settings)
         path, filename = received.path, received.filename
-        options = parse_options(received.fields, settings)
-        tenant = request.headers.get("X-Tenant", "default")
+        options = await asyncio.to_thread(parse_options, received.fields, settings)  # resolves callback_url's host
+        tenant = auth.caller(request).tenant
         owned, path = path, None  # the thread removes it, even if this handler is cancelled meanwhile
         upload = await asyncio.to_thread(
             _submit_then_remove, backends, owned, options, filename=filename, tenant=tenant, trace_id=trace_id
@@ -76,7 +78,7 @@ def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, An
         "attempts": job["attempts"] or 0,
         "worker_id": job["worker_id"],
         "error": job["error"],
-        "options": job["options"],
+        "options": {**job["options"], "callback_url": mask_url(job["options"].get("callback_url"))},
         "audio": {"filename": job["filename"], "bytes": job["audio_bytes"], "duration": job["audio_duration"]},
     }
     if result is not None and job["status"] == COMPLETED:
@@ -101,11 +103,12 @@ def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, An
 async def load_job(request: web.Request) -> tuple[dict, dict | None]:
     backends: Backends = request.app["backends"]
     job_id = request.match_info["job_id"]
+    scope = auth.job_scope(request)
 
     def load():
         jobs = backends.jobs()
         try:
-            job = jobs.get(job_id)
+            job = jobs.get(job_id, tenant=scope)  # another tenant's job reads as missing
             return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
         except Exception as exc:
             if cassandra_session.is_outage(exc):

@@ -1,0 +1,214 @@
+"""Who is calling: the API key of every ``/v1/*`` request decides its tenant.
+
+- ``Authorization: Bearer KEY`` (``kafscribe keys create``); missing, unknown
+  or revoked: ``401``. ``/healthz``, ``/readyz`` and ``/metrics`` are open.
+- The caller's tenant is the key's. An admin key may act for a tenant with
+  ``X-Tenant`` (new jobs belong to it), reads every tenant's jobs and is the
+  only one to see ``ADMIN_ONLY`` routes (``403`` for others). A tenant key
+  that names another tenant in ``X-Tenant`` gets ``403``.
+- Job routes read jobs through ``job_scope(request)``: another tenant's job
+  is missing (``404``), the same answer as an id that does not exist.
+- ``POST /v1/jobs`` is refused with ``429`` past the tenant's quota of
+  unfinished jobs, before the upload is read.
+- A looked-up key is trusted for ``KAFSCRIBE_AUTH_CACHE_S``: a revocation
+  takes effect within that time. Cassandra down while a key is checked: ``503``.
+- A job's callback redelivery takes a slot (``redeliveries``), once per job
+  per ``KAFSCRIBE_REDELIVER_INTERVAL_S``; the route answers ``429`` inside.
+- ``KAFSCRIBE_AUTH_REQUIRED=false`` (local development, loopback only): every
+  request is an admin of ``X-Tenant`` or ``default``; logged loudly at start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from kafscribe import apikeys, cassandra_session, quotas
+from kafscribe.settings import Settings, SettingsError
+
+from ..submission import Unavailable
+
+log = logging.getLogger("kafscribe.ingress.auth")
+
+ADMIN_ONLY = frozenset({"/v1/workers"})
+DEFAULT_TENANT = "default"
+_CACHE_MAX = 10_000
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The authenticated client of one request."""
+
+    tenant: str  # new jobs belong to it
+    admin: bool
+    key_id: str = ""  # "" when auth is off
+
+    @property
+    def job_scope(self) -> str | None:
+        """The tenant whose jobs this caller may read (None: every tenant's)."""
+        return None if self.admin else self.tenant
+
+
+class Gate:
+    """API keys (cached lookups) and the redelivery limit, over the ingress's Cassandra session."""
+
+    def __init__(self, settings: Settings, app: web.Application) -> None:
+        self.settings = settings
+        self.app = app  # its "backends" hold the Cassandra session
+        self._store: apikeys.KeyStore | None = None
+        self._redeliveries: quotas.RedeliverLimiter | None = None
+        self._cache: dict[str, tuple[float, apikeys.ApiKey | None]] = {}
+        self._lock = threading.Lock()
+
+    def lookup(self, key: str) -> apikeys.ApiKey | None:
+        """The active key ``key`` or None; blocking (run it in a thread). Raises ``Unavailable``."""
+        now = time.monotonic()
+        hit = self._cache.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            record = self._keys().lookup(key)
+        except Exception as exc:
+            if cassandra_session.is_outage(exc):
+                raise Unavailable(f"Cassandra unavailable: {exc}") from exc
+            raise
+        if self.settings.auth_cache_s > 0:
+            with self._lock:
+                if len(self._cache) >= _CACHE_MAX:
+                    self._cache.clear()
+                self._cache[key] = (now + self.settings.auth_cache_s, record)
+        return record
+
+    def _keys(self) -> apikeys.KeyStore:
+        session = self.app["backends"].submitter().session  # connects (or raises Unavailable)
+        with self._lock:
+            if self._store is None or self._store.session is not session:
+                self._store = apikeys.KeyStore(session)
+            return self._store
+
+    def redeliveries(self) -> quotas.RedeliverLimiter:
+        """The per-job redelivery limit (blocking: prepares statements on first use)."""
+        session = self.app["backends"].submitter().session
+        with self._lock:
+            if self._redeliveries is None or self._redeliveries.session is not session:
+                self._redeliveries = quotas.RedeliverLimiter(session, self.settings)
+            return self._redeliveries
+
+
+CALLER = web.RequestKey("caller", Caller)
+GATE = web.AppKey("gate", Gate)
+
+
+def caller(request: web.Request) -> Caller:
+    """The caller ``authenticate`` found for this ``/v1/*`` request."""
+    return request[CALLER]
+
+
+def job_scope(request: web.Request) -> str | None:
+    """Tenant the request may read jobs of (None: all, for admins)."""
+    return caller(request).job_scope
+
+
+def _refuse(exc_cls: type[web.HTTPException], reason: str, **headers: str) -> web.HTTPException:
+    body = json.dumps({"error": reason, "status": exc_cls.status_code})
+    return exc_cls(text=body, content_type="application/json", headers=headers or None)
+
+
+async def _identify(request: web.Request) -> Caller:
+    settings: Settings = request.app["settings"]
+    if not settings.auth_required:
+        return Caller(tenant=_wanted_tenant(request) or DEFAULT_TENANT, admin=True)
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    challenge = {"WWW-Authenticate": 'Bearer realm="kafscribe"'}
+    if scheme.lower() != "bearer" or not token:
+        raise _refuse(web.HTTPUnauthorized, "send 'Authorization: Bearer KEY' (kafscribe keys create)", **challenge)
+    key = None
+    if apikeys.key_id_of(token) is not None:  # a malformed key costs no lookup
+        try:
+            key = await asyncio.to_thread(gate(request).lookup, token)
+        except Unavailable as exc:
+            raise _refuse(web.HTTPServiceUnavailable, str(exc), **{"Retry-After": str(settings.retry_after_s)}) from exc
+    if key is None:
+        raise _refuse(web.HTTPUnauthorized, "unknown or revoked API key", **challenge)
+    wanted = _wanted_tenant(request)
+    if wanted and wanted != key.tenant and not key.admin:
+        raise _refuse(web.HTTPForbidden, "only an admin key may act for another tenant (X-Tenant)")
+    return Caller(tenant=wanted or key.tenant, admin=key.admin, key_id=key.key_id)
+
+
+def _wanted_tenant(request: web.Request) -> str:
+    """The tenant named in ``X-Tenant`` ("" if none); 422 for a name no key could have."""
+    wanted = request.headers.get("X-Tenant", "").strip()
+    if wanted:
+        try:
+            apikeys.check_tenant(wanted)
+        except apikeys.ApiKeyError as exc:
+            raise _refuse(web.HTTPUnprocessableEntity, f"X-Tenant: {exc}") from exc
+    return wanted
+
+
+async def _check_quota(request: web.Request, who: Caller) -> None:
+    settings: Settings = request.app["settings"]
+    backends = request.app["backends"]
+    if settings.tenant_max_unfinished <= 0:
+        return
+    try:
+        await asyncio.to_thread(lambda: quotas.check_unfinished(backends.jobs(), who.tenant, settings))
+    except quotas.LimitExceeded as exc:
+        raise _refuse(web.HTTPTooManyRequests, exc.reason, **{"Retry-After": str(exc.retry_after_s)}) from exc
+    except Exception as exc:
+        if isinstance(exc, Unavailable) or cassandra_session.is_outage(exc):
+            raise _refuse(web.HTTPServiceUnavailable, f"Cassandra unavailable: {exc}",
+                          **{"Retry-After": str(settings.retry_after_s)}) from exc
+        # a soft limit: a read that fails otherwise (e.g. too many tombstones) must not stop every upload
+        log.error("quota of tenant %r not checked: %s: %s", who.tenant, type(exc).__name__, exc)
+
+
+@web.middleware
+async def authenticate(request: web.Request, handler):
+    """Authenticate ``/v1/*``; admin-only routes; the quota of new jobs."""
+    if not request.path.startswith("/v1/"):
+        return await handler(request)
+    who = await _identify(request)
+    request[CALLER] = who
+    resource = request.match_info.route.resource
+    route = resource.canonical if resource is not None else ""
+    if route in ADMIN_ONLY and not who.admin:
+        raise _refuse(web.HTTPForbidden, "this route needs an admin key")
+    if request.method == "POST" and route == "/v1/jobs":
+        await _check_quota(request, who)
+    return await handler(request)
+
+
+def setup(app: web.Application, settings: Settings) -> None:
+    """Check the auth settings and hand the app its key lookup; call first in ``build_app``."""
+    if not settings.auth_required:
+        if not _loopback(settings.http_host):
+            raise SettingsError(
+                f"KAFSCRIBE_AUTH_REQUIRED=false is for local development: KAFSCRIBE_HTTP_HOST must be a loopback"
+                f" address, not {settings.http_host!r}"
+            )
+        log.warning("AUTH IS OFF (KAFSCRIBE_AUTH_REQUIRED=false): every request to %s:%s is an admin of any"
+                    " tenant. Local development only.", settings.http_host, settings.http_port)
+    app[GATE] = Gate(settings, app)
+
+
+def gate(request: web.Request) -> Gate:
+    return request.app[GATE]
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
