@@ -207,12 +207,13 @@ def down(settings: Settings, log: Callable[[str], None] = print, timeout_s: floa
 class ServiceRow:
     name: str
     pid: int | None
-    restarts: int = 0
+    restarts: int | None = None  # None: not a supervised service (the supervisor itself)
     last_exit: int | None = None
 
     def line(self) -> str:
         state = f"running pid {self.pid}" if self.pid else "stopped"
-        extra = f", restarts {self.restarts}" + (f", last exit {self.last_exit}" if self.last_exit is not None else "")
+        extra = "" if self.restarts is None else f", restarts {self.restarts}"
+        extra += f", last exit {self.last_exit}" if self.last_exit is not None else ""
         return f"{self.name:<14} {state}{extra}"
 
 
