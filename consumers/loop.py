@@ -614,8 +614,7 @@ class StageRunner(ConcurrentMode):
 
     def _rewind_to_committed(self) -> None:
         """Seek each partition in ``_resync`` that we still own to the group's committed offset."""
-        owned = {(tp.topic, tp.partition) for tp in self.consumer.assignment()}
-        wanted = [TopicPartition(t, p) for t, p in sorted(self._resync) if (t, p) in owned]
+        wanted = [TopicPartition(t, p) for t, p in sorted(self._resync) if (t, p) in self._owned]
         if wanted:
             committed = deadline.call(
                 lambda: self.consumer.committed(wanted, timeout=self.call_timeout_s),
@@ -634,8 +633,7 @@ class StageRunner(ConcurrentMode):
             return
         self._holding = on
         try:
-            owned = self.consumer.assignment()
-            (self.consumer.pause if on else self.consumer.resume)(owned)
+            (self.consumer.pause if on else self.consumer.resume)(self._owned_partitions())
         except (KafkaException, RuntimeError):
             pass
 
@@ -655,7 +653,7 @@ class StageRunner(ConcurrentMode):
             return
         self._idle_checked = now
         try:
-            owned = self.consumer.assignment()
+            owned = self._owned_partitions()
             self.consumer.resume(owned)
             lags = deadline.call(lambda: self._lags(owned), self.call_timeout_s, "lag check")
         except (KafkaException, RuntimeError, deadline.Overrun):
@@ -685,6 +683,9 @@ class StageRunner(ConcurrentMode):
             start = tp.offset if tp.offset >= 0 else committed.get((tp.topic, tp.partition), -1)
             lags[tp] = max(0, high - (start if start >= 0 else low))
         return lags
+
+    def _owned_partitions(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t, p in sorted(self._owned)]
 
     def _busy(self) -> bool:
         return self._in_flight is not None or self._holding

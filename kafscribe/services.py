@@ -158,7 +158,10 @@ def supervise(settings: Settings, names: Sequence[str]) -> int:
 
 def up(settings: Settings, names=DEFAULT_SERVICES, log: Callable[[str], None] = print,
        env: dict[str, str] | None = None) -> list[str]:
-    """Start the supervisor (which starts ``names``); wait for the ingress to listen."""
+    """Start the supervisor (which starts ``names``); wait for the ingress to listen.
+
+    ``env`` is the supervisor's (and so the services') whole environment; default: this process's.
+    """
     (settings.state_dir / "services").mkdir(parents=True, exist_ok=True)
     sup = _process(SUPERVISOR, settings)
     if sup.alive():
@@ -166,7 +169,7 @@ def up(settings: Settings, names=DEFAULT_SERVICES, log: Callable[[str], None] = 
         return []
     _state_file(settings).unlink(missing_ok=True)
     argv = [sys.executable, "-m", "kafscribe.cli", "services", "supervise", "--names", ",".join(names), sup.tag]
-    pid = sup.start(argv, env={**os.environ, **(env or {})})
+    pid = sup.start(argv, env=dict(os.environ) if env is None else env)
     log(f"{SUPERVISOR}: started pid {pid} (log {sup.log_file}); it starts and restarts {', '.join(names)}")
     if "ingress" in names:
         _wait_port(settings.http_host, settings.http_port, 60, sup)
@@ -204,12 +207,13 @@ def down(settings: Settings, log: Callable[[str], None] = print, timeout_s: floa
 class ServiceRow:
     name: str
     pid: int | None
-    restarts: int = 0
+    restarts: int | None = None  # None: not a supervised service (the supervisor itself)
     last_exit: int | None = None
 
     def line(self) -> str:
         state = f"running pid {self.pid}" if self.pid else "stopped"
-        extra = f", restarts {self.restarts}" + (f", last exit {self.last_exit}" if self.last_exit is not None else "")
+        extra = "" if self.restarts is None else f", restarts {self.restarts}"
+        extra += f", last exit {self.last_exit}" if self.last_exit is not None else ""
         return f"{self.name:<14} {state}{extra}"
 
 

@@ -28,7 +28,9 @@ def workers(pipe) -> list[dict]:
 
 
 def worker(pipe, name: str) -> dict | None:
-    return next((w for w in workers(pipe) if w["worker_id"].startswith(name + "-")), None)
+    """The named worker's latest status (a restarted one has a new id; the dead one's status stays)."""
+    named = [w for w in workers(pipe) if w["worker_id"].startswith(name + "-")]
+    return max(named, key=lambda w: w["last_seen"]) if named else None
 
 
 

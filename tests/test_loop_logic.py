@@ -207,6 +207,7 @@ def make_runner(producers: list[FakeProducer], consumer: FakeConsumer | None = N
 
     settings = Settings(topic_prefix="t.", kafka_call_timeout_s=timeout_s, max_poll_interval_ms=10000)
     runner = StageRunner(settings, stage or FakeStage(), "w1", consumer=consumer, producer_factory=factory)
+    runner._on_assign(consumer, consumer.assignment())
     runner._recover()
     assert runner.producer is made[0]
     return runner, consumer, made
@@ -285,6 +286,7 @@ def test_while_the_broker_is_away_partitions_are_held_and_newly_assigned_ones_pa
     settings = Settings(topic_prefix="t.", kafka_call_timeout_s=0.2)
     runner = StageRunner(settings, FakeStage(), "w1", consumer=consumer,
                          producer_factory=iter([down, FakeProducer()]).__next__)
+    runner._on_assign(consumer, consumer.assignment())
     runner._wait_polling = lambda seconds: None  # the backoff itself is not under test
     runner._recover()
     assert runner.producer is None and consumer.paused == {0, 1}
@@ -302,6 +304,26 @@ def test_a_partition_assigned_back_while_idle_is_resumed_and_while_busy_paused()
     runner._in_flight = TopicPartition(TOPIC, 0, 1)
     runner._on_assign(consumer, [TopicPartition(TOPIC, 4)])
     assert 4 in consumer.paused
+
+
+def test_an_idle_worker_resumes_what_it_owns_and_reports_lag_it_does_not_read(caplog):
+    from kafscribe import metrics
+
+    runner, consumer, _ = make_runner([FakeProducer()])
+    consumer.paused = {1}  # stranded: paused, never fetched since it came back
+    consumer.position = lambda tps: [TopicPartition(tp.topic, tp.partition, 10 if tp.partition == 0 else -1001)
+                                     for tp in tps]
+    consumer.committed_offsets = {1: 3}
+    gauge = metrics.IDLE_PARTITION_LAG.labels("transcriber", "1")
+    runner._idle_checked = 0.0
+    runner._check_idle()
+    assert consumer.paused == set(), "idle: nothing it owns stays paused"
+    assert gauge._value.get() == 0, "one look is not enough: the lag must persist"
+    runner._idle_checked = 0.0
+    runner._check_idle()
+    assert gauge._value.get() == 7
+    assert "partition 1 owned by an idle worker, with lag 7" in caplog.text
+    assert metrics.IDLE_PARTITION_LAG.labels("transcriber", "0")._value.get() == 0
 
 
 def test_a_job_whose_partition_was_revoked_is_not_committed():

@@ -153,3 +153,33 @@ def test_a_worker_that_left_for_a_shortage_rejoins_and_takes_work(loop_settings)
     finally:
         runner.stop()
         thread.join(30)
+
+
+def test_a_worker_evicted_by_max_poll_interval_rejoins_and_takes_work(stack_settings):
+    """Issue 17: a poll loop blocked past ``max.poll.interval.ms`` is evicted from the group; it must
+    rejoin (or exit), never stay alive outside the group."""
+    settings = fresh_settings(stack_settings, session_timeout_ms=6000, max_poll_interval_ms=7000,
+                              kafka_call_timeout_s=10.0)
+    stage = BlockingStage(settings)
+    stage.release.set()
+    runner = StageRunner(settings, stage, "sleepy")
+    block = threading.Event()
+
+    def blocked_call() -> None:  # stands in for a call that blocks the poll thread
+        if block.is_set():
+            block.clear()
+            time.sleep(12)
+
+    runner.on_idle.append(blocked_call)
+    thread = start(runner)
+    try:
+        wait_until(lambda: runner.assignment() == [0, 1, 2, 3], timeout_s=60, what="owns every partition")
+        block.set()
+        time.sleep(13)
+        produce(settings, "after-eviction", 3)
+        wait_until(lambda: "after-eviction" in completed(settings), timeout_s=90,
+                   what="the evicted worker rejoined and completed a job")
+        assert runner.assignment() == [0, 1, 2, 3] and thread.is_alive()
+    finally:
+        runner.stop()
+        thread.join(30)

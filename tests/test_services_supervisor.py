@@ -63,3 +63,32 @@ def test_a_killed_worker_is_restarted_and_its_jobs_complete(stack_settings, clip
     finally:
         services.down(settings, log=print)
     assert not any(r.pid for r in rows(settings).values()), "down stops the supervisor and every service"
+
+
+def test_a_worker_answers_healthz_beside_metrics(stack_settings, tmp_path_factory):
+    """A real worker process: ``GET /healthz`` reports each poll loop's progress (the watchdog's view)."""
+    import json
+
+    from tests.conftest import make_pipeline
+
+    port = free_port()
+    pipe = make_pipeline(fresh_settings(stack_settings, watchdog_s=60.0), tmp_path_factory, "healthz")
+    try:
+        pipe.start("sink", KAFSCRIBE_METRICS_PORT=str(port))
+
+        def health() -> dict | None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as resp:
+                    body = json.load(resp)
+                return body if resp.status == 200 and body["seconds_since_progress"] else None
+            except OSError:
+                return None
+
+        body = wait_until(health, timeout_s=60, what="healthz answers")
+        assert body["status"] == "ok" and body["limit_s"] == 60.0
+        [(loop, age)] = body["seconds_since_progress"].items()
+        assert loop.startswith("sink:") and age < 5
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            assert b"# HELP kafscribe_producer_resets_total" in resp.read()
+    finally:
+        pipe.stop()
