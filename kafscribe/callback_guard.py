@@ -198,7 +198,8 @@ def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float,
             except OSError as exc:
                 last = exc
                 continue
-            cutoff = threading.Timer(timeout_s, _cut, args=(conn,))
+            cut = threading.Event()
+            cutoff = threading.Timer(timeout_s, _cut, args=(conn, cut))
             cutoff.start()
             try:
                 conn.request("POST", target.path, body=body, headers=headers)
@@ -206,7 +207,7 @@ def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float,
                 response.read(64 * 1024)  # drain a little; the body is not used
                 return response.status
             except (OSError, http.client.HTTPException) as exc:
-                if cutoff.finished.is_set() and not cutoff.is_alive():  # the deadline cut it off
+                if cut.is_set():  # the deadline cut it off
                     raise TimeoutError(f"no complete answer within {timeout_s:g}s") from exc
                 raise
             finally:
@@ -218,8 +219,9 @@ def post(target: Target, body: bytes, headers: dict[str, str], timeout_s: float,
     raise last or OSError("no address to connect to")
 
 
-def _cut(conn: http.client.HTTPConnection) -> None:
+def _cut(conn: http.client.HTTPConnection, cut: threading.Event) -> None:
     """The exchange outlived its deadline: shut the socket so the blocked read returns."""
+    cut.set()
     sock = conn.sock
     if sock is not None:
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from infra import bootstrap, stack
+from kafscribe import cassandra_session
 from kafscribe.settings import PROJECT_ROOT, Settings
 
 TEST_STATE = Path(os.environ.get("KAFSCRIBE_TEST_STATE_DIR", PROJECT_ROOT / ".kafscribe" / "test-stack"))
@@ -56,6 +57,14 @@ def stack_settings() -> Settings:
     yield settings
     if started and not os.environ.get("KAFSCRIBE_TEST_KEEP_STACK"):
         stack.down(settings, log=lambda line: print(f"[stack] {line}"))
+
+
+@pytest.fixture(scope="module")
+def session(stack_settings: Settings):
+    """A CQL session on the test keyspace, one per test module."""
+    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
+    yield s
+    s.cluster.shutdown()
 
 
 def fresh_settings(stack_settings: Settings, **overrides) -> Settings:

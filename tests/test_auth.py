@@ -11,19 +11,12 @@ import uuid
 
 import pytest
 
-from kafscribe import apikeys, cassandra_session, quotas
+from kafscribe import apikeys, quotas
 from kafscribe.jobstore import COMPLETED, FAILED, TRANSCRIBING, JobStore
 from kafscribe.settings import Settings, settings_table
 from schemas.events import Result, Upload
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture(scope="module")
-def session(stack_settings):
-    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
-    yield s
-    s.cluster.shutdown()
 
 
 def _base_env() -> dict[str, str]:

@@ -15,7 +15,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kafscribe import cassandra_session
 from kafscribe.apikeys import KeyStore
 from kafscribe.callbackstore import CallbackStore
 from kafscribe.jobstore import FAILED, JobStore
@@ -40,13 +39,6 @@ def pipe(stack_settings, tmp_path_factory):
     p.start("ingress")
     yield p
     p.stop()
-
-
-@pytest.fixture(scope="module")
-def session(stack_settings):
-    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
-    yield s
-    s.cluster.shutdown()
 
 
 def tenant() -> str:

@@ -9,18 +9,10 @@ from dataclasses import replace
 import pytest
 
 from consumers.notifier import DELIVERED
-from kafscribe import cassandra_session
 from kafscribe.callbackstore import CallbackStore
 from tests.test_ssrf_delivery import Recorder, attempt_event, deliverer
 
 pytestmark = [pytest.mark.stack]
-
-
-@pytest.fixture(scope="module")
-def session(stack_settings):
-    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
-    yield s
-    s.cluster.shutdown()
 
 
 def test_twenty_redeliveries_are_twenty_numbered_rows(stack_settings, session):

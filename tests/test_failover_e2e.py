@@ -76,7 +76,7 @@ def test_new_jobs_go_to_the_worker_with_more_headroom(pipe, clips):
 
 
 def test_worker_capped_below_the_estimate_takes_no_job(pipe, clips):
-    pipe.start("transcriber", name="capped", KAFSCRIBE_MEMORY_BUDGET_BYTES=str(300 * 1024**2))
+    pipe.start("transcriber", name="capped", KAFSCRIBE_MEMORY_BUDGET_BYTES=str(100 * 1024**2))
     wait_until(lambda: settled(pipe, ["roomy", "modest", "capped"]), what="three transcribers settled")
     capped = worker(pipe, "capped")
     assert capped["memory"]["headroom"] < 0

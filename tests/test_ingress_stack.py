@@ -43,13 +43,6 @@ def door(stack_settings, tmp_path_factory):
     pipe.stop()
 
 
-@pytest.fixture(scope="module")
-def session(stack_settings):
-    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
-    yield s
-    s.cluster.shutdown()
-
-
 def key_header(pipe) -> bytes:
     """The Pipeline's API key as a raw header line."""
     return b"Authorization: Bearer " + pipe.api_key.encode() + b"\r\n"

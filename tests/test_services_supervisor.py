@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 
 from kafscribe import services
+from kafscribe.apikeys import KeyStore
 from producers.client import HttpClient
 from tests.conftest import fresh_settings
 from tests.pipeline import free_port, wait_until
@@ -22,13 +23,14 @@ def rows(settings) -> dict[str, services.ServiceRow]:
     return {row.name: row for row in services.status(settings)}
 
 
-def test_a_killed_worker_is_restarted_and_its_jobs_complete(stack_settings, clips, tmp_path):
+def test_a_killed_worker_is_restarted_and_its_jobs_complete(stack_settings, session, clips, tmp_path):
     settings = fresh_settings(stack_settings, engine="faster-whisper", model="tiny.en", session_timeout_ms=6000,
                               state_dir=tmp_path / "state", http_port=free_port(),
                               supervisor_metrics_port=free_port(), status_interval_s=1.0)
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
     env.update(settings.to_env())
-    http = HttpClient(f"http://127.0.0.1:{settings.http_port}", timeout_s=60)
+    api_key, _ = KeyStore(session).create("default", admin=True, label="tests")
+    http = HttpClient(f"http://127.0.0.1:{settings.http_port}", timeout_s=60, api_key=api_key)
     try:
         assert services.up(settings, log=print, env=env) == list(services.DEFAULT_SERVICES)
         wait_until(lambda: all(r.pid for r in rows(settings).values()), timeout_s=60, what="all services running")

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from consumers.notifier import DELIVERED, GAVE_UP, RETRYING, Deliverer
-from kafscribe import cassandra_session, webhooks
+from kafscribe import webhooks
 from schemas.events import CallbackAttempt, now_ms
 from tests.pipeline import free_port
 
@@ -70,13 +70,6 @@ class Resolver:
         return self.answers[min(self.calls, len(self.answers)) - 1]
 
 
-@pytest.fixture(scope="module")
-def session(stack_settings):
-    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
-    yield s
-    s.cluster.shutdown()
-
-
 def attempt_event(url: str, tenant: str = "ssrf-test") -> CallbackAttempt:
     job_id = uuid.uuid4().hex
     body = json.dumps({"type": "job.completed", "data": {"job_id": job_id}})
@@ -125,7 +118,7 @@ def test_public_then_loopback_answers_never_reach_loopback(stack_settings, sessi
         assert resolve.calls == 1 and trap.requests == []
         ((number, status, outcome, error),) = history(d, event.job_id)
         assert (number, status, outcome) == (1, None, RETRYING) and error  # no network here: a failed attempt
-        assert [o.topic for o in outputs] == [stack_settings.topic("callbacks.retry")]
+        assert len(outputs) == 1 and outputs[0].topic.startswith(stack_settings.topic("callbacks.retry"))  # a retry tier
         # The retry resolves afresh, gets loopback, and is refused without a connection.
         assert d.attempt(outputs[0].event) == []
         assert trap.requests == []

@@ -8,18 +8,11 @@ import uuid
 
 import pytest
 
-from kafscribe import blobstore, cassandra_session
+from kafscribe import blobstore
 from kafscribe.jobstore import COMPLETED, QUEUED, TRANSCRIBING, JobStore
 from schemas.events import Result, Segment, Translation, Upload
 
 pytestmark = pytest.mark.stack
-
-
-@pytest.fixture(scope="module")
-def session(stack_settings):
-    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
-    yield s
-    s.cluster.shutdown()
 
 
 @pytest.mark.parametrize("scheme", ["cassandra", "file"])

@@ -14,18 +14,11 @@ import pytest
 import standardwebhooks
 
 from consumers.notifier import DELIVERED
-from kafscribe import cassandra_session, webhooks
+from kafscribe import webhooks
 from kafscribe.webhook_secrets import WebhookSecrets
 from tests.test_ssrf_delivery import Recorder, attempt_event, deliverer
 
 pytestmark = [pytest.mark.stack]
-
-
-@pytest.fixture(scope="module")
-def session(stack_settings):
-    s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
-    yield s
-    s.cluster.shutdown()
 
 
 @pytest.fixture(scope="module")
