@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Message
 
-from kafscribe import callback_guard, webhooks
+from kafscribe import callback_guard, links, webhooks
 from kafscribe.callback_guard import CallbackRefused, Resolver, check_url
 from kafscribe.callbackstore import CallbackStore
 from kafscribe.settings import Settings
@@ -64,16 +64,12 @@ def backoff_s(settings: Settings, attempt: int) -> float:
 def event_body(settings: Settings, result: Result) -> tuple[str, str]:
     """(event type, JSON body) of the callback for ``result``."""
     event_type = "job.completed" if result.status == "completed" else "job.failed"
-    base = settings.public_url.rstrip("/") or f"http://{settings.http_host}:{settings.http_port}"
     data: dict = {
         "job_id": result.job_id,
         "status": result.status,
         "error": result.error,
         "tenant": result.tenant,
-        "links": {
-            "self": f"{base}/v1/jobs/{result.job_id}",
-            "transcript": f"{base}/v1/jobs/{result.job_id}/transcript",
-        },
+        "links": links.job_links(links.configured_base(settings), result.job_id),
     }
     if result.options.callback_include_transcript and result.status == "completed":
         data["transcript"] = {

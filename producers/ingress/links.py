@@ -1,4 +1,4 @@
-"""The one helper that builds a job's links.
+"""A job's links in API answers: the base a request may use (the links themselves: ``kafscribe.links``).
 
 The base is ``KAFSCRIBE_PUBLIC_URL`` when set. Otherwise the request's
 ``Host`` is used only when it is in ``KAFSCRIBE_ALLOWED_HOSTS`` (a name
@@ -13,17 +13,14 @@ import re
 
 from aiohttp import web
 
+from kafscribe import links
 from kafscribe.settings import Settings
 
 _HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
 
 
 def job_links(request: web.Request, job_id: str) -> dict[str, str]:
-    base = base_url(request)
-    return {
-        "self": f"{base}/v1/jobs/{job_id}",
-        "transcript": f"{base}/v1/jobs/{job_id}/transcript",
-    }
+    return links.job_links(base_url(request), job_id)
 
 
 def base_url(request: web.Request) -> str:
