@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Message
 
-from kafscribe import callback_guard, links, webhooks
+from kafscribe import callback_guard, links, metrics, webhooks
 from kafscribe.callback_guard import CallbackRefused, Resolver, check_url
 from kafscribe.callbackstore import CallbackStore
 from kafscribe.settings import Settings
@@ -104,6 +104,7 @@ class Deliverer:
         if exhausted:
             outcome = GAVE_UP
         number = self.store.record(event, status, latency_ms, error, outcome)
+        metrics.WEBHOOK_DELIVERIES.labels(self.stage, outcome).inc()
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": number}
         log.info("callback %s (HTTP %s) %s", outcome, status, error or "", extra=extra)
         if outcome == DELIVERED:

@@ -125,6 +125,7 @@ class Transcriber:
                     f" {model!r}) but this worker can never offer more than {capacity / MIB:.0f} MiB"
                     " (KAFSCRIBE_MEMORY_BUDGET_BYTES, or host/GPU memory)")
         self._last_need = need
+        metrics.JOB_ESTIMATE_BYTES.labels(self.name).set(need)
         started = time.monotonic()
         while (free := self.headroom()) < need:
             self.throttled = True

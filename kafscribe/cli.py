@@ -42,6 +42,10 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         from producers.ingress import serve
 
         return serve(settings)
+    if args.stage == "lag":
+        from .lag import serve as serve_lag
+
+        return serve_lag(settings)
     from consumers.worker import serve
 
     return serve(args.stage, settings)
@@ -220,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("serve", help="run one service in the foreground")
-    p.add_argument("stage", choices=["ingress", "transcriber", "translator", "sink", "notifier"])
+    p.add_argument("stage", choices=["ingress", "transcriber", "translator", "sink", "notifier", "lag"])
     p.add_argument("--instance", help="name of this instance (pid file tag)")
     p.set_defaults(func=_serve)
 

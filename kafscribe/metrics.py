@@ -47,3 +47,13 @@ IDLE_PARTITION_LAG = Gauge(
 SERVICE_RESTARTS = Counter(
     "kafscribe_service_restarts_total", "Services restarted by the `kafscribe services` supervisor", ["service"]
 )
+
+# Observability (issue 13): webhook outcomes and the memory a job is expected to need. Lag, job age,
+# worker headroom and DLQ size come from the lag exporter (kafscribe/lag.py), which asks the broker.
+WEBHOOK_DELIVERIES = Counter(
+    "kafscribe_webhook_deliveries_total", "Callback delivery attempts, by outcome (delivered, retrying, gave_up)",
+    ["stage", "outcome"],
+)
+JOB_ESTIMATE_BYTES = Gauge(
+    "kafscribe_job_estimate_bytes", "Memory estimate of the last job a transcriber admitted", ["stage"]
+)

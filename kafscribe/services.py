@@ -28,13 +28,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from infra import prometheus_server
 from infra.process import ServerProcess
 
 from . import metrics
 from .settings import Settings
 
-DEFAULT_SERVICES = ("ingress", "transcriber", "translator", "sink", "notifier")
+DEFAULT_SERVICES = ("ingress", "transcriber", "translator", "sink", "notifier", "lag")
 SUPERVISOR = "supervisor"
+PROMETHEUS = "prometheus"
 STABLE_S = 60.0  # a service that ran this long before exiting is restarted after the first backoff again
 STOP_TIMEOUT_S = 60.0
 
@@ -94,7 +96,7 @@ class Supervisor:
             stage = name.split("-")[0]
             argv = [sys.executable, "-m", "kafscribe.cli", "serve", stage, proc.tag]
             try:
-                st.pid = proc.start(argv, env={**os.environ, **(self.env or {})})
+                st.pid = proc.start(argv, env={**os.environ, **(self.env or {}), **metrics_env(name, self.settings)})
             except RuntimeError as exc:  # exited at once: try again after the backoff
                 st.quick_exits += 1
                 st.next_start = now + min(self.settings.restart_backoff_max_s, 2.0 ** (st.quick_exits - 1))
@@ -114,6 +116,7 @@ class Supervisor:
         tmp.replace(path)
 
     def run(self, stop: threading.Event) -> None:
+        write_scrape_targets(self.settings, self.names)
         while not stop.is_set():
             self.step()
             self.write_state()
@@ -174,6 +177,7 @@ def up(settings: Settings, names=DEFAULT_SERVICES, log: Callable[[str], None] = 
     if "ingress" in names:
         _wait_port(settings.http_host, settings.http_port, 60, sup)
         log(f"ingress: listening on http://{settings.http_host}:{settings.http_port}")
+    prometheus_server.up(settings, log=log)
     return list(names)
 
 
@@ -201,6 +205,7 @@ def down(settings: Settings, log: Callable[[str], None] = print, timeout_s: floa
         pid = proc.pid()
         if proc.stop(timeout_s):
             log(f"{proc.name}: stopped pid {pid}")
+    prometheus_server.down(settings, log=log)
 
 
 @dataclass
@@ -229,7 +234,64 @@ def status(settings: Settings) -> list[ServiceRow]:
         known = {}
     names |= set(known)
     rows = [ServiceRow(SUPERVISOR, _process(SUPERVISOR, settings).pid())]
+    if settings.prometheus_port >= 0:
+        rows.append(ServiceRow(PROMETHEUS, prometheus_server.process(settings).pid()))
     for name in sorted(names):
         info = known.get(name, {})
         rows.append(ServiceRow(name, _process(name, settings).pid(), info.get("restarts", 0), info.get("last_exit")))
     return rows
+
+
+# --- what Prometheus scrapes (obs) ------------------------------------------------------------
+INSTANCE_PORT_STEP = 10  # "transcriber-2" listens on the transcriber's port + 10, "transcriber-3" + 20, ...
+
+
+def service_metrics_port(name: str, settings: Settings) -> int | None:
+    """Port of service ``name``'s /metrics (None: it exports none).
+
+    Stage workers listen on their stage's port (9101-9104; a ``KAFSCRIBE_METRICS_PORT`` moves the
+    whole block: transcriber there, translator +1, sink +2, notifier +3); a further instance
+    ``<stage>-<k>`` on its stage's port + 10 x (k - 1), so several transcribers on one host never
+    collide.
+    """
+    from consumers.worker import DEFAULT_METRICS_PORTS
+
+    stage, _, instance = name.partition("-")
+    if stage == "ingress":
+        return settings.http_port
+    if stage == "lag":
+        return settings.lag_metrics_port if settings.lag_metrics_port > 0 else None
+    if stage not in DEFAULT_METRICS_PORTS or settings.metrics_port < 0:
+        return None
+    first = min(DEFAULT_METRICS_PORTS.values())
+    base = DEFAULT_METRICS_PORTS[stage] - first + (settings.metrics_port or first)
+    k = int(instance) if instance.isdigit() else 1
+    return base + INSTANCE_PORT_STEP * (k - 1)
+
+
+def metrics_env(name: str, settings: Settings) -> dict[str, str]:
+    """The environment a supervised worker needs to listen where ``service_metrics_port`` says."""
+    stage = name.split("-")[0]
+    port = service_metrics_port(name, settings)
+    if stage in ("ingress", "lag") or port is None:
+        return {}
+    return {"KAFSCRIBE_METRICS_PORT": str(port)}
+
+
+def write_scrape_targets(settings: Settings, names: Sequence[str]) -> None:
+    """File-SD targets of every supervised service and of the supervisor itself."""
+    targets = []
+    for name in names:
+        port = service_metrics_port(name, settings)
+        if port is not None:
+            host = settings.http_host if name.split("-")[0] == "ingress" else settings.metrics_host
+            targets.append((name, f"{_reachable(host)}:{port}", {"stage": name.split("-")[0]}))
+    if settings.supervisor_metrics_port > 0:
+        targets.append((SUPERVISOR, f"{_reachable(settings.metrics_host)}:{settings.supervisor_metrics_port}",
+                        {"stage": SUPERVISOR}))
+    prometheus_server.write_targets(settings, "services", targets)
+
+
+def _reachable(host: str) -> str:
+    """An address to scrape a server listening on ``host`` at (a wildcard address means loopback here)."""
+    return {"0.0.0.0": "127.0.0.1", "::": "[::1]", "": "127.0.0.1"}.get(host, host)

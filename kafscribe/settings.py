@@ -130,7 +130,10 @@ class Settings:
         "An event whose produced_at lies further in the future than this is refused (workers) or ignored"
         " (the ingress's worker view).", 300.0
     )
-    metrics_port: int = _doc("Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off).", 0)
+    metrics_port: int = _doc(
+        "Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off). Under `kafscribe services` the"
+        " first of the block: transcriber here, translator +1, sink +2, notifier +3, each further instance +10.", 0
+    )
     metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")
 
     restart_backoff_max_s: float = _doc(
@@ -139,6 +142,15 @@ class Settings:
     supervisor_metrics_port: int = _doc(
         "Port of the `kafscribe services` supervisor's /metrics (restart counts; -1 = off).", 9100
     )
+    # --- obs
+    lag_metrics_port: int = _doc(
+        "Port of the lag exporter's /metrics (`kafscribe serve lag`: committed offsets vs high watermarks,"
+        " oldest unfinished job; -1 = off).", 9105
+    )
+    prometheus_host: str = _doc("Address the Prometheus that `kafscribe services up` runs listens on.", "127.0.0.1")
+    prometheus_port: int = _doc("Port of that Prometheus (-1 = do not run one).", 9090)
+    prometheus_scrape_s: float = _doc("Scrape (and rule evaluation) interval of that Prometheus.", 5.0)
+    prometheus_retention: str = _doc("How long that Prometheus keeps samples (its --storage.tsdb.retention.time).", "7d")
 
     # --- translation -----------------------------------------------------
     translator: str = _doc(

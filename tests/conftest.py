@@ -38,6 +38,9 @@ def base_test_settings(**overrides) -> Settings:
         session_timeout_ms=10000,
         heartbeat_ms=1000,
         metrics_port=-1,
+        # No Prometheus, no lag exporter port by default (tests that want them set ports of their own).
+        prometheus_port=-1,
+        lag_metrics_port=-1,
         # A SASL/PLAIN listener beside the plaintext one, so secured-cluster settings are tried for real.
         kafka_sasl_port=19094 + PORT_OFFSET,
         kafka_sasl_username="kafscribe",
