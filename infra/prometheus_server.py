@@ -63,6 +63,9 @@ def config(settings: Settings, rules: Path = RULES_FILE) -> dict:
         "rule_files": [str(rules)],
         "scrape_configs": [{
             "job_name": JOB,
+            # Our processes' own labels win (the supervisor's `service`, the exporter's `stage`); the
+            # target's `service`/`stage` labels fill in where a series has none.
+            "honor_labels": True,
             "file_sd_configs": [{"files": [str(targets_dir(settings) / "*.json")], "refresh_interval": "5s"}],
         }],
     }
