@@ -30,6 +30,16 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng >/dev/null; \
 	  else echo "kafscribe needs ffmpeg and espeak-ng: run 'sudo apt-get install ffmpeg espeak-ng'" >&2; exit 1; fi; \
 	fi
+	@# Prometheus: `kafscribe services up` runs its own instance (our config, data in .kafscribe/prometheus);
+	@# the Debian package's daemon must not run (it would hold 9090), and --no-install-recommends keeps
+	@# prometheus-node-exporter (port 9100, the supervisor's) out. chromium: the UI screenshot test/docs.
+	@missing=""; for tool in prometheus promtool chromium; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "== installing Debian packages for:$$missing (Prometheus scrapes the services; chromium renders its UI)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus chromium >/dev/null; \
+	    (service prometheus stop; systemctl disable --now prometheus) >/dev/null 2>&1 || true; \
+	  else echo "kafscribe needs prometheus and chromium: run 'sudo apt-get install --no-install-recommends prometheus chromium && sudo systemctl disable --now prometheus'" >&2; exit 1; fi; \
+	fi
 	@command -v java >/dev/null || { echo "kafscribe needs Java 17 (Kafka and Cassandra run on it)" >&2; exit 1; }
 	@command -v mvn  >/dev/null || { echo "kafscribe needs Maven 3.8+ (it fetches the Kafka and Cassandra jars)" >&2; exit 1; }
 
@@ -38,6 +48,7 @@ up: install system-deps
 	$(BIN)/kafscribe models prepare
 	$(BIN)/kafscribe services up
 	@echo "kafscribe is up: ingress on http://127.0.0.1:8000, services supervised (kafscribe services status; make down to stop)"
+	@echo "Prometheus: http://127.0.0.1:9090 (targets: /targets, alerts: /alerts; lag exporter on :9105)"
 	@key=$$($(BIN)/kafscribe keys local | tail -n 1) || exit 1; \
 	echo "local API key (admin, tenant 'default'; kept in .kafscribe/local-api-key, new keys: kafscribe keys create):"; \
 	echo "  export KAFSCRIBE_API_KEY=$$key"; \

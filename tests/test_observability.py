@@ -144,3 +144,34 @@ def test_every_dashboard_query_returns_data_after_a_few_jobs(prometheus, stack_s
         pipe.stop()
         receiver.close()
         (prometheus_server.targets_dir(prometheus) / "dashboard.json").unlink(missing_ok=True)
+
+
+def test_services_up_runs_prometheus_scraping_every_service_and_down_stops_it(stack_settings, tmp_path):
+    """`kafscribe services up` (what `make up` runs): file SD names every service; all are up in Prometheus."""
+    import os
+    import socket
+
+    from kafscribe import services
+
+    base = free_port()
+    settings = fresh_settings(stack_settings, state_dir=tmp_path / "state", http_port=free_port(),
+                              metrics_port=base, lag_metrics_port=free_port(), supervisor_metrics_port=free_port(),
+                              prometheus_port=free_port(), prometheus_scrape_s=1.0)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    env.update(settings.to_env())
+    names = ("ingress", "sink", "lag")
+    try:
+        services.up(settings, names=names, log=print, env=env)
+        rows = {r.name: r for r in services.status(settings)}
+        assert rows["prometheus"].pid, rows
+        expected = {"ingress", "sink", "lag", "supervisor"}
+        wait_until(lambda: targets_up(settings, expected), timeout_s=120, what="every service scraped")
+        scraped = {t["labels"]["service"]: t["scrapeUrl"] for t in api(settings, "targets")["activeTargets"]}
+        assert scraped["sink"] == f"http://127.0.0.1:{base + 2}/metrics"  # the sink's place in the block
+        assert wait_until(lambda: api(settings, "query", query='kafscribe_lag_up{service="lag"} == 1')["result"],
+                          timeout_s=60, what="lag exporter reads the broker")
+    finally:
+        services.down(settings, log=print)
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", settings.prometheus_port)) != 0, "services down stops Prometheus"
+    assert not prometheus_server.process(settings).alive()
