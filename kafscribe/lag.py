@@ -76,8 +76,11 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # A job is unfinished while its event waits in one of these groups (the sink's commit finishes it).
 JOB_GROUPS = ("transcribers", "translators", "sink")
-HEAD_READ_S = 3.0  # longest wait for the heads of lagging partitions in one scrape
-ADMIN_TIMEOUT_S = 10.0
+# A scrape must answer within Prometheus's scrape timeout (0.8 x the interval, 4 s by default): a
+# broker that does not answer gives kafscribe_lag_up 0 rather than a failed scrape.
+HEAD_READ_S = 2.0  # longest wait for the heads of lagging partitions in one snapshot
+ADMIN_TIMEOUT_S = 3.0
+LOOKUP_BUDGET_S = 1.0  # job-row reads per snapshot; past it, heads are dated by their message time
 STATUS_KEEP_S = 3600.0  # a worker silent this long is forgotten (a restart has a new worker id)
 
 
@@ -142,9 +145,10 @@ class LagReader:
 
     def snapshot(self, attempts: int = 2) -> Snapshot:
         """One consistent-enough view; a failed one (e.g. leadership still moving) is tried again once."""
+        started = time.monotonic()
         for attempt in range(attempts):
             snap = self._snapshot()
-            if snap.ok:
+            if snap.ok or time.monotonic() - started > 1.0:  # no time for another try within a scrape
                 break
             if attempt + 1 < attempts:
                 time.sleep(0.3)
@@ -226,6 +230,7 @@ class LagReader:
         self.heads.assign([TopicPartition(t, p, by_tp[(t, p)].start) for t, p in by_tp])
         pending = set(by_tp)
         deadline = time.monotonic() + HEAD_READ_S
+        lookup_until = time.monotonic() + LOOKUP_BUDGET_S
         try:
             while pending and time.monotonic() < deadline:
                 msg = self.heads.poll(0.2)
@@ -243,7 +248,7 @@ class LagReader:
                 pl.head_checked = True
                 pending.discard(key)
                 kind, stamp = msg.timestamp()
-                created = self._created_ms(msg.key())
+                created = self._created_ms(msg.key()) if time.monotonic() < lookup_until else None
                 pl.head_created_ms = created or (stamp if kind != TIMESTAMP_NOT_AVAILABLE else int(time.time() * 1000))
         finally:
             self.heads.unassign()
@@ -344,21 +349,50 @@ def worker_families(snap: Snapshot, settings: Settings) -> list[GaugeMetricFamil
     return [age, headroom, rss, in_flight]
 
 
-def job_created_reader(settings: Settings):
-    """job_id -> created_at in ms from the job row (None when absent)."""
-    from . import cassandra_session
+class JobCreated:
+    """job_id -> created_at in ms from the job row (None when absent or Cassandra is unreachable).
 
-    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
-    stmt = session.prepare("SELECT created_at FROM jobs WHERE job_id = ?")
+    Connects on first use and again at most every ``RETRY_S`` after a failure, so the exporter
+    starts (and reports lag, which needs only Kafka) while Cassandra is still coming up.
+    """
 
-    def created_ms(job_id: str) -> int | None:
-        row = session.execute(stmt, (job_id,), timeout=2.0).one()
+    RETRY_S = 30.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.session = None
+        self.stmt = None
+        self._next_try = 0.0
+
+    def _connect(self) -> bool:
+        if self.session is not None:
+            return True
+        if time.monotonic() < self._next_try:
+            return False
+        from . import cassandra_session
+
+        try:
+            session = cassandra_session.connect(self.settings, keyspace=self.settings.cassandra_keyspace)
+            self.stmt = session.prepare("SELECT created_at FROM jobs WHERE job_id = ?")
+            self.session = session
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure: dates from message times meanwhile
+            log.warning("Cassandra not reachable (%s); job ages from message times for now", exc)
+            self._next_try = time.monotonic() + self.RETRY_S
+            return False
+
+    def __call__(self, job_id: str) -> int | None:
+        if not self._connect():
+            return None
+        row = self.session.execute(self.stmt, (job_id,), timeout=0.5).one()
         if row is None or row.created_at is None:
             return None
         at = row.created_at  # the driver hands back naive UTC datetimes
         return int((at if at.tzinfo else at.replace(tzinfo=UTC)).timestamp() * 1000)
 
-    return created_ms
+    def close(self) -> None:
+        if self.session is not None:
+            self.session.cluster.shutdown()
 
 
 def serve(settings: Settings) -> int:
@@ -377,17 +411,12 @@ def serve(settings: Settings) -> int:
         log.info("lag exporter off (KAFSCRIBE_LAG_METRICS_PORT=-1); idle until stopped")
         stop.wait()
         return 0
-    created = None
-    while created is None and not stop.is_set():
-        try:
-            created = job_created_reader(settings)
-        except Exception as exc:  # noqa: BLE001 - Cassandra not up yet: keep trying, the lag needs only Kafka
-            log.warning("Cassandra not reachable (%s); job ages from message times until it is", exc)
-            created = False
-    reader = LagReader(settings, job_created_ms=created or None, worker_view=WorkerView(settings))
+    created = JobCreated(settings)
+    reader = LagReader(settings, job_created_ms=created, worker_view=WorkerView(settings))
     REGISTRY.register(LagCollector(reader, settings))
     start_http_server(settings.lag_metrics_port, addr=settings.metrics_host)
     log.info("lag exporter on http://%s:%d/metrics", settings.metrics_host, settings.lag_metrics_port)
     stop.wait()
     reader.close()
+    created.close()
     return 0
