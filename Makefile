@@ -48,7 +48,7 @@ up: install system-deps
 	$(BIN)/kafscribe models prepare
 	$(BIN)/kafscribe services up
 	@echo "kafscribe is up: ingress on http://127.0.0.1:8000, services supervised (kafscribe services status; make down to stop)"
-	@echo "Prometheus: http://127.0.0.1:9090 (targets: /targets, alerts: /alerts; lag exporter on :9105)"
+	@echo "Prometheus: http://127.0.0.1:9090 (targets: /classic/targets, alerts: /classic/alerts; lag exporter on :9105)"
 	@key=$$($(BIN)/kafscribe keys local | tail -n 1) || exit 1; \
 	echo "local API key (admin, tenant 'default'; kept in .kafscribe/local-api-key, new keys: kafscribe keys create):"; \
 	echo "  export KAFSCRIBE_API_KEY=$$key"; \
