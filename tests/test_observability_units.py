@@ -169,3 +169,10 @@ def test_every_dashboard_panel_has_queries():
     for panel in panels:
         assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), panel["title"]
     assert len({p["id"] for p in panels}) == len(panels)
+
+
+def test_a_missing_prometheus_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(prometheus_server.PrometheusError, match="apt-get install prometheus"):
+        prometheus_server.up(Settings(state_dir=tmp_path, prometheus_port=19999))
+    assert prometheus_server.up(Settings(state_dir=tmp_path, prometheus_port=-1)) is None  # off: nothing to find
