@@ -105,7 +105,9 @@ class PartitionLag:
 
     @property
     def start(self) -> int:
-        return self.committed if self.committed >= 0 else self.low
+        """Where the group goes on: its committed offset, or the partition's start (never committed, or
+        the committed offset fell out of retention)."""
+        return max(self.committed, self.low)
 
     @property
     def lag(self) -> int:
