@@ -25,7 +25,7 @@ from tests.fakes import WebhookReceiver
 from tests.pipeline import free_port, wait_until
 from tests.test_loop_rebalance import upload
 
-pytestmark = [pytest.mark.stack]
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 DASHBOARD = PROJECT_ROOT / "infra" / "grafana" / "dashboards" / "kafscribe.json"
 
