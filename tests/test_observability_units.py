@@ -176,3 +176,23 @@ def test_a_missing_prometheus_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(prometheus_server.PrometheusError, match="apt-get install prometheus"):
         prometheus_server.up(Settings(state_dir=tmp_path, prometheus_port=19999))
     assert prometheus_server.up(Settings(state_dir=tmp_path, prometheus_port=-1)) is None  # off: nothing to find
+
+
+def test_an_unreachable_broker_gives_lag_up_0_within_a_scrape_timeout():
+    """No broker: the exporter answers quickly with kafscribe_lag_up 0 instead of failing the scrape."""
+    import socket
+    import time
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once the socket closes
+    reader = lag.LagReader(Settings(kafka_bootstrap=f"127.0.0.1:{port}"))
+    try:
+        started = time.monotonic()
+        snap = reader.snapshot()
+        took = time.monotonic() - started
+    finally:
+        reader.close()
+    assert not snap.ok and snap.error
+    assert took < 4.5, took  # under the default scrape timeout (0.8 x 5 s)
+    assert samples(snap)[key("kafscribe_lag_up")] == 0
