@@ -98,6 +98,24 @@ def test_an_undelivered_upload_with_no_consumer_shows_lag_within_one_scrape(prom
                                      query='kafscribe_oldest_unfinished_job_seconds{service="lag-only"} > 0')["result"],
                          timeout_s=30, what="job age")
         assert 295 < float(age[0]["value"][1]) < 420
+
+        # A member of the group that owns the partition but never reads it (and reports no jobs):
+        # owned, idle, still stranded -- the case of the issue.
+        idle = kafka_clients.consumer(settings, settings.topic_prefix + "transcribers")
+        assigned: list = []
+        idle.subscribe([settings.topic("uploads")], on_assign=lambda c, tps: (assigned.extend(tps), c.pause(tps)))
+        try:
+            deadline = time.monotonic() + 60
+            while not assigned and time.monotonic() < deadline:
+                idle.poll(0.2)
+            assert {tp.partition for tp in assigned} == {0, 1, 2, 3}
+            owned_query = ('kafscribe_group_partition_owned{service="lag-only",group="transcribers",partition="1"}'
+                           ' == 1')
+            wait_until(lambda: (idle.poll(0.1), api(prometheus, "query", query=owned_query)["result"])[1],
+                       timeout_s=30, what="the idle member seen as the owner")
+            assert api(prometheus, "query", query=stranded)["result"], "owned by an idle member: still stranded"
+        finally:
+            idle.close()
     finally:
         pipe.stop()
         (prometheus_server.targets_dir(prometheus) / "lag-only.json").unlink(missing_ok=True)
