@@ -13,7 +13,9 @@ so a new worker appears without a config reload. Rules are
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import time
 import urllib.error
 import urllib.request
@@ -104,12 +106,14 @@ def up(settings: Settings, log: Callable[[str], None] = print, timeout_s: float 
     if settings.prometheus_port < 0:
         return None
     proc = process(settings)
-    if proc.alive():
-        log(f"prometheus: already running (pid {proc.pid()}, {url(settings)})")
-        return proc.pid()
     targets_dir(settings).mkdir(parents=True, exist_ok=True)
     conf = home(settings) / "prometheus.yml"
     conf.write_text(yaml.safe_dump(config(settings), sort_keys=False))
+    pid = proc.pid()
+    if pid is not None:  # keep its data; SIGHUP makes it read the config (and rules) again
+        os.kill(pid, signal.SIGHUP)
+        log(f"prometheus: already running (pid {pid}, {url(settings)}); config reloaded")
+        return pid
     argv = [binary(), f"--config.file={conf}", proc.tag,
             f"--web.listen-address={settings.prometheus_host}:{settings.prometheus_port}",
             f"--storage.tsdb.retention.time={settings.prometheus_retention}"]

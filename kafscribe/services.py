@@ -169,6 +169,7 @@ def up(settings: Settings, names=DEFAULT_SERVICES, log: Callable[[str], None] = 
     sup = _process(SUPERVISOR, settings)
     if sup.alive():
         log(f"{SUPERVISOR}: already running (pid {sup.pid()})")
+        _prometheus_up(settings, log)
         return []
     _state_file(settings).unlink(missing_ok=True)
     argv = [sys.executable, "-m", "kafscribe.cli", "services", "supervise", "--names", ",".join(names), sup.tag]
@@ -177,11 +178,15 @@ def up(settings: Settings, names=DEFAULT_SERVICES, log: Callable[[str], None] = 
     if "ingress" in names:
         _wait_port(settings.http_host, settings.http_port, 60, sup)
         log(f"ingress: listening on http://{settings.http_host}:{settings.http_port}")
+    _prometheus_up(settings, log)
+    return list(names)
+
+
+def _prometheus_up(settings: Settings, log: Callable[[str], None]) -> None:
     try:
         prometheus_server.up(settings, log=log)
     except prometheus_server.PrometheusError as exc:  # the pipeline runs without it; say so plainly
         log(f"{PROMETHEUS}: NOT running ({exc}); KAFSCRIBE_PROMETHEUS_PORT=-1 runs none on purpose")
-    return list(names)
 
 
 def _wait_port(host: str, port: int, timeout_s: float, proc: ServerProcess) -> None:

@@ -194,6 +194,14 @@ def test_services_up_runs_prometheus_scraping_every_service_and_down_stops_it(st
         assert scraped["sink"] == f"http://127.0.0.1:{base + 2}/metrics"  # the sink's place in the block
         assert wait_until(lambda: api(settings, "query", query='kafscribe_lag_up{service="lag"} == 1')["result"],
                           timeout_s=60, what="lag exporter reads the broker")
+
+        # `make up` again: the same Prometheus reloads its config; one that was gone is started again.
+        pid = prometheus_server.process(settings).pid()
+        assert services.up(settings, names=names, log=print, env=env) == []
+        assert prometheus_server.process(settings).pid() == pid
+        prometheus_server.down(settings)
+        services.up(settings, names=names, log=print, env=env)
+        assert prometheus_server.process(settings).pid() not in (None, pid) and prometheus_server.ready(settings)
     finally:
         services.down(settings, log=print)
     with socket.socket() as sock:
