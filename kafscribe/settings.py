@@ -69,7 +69,7 @@ class Settings:
     retry_after_s: int = _doc("Retry-After sent with 503 when Kafka/Cassandra is down.", 5)
     # --- api
     openai_wait_s: float = _doc(
-        "How long `POST /v1/audio/transcriptions|translations` waits for the job's result; past it the answer is"
+        "How long `POST /v1/audio/*` waits for the job's result; past it the answer is"
         " 504 with the job id and its link to poll (the job goes on).", 300.0,
     )
     audio_retention_s: int = _doc(

@@ -1,0 +1,120 @@
+"""The OpenAI-compatible endpoints on the real pipeline, with the official ``openai`` package as the client."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+import uuid
+
+import openai
+import pytest
+
+from tests.conftest import make_pipeline
+from tests.pipeline import Pipeline
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pipe(stack_settings, tmp_path_factory):
+    from tests.conftest import fresh_settings
+
+    settings = fresh_settings(stack_settings, engine="faster-whisper", model="tiny.en", transient_retries=1)
+    p = make_pipeline(settings, tmp_path_factory, "openai").start_all()
+    yield p
+    p.stop()
+
+
+def client(pipe: Pipeline, key: str | None = None, **kw) -> openai.OpenAI:
+    kw.setdefault("max_retries", 0)
+    return openai.OpenAI(base_url=f"{pipe.url}/v1", api_key=key or pipe.api_key, timeout=300, **kw)
+
+
+def test_text_and_srt(pipe, clips):
+    oa = client(pipe)
+    with open(clips["en"], "rb") as f:
+        text = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="text")
+    assert isinstance(text, str) and "fox" in text.lower() and "lazy" in text.lower()
+    with open(clips["en_mp3"], "rb") as f:
+        srt = oa.audio.transcriptions.create(file=f, model="tiny.en", response_format="srt", language="en")
+    assert srt.startswith("1\n00:00:0") and " --> " in srt and "fox" in srt.lower()
+    with open(clips["en"], "rb") as f:
+        plain = oa.audio.transcriptions.create(file=f, model="whisper-1")  # json, the default
+    assert "dog" in plain.text.lower()
+
+
+def test_verbose_json_has_segments(pipe, clips):
+    oa = client(pipe)
+    with open(clips["en"], "rb") as f:
+        out = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="verbose_json",
+                                             timestamp_granularities=["segment"])
+    assert out.language == "english" and out.duration > 1.0
+    assert out.segments and "fox" in out.text.lower()
+    times = [(s.start, s.end) for s in out.segments]
+    assert all(0 <= a < b <= out.duration + 0.5 for a, b in times)
+    assert [t[0] for t in times] == sorted(t[0] for t in times)
+    assert " ".join(s.text for s in out.segments).strip().lower().startswith(out.text.lower()[:10])
+
+
+def test_translation_into_english(pipe, clips):
+    oa = client(pipe)
+    with open(clips["es"], "rb") as f:
+        out = oa.audio.translations.create(file=f, model="base")  # tiny.en cannot translate; base can
+    text = out.text.lower()
+    assert "hello" in text and "friends" in text, text
+
+
+def test_bad_file_and_bad_options_are_400_in_openai_shape(pipe, clips):
+    oa = client(pipe)
+    with open(clips["garbage"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="whisper-1")
+    assert err.value.param == "file" and err.value.code == "invalid_file_format"
+    assert err.value.type == "invalid_request_error"
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="gpt-9-imaginary")
+    assert err.value.param == "model" and "whisper-1" in err.value.message
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="json",
+                                       timestamp_granularities=["word"])
+    assert err.value.param == "timestamp_granularities"
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="whisper-1", language="xx")
+    assert err.value.param == "language"
+
+
+def test_missing_or_invalid_key_is_401_in_openai_shape(pipe, clips):
+    with open(clips["en"], "rb") as f, pytest.raises(openai.AuthenticationError) as err:
+        client(pipe, key="ksk_000000000000_not-a-real-key").audio.transcriptions.create(file=f, model="whisper-1")
+    assert err.value.code == "invalid_api_key" and err.value.type == "invalid_request_error"
+    request = urllib.request.Request(f"{pipe.url}/v1/audio/translations", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(request, timeout=30)
+    body = json.loads(http.value.read())
+    assert http.value.code == 401 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_past_the_wait_the_answer_names_the_job_and_nothing_is_resubmitted(pipe, clips, tmp_path):
+    """An ingress with a short wait: 504 with the job id and link; the client does not retry (one job);
+    the job goes on and completes."""
+    tenant = f"oa-{uuid.uuid4().hex[:8]}"
+    short = Pipeline(pipe.settings.with_(openai_wait_s=0.2), tmp_path)
+    short.start("ingress", name="ingress-short")
+    try:
+        key = short.key(tenant)
+        with open(clips["en"], "rb") as f, pytest.raises(openai.InternalServerError) as err:
+            client(short, key=key, max_retries=2).audio.transcriptions.create(file=f, model="whisper-1")
+        assert err.value.status_code == 504 and err.value.code == "job_not_finished"
+        job_id = err.value.body["job_id"]
+        assert err.value.body["links"]["self"].endswith(f"/v1/jobs/{job_id}")
+        listed = short.client(key)._request("GET", "/v1/jobs", None, {})
+        assert [j["job_id"] for j in json.loads(listed[1])["jobs"]] == [job_id]  # no retry submitted it again
+        assert pipe.wait_job(job_id)["status"] == "completed"
+    finally:
+        short.stop()
+
+
+def test_stream_is_refused_until_it_is_wired(pipe, clips):
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        client(pipe).audio.transcriptions.create(file=f, model="whisper-1", stream=True)
+    assert err.value.param == "stream"
