@@ -35,11 +35,17 @@ from cassandra.query import BatchStatement, BatchType
 
 from schemas.events import JobOptions, Result, Segment, Upload
 
-QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED, CANCELLED = (
-    "queued", "transcribing", "translating", "completed", "failed", "cancelled",
+from .statuses import (  # noqa: F401 - re-exported: the statuses' home for most readers
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    QUEUED,
+    STATUSES,
+    TERMINAL,
+    TRANSCRIBING,
+    TRANSLATING,
 )
-TERMINAL = frozenset({COMPLETED, FAILED, CANCELLED})
-STATUSES = (QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED, CANCELLED)
+
 AUDIO_EXPIRY_SLACK_S = 7 * 86400  # audio_expiry rows outlive the result TTL by this (a stopped sweep catches up)
 LIST_SCAN_ROWS = 2000  # index rows one listing call reads at most (a rare status filter returns a short page)
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +80,43 @@ def test_delete_cancels_unfinished_then_deletes_finished(pipe, clips, session):
     failed = owner.submit(clips["en"])["job_id"]
     JobStore(session).transition(failed, FAILED, error="as the sink would")
     assert call(owner, "DELETE", f"/v1/jobs/{failed}")[0] == 200 and owner.job(failed) is None
+
+
+def cli(pipe, key: str, *argv: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    return subprocess.run([sys.executable, "-m", "kafscribe.cli", *argv, "--url", pipe.url, "--api-key", key],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_cli_submits_a_directory_then_lists_shows_and_removes(pipe, clips, tmp_path):
+    key = pipe.key(f"cli-{uuid.uuid4().hex[:8]}")
+    folder = tmp_path / "batch"
+    folder.mkdir()
+    for name in ("a.wav", "b.mp3"):
+        shutil.copy(clips["en_mp3" if name.endswith("mp3") else "en"], folder / name)
+    (folder / "notes.txt").write_text("not audio")  # skipped: not an audio suffix
+
+    submitted = cli(pipe, key, "submit", str(folder))
+    assert submitted.returncode == 0, submitted.stderr
+    lines = [ln.split("\t") for ln in submitted.stdout.splitlines()]
+    assert [Path(p).name for _, p in lines] == ["a.wav", "b.mp3"]
+    ids = [job_id for job_id, _ in lines]
+
+    listed = cli(pipe, key, "jobs", "ls")
+    assert listed.returncode == 0 and listed.stdout.splitlines()[0].startswith("job_id")
+    assert [ln.split()[0] for ln in listed.stdout.splitlines()[1:]] == list(reversed(ids))
+    paged = cli(pipe, key, "jobs", "ls", "--limit", "1")
+    assert len(paged.stdout.splitlines()) == 2 and "--cursor" in paged.stderr
+    assert len(cli(pipe, key, "jobs", "ls", "--limit", "1", "--all").stdout.splitlines()) == 3
+
+    shown = cli(pipe, key, "jobs", "show", ids[0])
+    assert shown.returncode == 0 and json.loads(shown.stdout)["audio"]["filename"] == "a.wav"
+
+    removed = cli(pipe, key, "jobs", "rm", *ids)
+    assert removed.returncode == 0 and removed.stdout.split() == [ids[0], "cancelled", ids[1], "cancelled"]
+    again = cli(pipe, key, "jobs", "rm", ids[0])
+    assert again.stdout.split() == [ids[0], "deleted"]
+    gone = cli(pipe, key, "jobs", "show", ids[0])
+    assert gone.returncode == 1 and "no job" in gone.stderr
+    missing = cli(pipe, key, "submit", str(tmp_path / "nothing-here"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr

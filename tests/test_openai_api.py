@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 import uuid
@@ -118,3 +122,18 @@ def test_stream_is_refused_until_it_is_wired(pipe, clips):
     with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
         client(pipe).audio.transcriptions.create(file=f, model="whisper-1", stream=True)
     assert err.value.param == "stream"
+
+
+def test_cli_submit_writes_each_result_beside_its_input(pipe, clips, tmp_path):
+    """`kafscribe submit DIR --format srt`: a progress bar per file on stderr, one .srt beside each input."""
+    for name in ("one.wav", "two.mp3"):
+        shutil.copy(clips["en_mp3" if name.endswith("mp3") else "en"], tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "submit", str(tmp_path), "--format", "srt", "--url", pipe.url,
+         "--api-key", pipe.api_key, "--timeout", "300"], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    for name in ("one", "two"):
+        srt = (tmp_path / f"{name}.srt").read_text()
+        assert srt.startswith("1\n00:00:0") and "fox" in srt.lower()
+    assert "completed" in done.stderr  # the bars' last state
