@@ -4,7 +4,9 @@
   job ended (0: kept as long as the job): the job store queues every ended
   job's audio in ``audio_expiry`` by hour; ``sweep_audio`` removes what is due.
   The ingress runs it every ``KAFSCRIBE_RETENTION_SWEEP_S``; several ingresses
-  may run it at once (deletes are idempotent).
+  may run it at once (deletes are idempotent). An ingress's first sweep looks
+  back a week past the retention (``AUDIO_EXPIRY_SLACK_S``), later ones only
+  from where the previous one ended.
 - The job, its result and its segments expire ``KAFSCRIBE_RESULT_TTL_S`` after
   it ended (Cassandra TTLs, see ``kafscribe.jobstore``); audio never outlives
   its job: the sweep removes it by then at the latest.
@@ -64,19 +66,21 @@ class AudioSweeper:
                 return 0
             now = now or datetime.now(UTC)
             cutoff = now - timedelta(seconds=retention)
-            ttl = self.jobs.result_ttl_s()
-            window = timedelta(seconds=(ttl or 0) + AUDIO_EXPIRY_SLACK_S)
-            hour = _floor_hour(self._done_until or (now - window))
-            removed = 0
+            hour = _floor_hour(self._done_until or (cutoff - timedelta(seconds=AUDIO_EXPIRY_SLACK_S)))
+            hours = []
             while hour <= cutoff:
-                for row in self.session.execute(self._select, (hour.strftime("%Y%m%d%H"), cutoff)):
+                hours.append(hour.strftime("%Y%m%d%H"))
+                hour += timedelta(hours=1)
+            removed = 0
+            reads = [(h, self.session.execute_async(self._select, (h, cutoff))) for h in hours]
+            for h, fut in reads:
+                for row in fut.result():
                     try:
                         remove_audio(self.settings, self.session, row.blob_ref)
                     except blobstore.BlobError as exc:  # a malformed ref: drop the entry, say so
                         log.warning("audio of job %s not removed: %s", row.job_id, exc)
-                    self.session.execute(self._drop, (hour.strftime("%Y%m%d%H"), row.finished_at, row.job_id))
+                    self.session.execute(self._drop, (h, row.finished_at, row.job_id))
                     removed += 1
-                hour += timedelta(hours=1)
             self._done_until = _floor_hour(cutoff)  # the cutoff's hour may still get due rows: swept again
             if removed:
                 log.info("removed the audio of %d finished job(s) (retention %.0f s)", removed, retention)

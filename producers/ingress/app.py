@@ -89,6 +89,7 @@ async def _sweep_forever(app: web.Application) -> None:
     settings: Settings = app["settings"]
     sweeper = None
     while True:
+        await asyncio.sleep(settings.retention_sweep_s)  # not at start: a restarting ingress adds no load
         try:
             if sweeper is None:
                 session = (await asyncio.to_thread(app["backends"].submitter)).session
@@ -97,7 +98,6 @@ async def _sweep_forever(app: web.Application) -> None:
         except Exception as exc:  # noqa: BLE001 - Cassandra down: try again next round
             log.warning("audio retention sweep failed: %s: %s", type(exc).__name__, exc)
             sweeper = None
-        await asyncio.sleep(settings.retention_sweep_s)
 
 
 def serve(settings: Settings) -> int:
