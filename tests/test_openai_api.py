@@ -1,9 +1,11 @@
-"""The OpenAI-compatible endpoints on the real pipeline, with the official ``openai`` package as the client."""
+"""The API on the real pipeline: the OpenAI-compatible endpoints through the official ``openai`` package,
+the CLI's submit --format and jobs watch, cancelling a running job."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import openai
 import pytest
 
 from tests.conftest import make_pipeline
-from tests.pipeline import Pipeline
+from tests.pipeline import Pipeline, wait_until
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -137,3 +139,25 @@ def test_cli_submit_writes_each_result_beside_its_input(pipe, clips, tmp_path):
         srt = (tmp_path / f"{name}.srt").read_text()
         assert srt.startswith("1\n00:00:0") and "fox" in srt.lower()
     assert "completed" in done.stderr  # the bars' last state
+    job_id = re.search(r"job (\w+) queued for .*one\.wav", done.stderr).group(1)
+    watched = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "jobs", "watch", job_id, "--url", pipe.url, "--api-key",
+         pipe.api_key], env=env, capture_output=True, text=True, timeout=120)
+    assert watched.returncode == 0 and watched.stdout.split() == [job_id, "completed"], watched.stderr
+
+
+def test_cancel_of_a_running_job_sticks_through_the_pipeline(pipe, clips, tmp_path):
+    """DELETE while transcribing: `cancelled` at once, and it stays so after the stages finish their work
+    (the sink stores no result for it); then a second DELETE removes it."""
+    longer = tmp_path / "longer.wav"  # ~75 s: seconds of transcribing to cancel in, even on a quiet machine
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-stream_loop", "2", "-i", str(clips["long"]),
+                    "-c", "copy", str(longer)], check=True)
+    job_id = pipe.http.submit(longer)["job_id"]
+    pipe.wait_job(job_id, statuses=("transcribing",), timeout_s=240)
+    status, body, _ = pipe.http._request("DELETE", f"/v1/jobs/{job_id}")
+    assert status == 202 and json.loads(body)["status"] == "cancelled"
+    wait_until(lambda: job_id in (pipe.log_dir / "sink.log").read_text(), timeout_s=300,
+               what="the sink saw the job's result")
+    job = pipe.http.job(job_id)
+    assert job["status"] == "cancelled" and "result" not in job
+    assert pipe.http._request("DELETE", f"/v1/jobs/{job_id}")[0] == 200 and pipe.http.job(job_id) is None
