@@ -75,8 +75,8 @@ class JobStore:
             " translated_text, engine, model, completed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
         )
         self._insert_segment = p(
-            "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob)"
-            " VALUES (?,?,?,?,?,?,?,?)"
+            "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob, words)"
+            " VALUES (?,?,?,?,?,?,?,?,?)"
         )
         self._get_result = p("SELECT * FROM results WHERE job_id = ?")
         self._get_segments = p("SELECT * FROM segments WHERE job_id = ?")
@@ -166,7 +166,7 @@ class JobStore:
     def _segment_async(self, job_id: str, track: str, s: Segment):
         return self.session.execute_async(
             self._insert_segment,
-            (job_id, track, s.id, s.start, s.end, s.text, s.avg_logprob, s.no_speech_prob),
+            (job_id, track, s.id, s.start, s.end, s.text, s.avg_logprob, s.no_speech_prob, words_json(s)),
         )
 
     # --- reads -------------------------------------------------------------
@@ -186,7 +186,8 @@ class JobStore:
         for s in self.session.execute(self._get_segments, (job_id,)):
             tracks.setdefault(s.track, []).append(
                 {"id": s.idx, "start": s.start_s, "end": s.end_s, "text": s.text,
-                 "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob}
+                 "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob,
+                 "words": json.loads(s.words) if s.words else []}
             )
         out["segments"] = tracks["source"]
         out["translated_segments"] = tracks["translation"]
@@ -361,6 +362,13 @@ def _day(at: datetime) -> str:
 
 def _hour(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y%m%d%H")
+
+
+def words_json(segment: Segment) -> str | None:
+    """A segment's words as the ``segments.words`` column holds them: a JSON list, None when it has none."""
+    if not segment.words:
+        return None
+    return json.dumps([asdict(w) for w in segment.words], separators=(",", ":"))
 
 
 def options_from_json(raw: dict[str, Any]) -> JobOptions:

@@ -29,7 +29,8 @@ from kafscribe.statuses import TERMINAL
 def submit(
     path: str | Path, *, language: str | None = None, task: str = "transcribe",
     translate_to: str | None = None, callback_url: str | None = None, model: str | None = None,
-    tenant: str = "default", settings: Settings | None = None,
+    tenant: str = "default", settings: Settings | None = None, word_timestamps: bool = False,
+    vad_filter: bool = False,
 ) -> str:
     """Submit ``path`` straight to Kafka; returns the job id once the broker has the event."""
     from kafscribe import cassandra_session  # the Cassandra driver and Kafka only here: HTTP users start fast
@@ -39,7 +40,8 @@ def submit(
 
     settings = settings or Settings.from_env()
     raw = {"language": language, "task": task, "translate_to": translate_to,
-           "callback_url": callback_url, "model": model}
+           "callback_url": callback_url, "model": model,
+           "word_timestamps": str(word_timestamps).lower(), "vad_filter": str(vad_filter).lower()}
     options = parse_options({k: v for k, v in raw.items() if v is not None}, settings)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     publisher = Publisher(settings)
