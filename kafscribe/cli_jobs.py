@@ -87,8 +87,11 @@ def submit(args: argparse.Namespace, settings: Settings) -> int:
         _err(f"{clash[0]}: the {args.format} result would overwrite its own input")
         return 2
     wait = args.wait or bool(args.format)
-    options = {"language": args.language, "task": args.task, "translate_to": args.translate_to,
-               "callback_url": args.callback, "model": args.model}
+    options: dict[str, Any] = {"language": args.language, "task": args.task, "translate_to": args.translate_to,
+                               "callback_url": args.callback, "model": args.model}
+    for flag in ("word_timestamps", "vad_filter"):
+        if getattr(args, flag):
+            options[flag] = True if args.direct else "true"
     http = None if args.direct else http_client(args, settings)
     jobs: dict[Path, str] = {}
     refused = 0
@@ -243,6 +246,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--translate-to")
     p.add_argument("--callback")
     p.add_argument("--model")
+    p.add_argument("--word-timestamps", action="store_true", help="words with their times in the result")
+    p.add_argument("--vad-filter", action="store_true", help="skip silence before transcribing")
     p.add_argument("--wait", action="store_true",
                    help="follow the jobs (a progress bar per file); one file: print its transcript")
     p.add_argument("--format", choices=["json", "txt", "srt", "vtt"],

@@ -63,6 +63,23 @@ def test_verbose_json_has_segments(pipe, clips):
     assert " ".join(s.text for s in out.segments).strip().lower().startswith(out.text.lower()[:10])
 
 
+def test_verbose_json_with_words(pipe, clips):
+    oa = client(pipe)
+    with open(clips["en"], "rb") as f:
+        out = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="verbose_json",
+                                             timestamp_granularities=["word", "segment"])
+    assert out.segments and out.words
+    words = [w.word.strip(" .,").lower() for w in out.words]
+    assert "fox" in words and "lazy" in words
+    starts = [w.start for w in out.words]
+    assert starts == sorted(starts) and all(w.start <= w.end for w in out.words)
+    assert all(out.segments[0].start - 0.05 <= w.start and w.end <= out.segments[-1].end + 0.05 for w in out.words)
+    with open(clips["en"], "rb") as f:
+        words_only = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="verbose_json",
+                                                    timestamp_granularities=["word"])
+    assert words_only.words and not words_only.segments
+
+
 def test_translation_into_english(pipe, clips):
     oa = client(pipe)
     with open(clips["es"], "rb") as f:

@@ -19,6 +19,7 @@ def parse(**fields: str) -> dict:
 def test_model_mapping_and_defaults():
     asked = parse()
     assert asked["options"].model is None and asked["options"].task == "transcribe"  # whisper-1: the default
+    assert asked["options"].word_timestamps is False
     assert asked["format"] == "json" and asked["granularities"] == ["segment"] and asked["stream"] is False
     assert parse(model="base")["options"].model == "base"  # an allowed name passes through
     assert parse_request({"model": "whisper-1"}, SETTINGS, "translate")["options"].task == "translate"
@@ -44,7 +45,7 @@ def test_bad_fields_name_the_param(fields, param):
 
 def test_granularities_and_stream():
     asked = parse(response_format="verbose_json", **{"timestamp_granularities[]": "word,segment"})
-    assert asked["granularities"] == ["word", "segment"]
+    assert asked["granularities"] == ["word", "segment"] and asked["options"].word_timestamps is True
     assert parse(stream="true")["stream"] is True
 
 

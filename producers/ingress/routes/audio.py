@@ -119,7 +119,8 @@ def parse_request(fields: dict[str, str], settings: Settings, task: str) -> dict
     stream = (fields.get("stream") or "false").strip().lower()
     if stream not in ("true", "false", "1", "0"):
         raise BadRequest("stream must be true or false", "stream")
-    raw = {"task": task, "model": "" if model == OPENAI_MODEL else model, "language": fields.get("language", "")}
+    raw = {"task": task, "model": "" if model == OPENAI_MODEL else model, "language": fields.get("language", ""),
+           "word_timestamps": "true" if "word" in grains else "false"}
     try:
         options = parse_options(raw, settings)
     except SubmissionError as exc:
@@ -270,7 +271,8 @@ def _form(task: str) -> dict[str, Any]:
         props["language"] = {"type": "string", "description": "ISO 639-1; default: detect"}
         props["timestamp_granularities[]"] = {"type": "array", "items": {"type": "string",
                                               "enum": list(GRANULARITIES)},
-                                              "description": "with verbose_json: `segment` (default), `word`"}
+                                              "description": "with verbose_json: `segment` (default), `word`"
+                                                             " (the job runs with word_timestamps)"}
         props["stream"] = {"type": "boolean", "default": False}
     return {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["file", "model"], "properties": props}}}}
