@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
@@ -72,3 +73,32 @@ def test_render_formats():
     assert "segments" not in words_only and words_only["words"]
     assert json.loads(render("verbose_json", "translate", {**RESULT, "language": "es"}, ["segment"],
                              "j").text)["language"] == "english"
+
+
+def test_refusals_from_elsewhere_get_openai_shape_on_audio_routes_only():
+    """The auth middleware's JSON refusals (here a quota 429) are rewritten on /v1/audio/*, headers kept."""
+    asyncio.run(_refusals())
+
+
+async def _refusals() -> None:
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from producers.ingress.auth import _refuse
+    from producers.ingress.routes.audio import openai_errors
+
+    async def limited(request):
+        raise _refuse(web.HTTPTooManyRequests, "tenant t has 3 unfinished jobs", **{"Retry-After": "30"})
+
+    app = web.Application(middlewares=[openai_errors])
+    app.router.add_post("/v1/audio/transcriptions", limited)
+    app.router.add_post("/v1/jobs", limited)
+    async with TestClient(TestServer(app)) as http:
+        r = await http.post("/v1/audio/transcriptions")
+        assert r.status == 429 and r.headers["Retry-After"] == "30"
+        assert (await r.json())["error"] == {"message": "tenant t has 3 unfinished jobs", "type": "rate_limit_error",
+                                             "param": None, "code": "rate_limit_exceeded"}
+        missing = await http.get("/v1/audio/nothing")
+        assert missing.status == 404 and (await missing.json())["error"]["code"] == "not_found"
+        r = await http.post("/v1/jobs")  # other routes keep their own shape
+        assert r.status == 429 and (await r.json()) == {"error": "tenant t has 3 unfinished jobs", "status": 429}
