@@ -24,11 +24,11 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 system-deps:
-	@missing=""; for tool in ffmpeg ffprobe espeak-ng; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in ffmpeg ffprobe espeak-ng chromium; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
-	  echo "== installing Debian packages for:$$missing (ffmpeg decodes audio, espeak-ng speaks test clips)"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng >/dev/null; \
-	  else echo "kafscribe needs ffmpeg and espeak-ng: run 'sudo apt-get install ffmpeg espeak-ng'" >&2; exit 1; fi; \
+	  echo "== installing Debian packages for:$$missing (ffmpeg decodes audio, espeak-ng speaks test clips, chromium renders /docs in a test)"; \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq ffmpeg espeak-ng chromium >/dev/null; \
+	  else echo "kafscribe needs ffmpeg, espeak-ng and chromium: run 'sudo apt-get install ffmpeg espeak-ng chromium'" >&2; exit 1; fi; \
 	fi
 	@# Prometheus: `kafscribe services up` runs its own instance (our config, data in .kafscribe/prometheus);
 	@# the Debian package's daemon must not run (it would hold 9090), and --no-install-recommends keeps

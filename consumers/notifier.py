@@ -34,7 +34,7 @@ import logging
 import random
 import threading
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 
 from confluent_kafka import Message
@@ -75,13 +75,13 @@ def event_body(settings: Settings, result: Result) -> tuple[str, str]:
         data["transcript"] = {
             "language": result.language,
             "text": result.text,
-            "segments": [s.__dict__ for s in result.segments],
+            "segments": [asdict(s) for s in result.segments],
         }
         if result.translation:
             data["transcript"]["translation"] = {
                 "language": result.translation.target_language,
                 "text": result.translation.text,
-                "segments": [s.__dict__ for s in result.translation.segments],
+                "segments": [asdict(s) for s in result.translation.segments],
             }
     body = {"type": event_type, "timestamp": datetime.now(UTC).isoformat(), "data": data}
     return event_type, json.dumps(body, separators=(",", ":"))

@@ -200,7 +200,8 @@ class Transcriber:
             del data
             out = with_retries(
                 lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
-                                          deadline=deadline),
+                                          deadline=deadline, word_timestamps=event.options.word_timestamps,
+                                          vad_filter=event.options.vad_filter),
                 stage=self.name, attempts=self.settings.transient_retries,
             )
         except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:

@@ -72,11 +72,18 @@ def cql_statements(keyspace: str) -> list[str]:
     return [s.strip() for s in text.split(";") if s.strip()]
 
 
+def retention_statements(settings: Settings) -> list[str]:
+    """``KAFSCRIBE_RESULT_TTL_S`` as the default TTL of the result tables (written once, when a job ends)."""
+    ttl = max(0, int(settings.result_ttl_s))
+    return [f"ALTER TABLE {settings.cassandra_keyspace}.{table} WITH default_time_to_live = {ttl}"
+            for table in ("results", "segments")]
+
+
 def ensure_schema(settings: Settings) -> int:
     """Run every schema statement; returns how many ran."""
     session = cassandra_session.connect(settings, timeout_s=30.0)
     try:
-        statements = cql_statements(settings.cassandra_keyspace)
+        statements = cql_statements(settings.cassandra_keyspace) + retention_statements(settings)
         for stmt in statements:
             session.execute(stmt, timeout=60.0)
         return len(statements)

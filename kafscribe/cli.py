@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from . import cli_jobs
 from .settings import PROJECT_ROOT, Settings, SettingsError, settings_table
 
 
@@ -84,51 +85,6 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
         from .models.ct2_to_whisper import convert
 
         print(convert(Path(args.names[0]), Path(args.names[1])))
-    return 0
-
-
-def _submit(args: argparse.Namespace, settings: Settings) -> int:
-    import json
-    import time
-
-    from producers import client
-
-    options = {"language": args.language, "task": args.task, "translate_to": args.translate_to,
-               "callback_url": args.callback, "model": args.model}
-    started = time.monotonic()
-    if args.direct:
-        job_id = client.submit(args.file, settings=settings, **options)
-        read = client.direct_job_reader(settings)
-        get_job = lambda: read(job_id)  # noqa: E731
-    else:
-        http = client.HttpClient(args.url or settings.public_url or f"http://127.0.0.1:{settings.http_port}",
-                                 api_key=args.api_key or settings.api_key)
-        try:
-            job_id = http.submit(args.file, **{k: v for k, v in options.items() if v is not None})["job_id"]
-        except client.HttpError as exc:
-            print(f"kafscribe: upload refused: {exc}", file=sys.stderr)
-            if exc.status == 401:
-                print("kafscribe: pass --api-key or set KAFSCRIBE_API_KEY (`kafscribe keys create`)", file=sys.stderr)
-            return 1
-        get_job = lambda: http.job(job_id)  # noqa: E731
-    print(f"job {job_id} queued", file=sys.stderr)
-    if not args.wait:
-        print(job_id)
-        return 0
-
-    def progress(job: dict) -> None:
-        print(f"  [{time.monotonic() - started:6.1f}s] {job['status']}", file=sys.stderr)
-
-    job = client.wait_for(get_job, timeout_s=args.timeout, on_change=progress)
-    if job["status"] != "completed":
-        print(f"kafscribe: job {job_id} failed: {job.get('error')}", file=sys.stderr)
-        return 1
-    if args.direct:
-        print(json.dumps(job, default=str))
-    elif args.format == "json":
-        print(json.dumps(job, default=str, indent=2))
-    else:
-        print(http.transcript(job_id, args.format, args.lang), end="")
     return 0
 
 
@@ -242,21 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-openai", action="store_true", help="skip the openai-whisper checkpoint")
     p.set_defaults(func=_models)
 
-    p = sub.add_parser("submit", help="submit an audio file")
-    p.add_argument("file")
-    p.add_argument("--language")
-    p.add_argument("--task", choices=["transcribe", "translate"])
-    p.add_argument("--translate-to")
-    p.add_argument("--callback")
-    p.add_argument("--model")
-    p.add_argument("--wait", action="store_true", help="wait and print the transcript")
-    p.add_argument("--format", choices=["json", "txt", "srt", "vtt"], default="txt")
-    p.add_argument("--lang", help="with --wait: which language's transcript to print")
-    p.add_argument("--timeout", type=float, default=1800.0)
-    p.add_argument("--url", help="ingress base URL (default http://127.0.0.1:$KAFSCRIBE_HTTP_PORT)")
-    p.add_argument("--api-key", help="API key for the ingress (default: $KAFSCRIBE_API_KEY)")
-    p.add_argument("--direct", action="store_true", help="produce straight to Kafka instead of HTTP")
-    p.set_defaults(func=_submit)
+    cli_jobs.add_parsers(sub)  # submit, jobs
 
     p = sub.add_parser("webhooks", help="tenants' webhook signing secrets")
     p.add_argument("action", choices=["secret"])

@@ -67,6 +67,21 @@ class Settings:
     )
     max_upload_bytes: int = _doc("Largest accepted upload (413 above).", 200 * 1024 * 1024)
     retry_after_s: int = _doc("Retry-After sent with 503 when Kafka/Cassandra is down.", 5)
+    # --- api
+    openai_wait_s: float = _doc(
+        "How long `POST /v1/audio/*` waits for the job's result; past it the answer is"
+        " 504 with the job id and its link to poll (the job goes on).", 300.0,
+    )
+    audio_retention_s: int = _doc(
+        "Audio is removed this many seconds after its job finished (0 = kept); the ingress sweeps every"
+        " KAFSCRIBE_RETENTION_SWEEP_S.", 86400,
+    )
+    result_ttl_s: int = _doc(
+        "Finished jobs, results and segments expire this many seconds after the job finished (Cassandra TTL;"
+        " 0 = kept). Applied to the tables by the schema bootstrap (`kafscribe stack up`).", 30 * 86400,
+    )
+    retention_sweep_s: float = _doc("How often the ingress removes audio past KAFSCRIBE_AUDIO_RETENTION_S (0 = never).", 300.0)
+    jobs_list_days: int = _doc("How many UTC days back `GET /v1/jobs` looks for a tenant's jobs.", 31)
 
     # --- auth and quotas ---------------------------------------------------
     auth_required: bool = _doc(

@@ -15,29 +15,33 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from kafscribe import cassandra_session
-from kafscribe.jobstore import TERMINAL, JobStore
 from kafscribe.settings import Settings
-
-from .publisher import Publisher
-from .submission import Submitter, parse_options
+from kafscribe.statuses import TERMINAL
 
 
 def submit(
     path: str | Path, *, language: str | None = None, task: str = "transcribe",
     translate_to: str | None = None, callback_url: str | None = None, model: str | None = None,
-    tenant: str = "default", settings: Settings | None = None,
+    tenant: str = "default", settings: Settings | None = None, word_timestamps: bool = False,
+    vad_filter: bool = False,
 ) -> str:
     """Submit ``path`` straight to Kafka; returns the job id once the broker has the event."""
+    from kafscribe import cassandra_session  # the Cassandra driver and Kafka only here: HTTP users start fast
+
+    from .publisher import Publisher
+    from .submission import Submitter, parse_options
+
     settings = settings or Settings.from_env()
     raw = {"language": language, "task": task, "translate_to": translate_to,
-           "callback_url": callback_url, "model": model}
+           "callback_url": callback_url, "model": model,
+           "word_timestamps": str(word_timestamps).lower(), "vad_filter": str(vad_filter).lower()}
     options = parse_options({k: v for k, v in raw.items() if v is not None}, settings)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     publisher = Publisher(settings)
@@ -68,6 +72,9 @@ def wait_for(get_job: Callable[[], dict[str, Any] | None], timeout_s: float = 60
 
 
 def direct_job_reader(settings: Settings) -> Callable[[str], dict[str, Any] | None]:
+    from kafscribe import cassandra_session
+    from kafscribe.jobstore import JobStore
+
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     return JobStore(session).get
 
@@ -143,3 +150,21 @@ class HttpClient:
         if status != 200:
             raise HttpError(status, body.decode(errors="replace"))
         return body.decode()
+
+    def jobs(self, limit: int = 20, cursor: str | None = None, status: str | None = None) -> dict[str, Any]:
+        """One page of the caller's tenant's jobs, newest first: ``{"jobs", "next_cursor", ...}``."""
+        query = urllib.parse.urlencode({k: v for k, v in
+                                        {"limit": limit, "cursor": cursor, "status": status}.items() if v})
+        status_code, body, _ = self._request("GET", f"/v1/jobs?{query}")
+        if status_code != 200:
+            raise HttpError(status_code, body.decode(errors="replace"))
+        return json.loads(body)
+
+    def delete(self, job_id: str) -> dict[str, Any] | None:
+        """Cancel an unfinished job or delete a finished one (the answer's body); None if there is no such job."""
+        status, body, _ = self._request("DELETE", f"/v1/jobs/{job_id}")
+        if status == 404:
+            return None
+        if status not in (200, 202):
+            raise HttpError(status, body.decode(errors="replace"))
+        return json.loads(body)

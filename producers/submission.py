@@ -31,7 +31,9 @@ from .worker_view import WorkerView
 log = logging.getLogger("kafscribe.submission")
 
 TASKS = ("transcribe", "translate")
-OPTION_FIELDS = ("language", "task", "translate_to", "callback_url", "model", "callback_include_transcript")
+OPTION_FIELDS = ("language", "task", "translate_to", "callback_url", "model", "callback_include_transcript",
+                 "word_timestamps", "vad_filter")
+TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 MAX_FILENAME_CHARS = 255
 MAX_TRACE_ID_CHARS = 128
 MAX_TENANT_CHARS = 128
@@ -123,7 +125,17 @@ def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
     opts.callback_url = url
     include = (raw.get("callback_include_transcript") or "false").strip().lower()
     opts.callback_include_transcript = include in ("1", "true", "yes")
+    opts.word_timestamps = parse_flag(raw, "word_timestamps")
+    opts.vad_filter = parse_flag(raw, "vad_filter")
     return opts
+
+
+def parse_flag(raw: dict[str, str], name: str) -> bool:
+    """A yes/no option (true/false, 1/0, yes/no, on/off; absent = false); anything else is a 422."""
+    value = (raw.get(name) or "").strip().lower()
+    if value not in TRUE_WORDS + FALSE_WORDS:
+        raise SubmissionError(422, f"{name}={value[:40]!r} must be true or false")
+    return value in TRUE_WORDS
 
 
 @dataclass

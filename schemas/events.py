@@ -32,6 +32,16 @@ class JobOptions:
     model: str | None = None
     callback_url: str | None = None
     callback_include_transcript: bool = False
+    word_timestamps: bool = False
+    vad_filter: bool = False
+
+
+@dataclass
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float = 0.0
 
 
 @dataclass
@@ -42,6 +52,7 @@ class Segment:
     text: str
     avg_logprob: float = 0.0
     no_speech_prob: float = 0.0
+    words: list[Word] = field(default_factory=list)
 
 
 @dataclass

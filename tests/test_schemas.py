@@ -188,3 +188,28 @@ def test_failed_result_keeps_the_jobs_options_and_identity():
     letter = DeadLetter(job_id="j9", source_topic="t", source_partition=0, source_offset=0, stage="s",
                         reason="r", payload=b"")
     assert Result.failed(letter, "r", "w").options == JobOptions()
+
+
+def test_words_and_job_flags_round_trip_and_v1_events_read_with_their_defaults():
+    """Segments carry words; a Transcript written with the frozen v1 (no words, no flags) still reads."""
+    from schemas.events import Transcript, Word
+
+    seg = Segment(id=0, start=0.5, end=1.5, text=" hi there",
+                  words=[Word(" hi", 0.5, 0.9, 0.93), Word(" there", 0.9, 1.5, 0.8)])
+    result = Result(job_id="w", status="completed", segments=[seg],
+                    options=JobOptions(word_timestamps=True, vad_filter=True))
+    assert decode_event(result.encode()) == result
+    v1 = json.loads((SCHEMA_DIR / "history" / "Transcript.v1.avsc").read_text())
+    parsed = fastavro.parse_schema(v1, _write_hint=False)
+    record = _sample(v1) | {"job_id": "old", "segments": [{"id": 0, "start": 0.0, "end": 1.0, "text": "x",
+                                                            "avg_logprob": 0.0, "no_speech_prob": 0.0}],
+                            "options": {"task": "transcribe", "language": None, "translate_to": None,
+                                        "model": None, "callback_url": None,
+                                        "callback_include_transcript": False}}
+    buf = io.BytesIO()
+    buf.write(codec.MAGIC + codec.schema_fingerprint(parsed))
+    fastavro.schemaless_writer(buf, parsed, record)
+    event = decode_event(buf.getvalue())
+    assert isinstance(event, Transcript) and event.job_id == "old"
+    assert event.segments[0].words == []
+    assert (event.options.word_timestamps, event.options.vad_filter) == (False, False)

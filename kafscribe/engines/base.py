@@ -9,7 +9,7 @@ from typing import Protocol
 
 import numpy as np
 
-from schemas.events import Segment
+from schemas.events import Segment, Word
 
 from ..models import offline
 from ..settings import Settings
@@ -45,9 +45,15 @@ class Engine(Protocol):
     multilingual: bool
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None
+        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
+        word_timestamps: bool = False, vad_filter: bool = False,
     ) -> TranscriptionOutput:
-        """Transcribe; past ``deadline`` (a ``time.monotonic()`` value) raise ``TimeLimitExceeded``."""
+        """Transcribe; past ``deadline`` (a ``time.monotonic()`` value) raise ``TimeLimitExceeded``.
+
+        ``word_timestamps``: each segment carries its words with times and probabilities.
+        ``vad_filter``: only the stretches the Silero VAD hears as speech are decoded;
+        times stay on the original audio's clock.
+        """
         ...
 
 
@@ -70,6 +76,11 @@ def ct2_model_dir(settings: Settings, model: str) -> str:
 
 def is_multilingual(model: str) -> bool:
     return not Path(model).name.endswith(".en") and not model.endswith(".en")
+
+
+def word(text: str, start: float, end: float, probability: float) -> Word:
+    """A ``Word`` from an engine's word (plain floats, never numpy scalars: Avro needs them)."""
+    return Word(word=text, start=float(start), end=float(end), probability=float(probability))
 
 
 def join_text(segments: list[Segment]) -> str:

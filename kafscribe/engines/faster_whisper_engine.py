@@ -15,6 +15,7 @@ from .base import (
     is_multilingual,
     join_text,
     resolve_device,
+    word,
 )
 
 
@@ -42,13 +43,16 @@ class FasterWhisperEngine:
             raise EngineError(f"cannot load faster-whisper model {model!r}: {exc}") from exc
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None
+        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
+        word_timestamps: bool = False, vad_filter: bool = False,
     ) -> TranscriptionOutput:
         if not self.multilingual:
             language, task = "en", "transcribe"
         check_deadline(deadline)
+        # vad_filter runs the Silero model bundled in faster-whisper's package (ONNX): no download.
         segments_iter, info = self._model.transcribe(
-            audio, language=language, task=task, beam_size=self.beam_size, vad_filter=False
+            audio, language=language, task=task, beam_size=self.beam_size,
+            word_timestamps=word_timestamps, vad_filter=vad_filter,
         )
         segments = []
         for i, s in enumerate(segments_iter):  # a generator: each step decodes a window
@@ -56,6 +60,7 @@ class FasterWhisperEngine:
             segments.append(Segment(
                 id=i, start=float(s.start), end=float(s.end), text=s.text,
                 avg_logprob=float(s.avg_logprob), no_speech_prob=float(s.no_speech_prob),
+                words=[word(w.word, w.start, w.end, w.probability) for w in s.words or ()],
             ))
         return TranscriptionOutput(
             language=info.language,

@@ -14,7 +14,16 @@ from schemas.events import Segment
 
 from ..models import offline
 from ..settings import Settings
-from .base import EngineError, TranscriptionOutput, check_deadline, is_multilingual, join_text, resolve_device
+from . import vad
+from .base import (
+    EngineError,
+    TranscriptionOutput,
+    check_deadline,
+    is_multilingual,
+    join_text,
+    resolve_device,
+    word,
+)
 
 
 def checkpoint_for(settings: Settings, model: str) -> str:
@@ -48,18 +57,31 @@ class OpenAIWhisperEngine:
         self.multilingual = self._model.is_multilingual
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None
+        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
+        word_timestamps: bool = False, vad_filter: bool = False,
     ) -> TranscriptionOutput:
         import torch
         import whisper
 
         check_deadline(deadline)
+        duration = len(audio) / whisper.audio.SAMPLE_RATE
+        clips: str | list[float] = "0"  # whisper's default: from the start to the end
+        first_speech = 0.0  # where language detection listens
+        if vad_filter:  # openai-whisper has no VAD: decode only where Silero hears speech
+            # A clip may not end past whisper's last frame: there it would never advance (a hang).
+            last = (len(audio) // whisper.audio.HOP_LENGTH) / whisper.audio.FRAMES_PER_SECOND
+            speech = [(start, min(end, last)) for start, end in vad.speech_clips(audio) if min(end, last) - start >= 0.02]
+            if not speech:
+                return TranscriptionOutput(language=language or "en", language_probability=0.0,
+                                           duration=duration, text="", segments=[])
+            clips = [t for clip in speech for t in clip]
+            first_speech = speech[0][0]
         probability = 1.0
         if not self.multilingual:
             language, task = "en", "transcribe"
         elif language is None:
             mel = whisper.log_mel_spectrogram(
-                whisper.pad_or_trim(audio), self._model.dims.n_mels
+                whisper.pad_or_trim(audio[int(first_speech * whisper.audio.SAMPLE_RATE):]), self._model.dims.n_mels
             ).to(self._model.device)
             with torch.no_grad():
                 _, probs = self._model.detect_language(mel)
@@ -81,6 +103,8 @@ class OpenAIWhisperEngine:
                 fp16=self.device == "cuda",
                 beam_size=self.beam_size,
                 verbose=None,
+                word_timestamps=word_timestamps,
+                clip_timestamps=clips,
             )
         finally:
             del model.decode  # back to the class's method
@@ -88,13 +112,14 @@ class OpenAIWhisperEngine:
             Segment(
                 id=i, start=float(s["start"]), end=float(s["end"]), text=s["text"],
                 avg_logprob=float(s["avg_logprob"]), no_speech_prob=float(s["no_speech_prob"]),
+                words=[word(w["word"], w["start"], w["end"], w["probability"]) for w in s.get("words") or ()],
             )
             for i, s in enumerate(result["segments"])
         ]
         return TranscriptionOutput(
             language=language,
             language_probability=probability,
-            duration=len(audio) / whisper.audio.SAMPLE_RATE,
+            duration=duration,
             text=join_text(segments),
             segments=segments,
         )

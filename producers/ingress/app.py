@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 from aiohttp import web
 
-from kafscribe import logs, metrics
+from kafscribe import logs, metrics, retention
 from kafscribe.settings import Settings
 
 from . import auth, upload
 from .backends import Backends
-from .routes import callbacks, health, jobs, workers
+from .routes import audio, callbacks, docs, health, jobs, workers
 
 log = logging.getLogger("kafscribe.ingress")
 
@@ -32,20 +33,15 @@ async def count_requests(request: web.Request, handler):
 def build_app(settings: Settings, backends: Backends | None = None) -> web.Application:
     """The ingress app; ``backends`` defaults to fresh Cassandra/Kafka handles for ``settings``."""
     app = web.Application(
-        middlewares=[count_requests, auth.authenticate], client_max_size=settings.max_upload_bytes + (1 << 20)
+        middlewares=[count_requests, audio.openai_errors, auth.authenticate],
+        client_max_size=settings.max_upload_bytes + (1 << 20),
     )
     app["settings"] = settings
     auth.setup(app, settings)  # refuses auth off on a non-loopback address before anything starts
     app["backends"] = backends if backends is not None else Backends(settings)
-    app.router.add_post("/v1/jobs", jobs.create_job)
-    app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
-    app.router.add_get("/v1/jobs/{job_id}/transcript", jobs.get_transcript)
-    app.router.add_get("/v1/jobs/{job_id}/callbacks", callbacks.get_callbacks)
-    app.router.add_post("/v1/jobs/{job_id}/callbacks/redeliver", callbacks.redeliver_callback)
-    app.router.add_get("/v1/workers", workers.list_workers)
-    app.router.add_get("/healthz", health.healthz)
-    app.router.add_get("/readyz", health.readyz)
-    app.router.add_get("/metrics", health.metrics_endpoint)
+    for method, path, handler in ROUTES:
+        app.router.add_route(method, path, handler)
+    docs.setup(app, ROUTE_MODULES)  # /openapi.json from the modules' OPENAPI_PATHS, /docs, its assets
 
     async def sweep(app: web.Application) -> None:
         await asyncio.to_thread(upload.remove_orphans)
@@ -54,8 +50,54 @@ def build_app(settings: Settings, backends: Backends | None = None) -> web.Appli
         await asyncio.to_thread(app["backends"].close)
 
     app.on_startup.append(sweep)
+    app.cleanup_ctx.append(_retention_sweep)
     app.on_cleanup.append(close)
     return app
+
+
+# Every route: (method, path, handler). Each route module describes its routes in OPENAPI_PATHS.
+ROUTES = [
+    ("POST", "/v1/jobs", jobs.create_job),
+    ("GET", "/v1/jobs", jobs.list_jobs),
+    ("GET", "/v1/jobs/{job_id}", jobs.get_job),
+    ("DELETE", "/v1/jobs/{job_id}", jobs.delete_job),
+    ("GET", "/v1/jobs/{job_id}/transcript", jobs.get_transcript),
+    ("GET", "/v1/jobs/{job_id}/callbacks", callbacks.get_callbacks),
+    ("POST", "/v1/jobs/{job_id}/callbacks/redeliver", callbacks.redeliver_callback),
+    ("POST", "/v1/audio/transcriptions", audio.transcriptions),
+    ("POST", "/v1/audio/translations", audio.translations),
+    ("GET", "/v1/workers", workers.list_workers),
+    ("GET", "/healthz", health.healthz),
+    ("GET", "/readyz", health.readyz),
+    ("GET", "/metrics", health.metrics_endpoint),
+]
+ROUTE_MODULES = [jobs, callbacks, audio, workers, health, docs]
+
+
+async def _retention_sweep(app: web.Application):
+    """Remove audio past KAFSCRIBE_AUDIO_RETENTION_S every KAFSCRIBE_RETENTION_SWEEP_S (kafscribe.retention)."""
+    settings: Settings = app["settings"]
+    task = asyncio.create_task(_sweep_forever(app)) if settings.retention_sweep_s > 0 else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _sweep_forever(app: web.Application) -> None:
+    settings: Settings = app["settings"]
+    sweeper = None
+    while True:
+        await asyncio.sleep(settings.retention_sweep_s)  # not at start: a restarting ingress adds no load
+        try:
+            if sweeper is None:
+                session = (await asyncio.to_thread(app["backends"].submitter)).session
+                sweeper = retention.AudioSweeper(settings, session)
+            await asyncio.to_thread(sweeper.sweep)
+        except Exception as exc:  # noqa: BLE001 - Cassandra down: try again next round
+            log.warning("audio retention sweep failed: %s: %s", type(exc).__name__, exc)
+            sweeper = None
 
 
 def serve(settings: Settings) -> int:

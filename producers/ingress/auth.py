@@ -8,8 +8,9 @@
   that names another tenant in ``X-Tenant`` gets ``403``.
 - Job routes read jobs through ``job_scope(request)``: another tenant's job
   is missing (``404``), the same answer as an id that does not exist.
-- ``POST /v1/jobs`` is refused with ``429`` past the tenant's quota of
-  unfinished jobs, before the upload is read.
+- ``POST /v1/jobs`` (and the OpenAI-compatible ``/v1/audio/*`` routes) is
+  refused with ``429`` past the tenant's quota of unfinished jobs, before the
+  upload is read.
 - A looked-up key is trusted for ``KAFSCRIBE_AUTH_CACHE_S``: a revocation
   takes effect within that time. Cassandra down while a key is checked: ``503``.
 - A job's callback redelivery takes a slot (``redeliveries``), once per job
@@ -38,6 +39,8 @@ from ..submission import Unavailable
 log = logging.getLogger("kafscribe.ingress.auth")
 
 ADMIN_ONLY = frozenset({"/v1/workers"})
+# Routes that create a job: the tenant's quota of unfinished jobs is checked before the upload is read.
+QUOTA_ROUTES = frozenset({"/v1/jobs", "/v1/audio/transcriptions", "/v1/audio/translations"})
 DEFAULT_TENANT = "default"
 _CACHE_MAX = 10_000
 
@@ -183,7 +186,7 @@ async def authenticate(request: web.Request, handler):
     route = resource.canonical if resource is not None else ""
     if route in ADMIN_ONLY and not who.admin:
         raise _refuse(web.HTTPForbidden, "this route needs an admin key")
-    if request.method == "POST" and route == "/v1/jobs":
+    if request.method == "POST" and route in QUOTA_ROUTES:
         await _check_quota(request, who)
     return await handler(request)
 

@@ -39,15 +39,22 @@ class Received:
     fields: dict[str, str]
 
 
-async def read_upload(request: web.Request, settings: Settings) -> Received:
-    """Stream the multipart body: the ``file`` part to a temp file (size-limited), the rest as options."""
+async def read_upload(
+    request: web.Request, settings: Settings, allowed: tuple[str, ...] = OPTION_FIELDS,
+    repeatable: frozenset[str] = frozenset(),
+) -> Received:
+    """Stream the multipart body: the ``file`` part to a temp file (size-limited), the rest as options.
+
+    ``allowed`` are the text fields accepted; a field in ``repeatable`` may come
+    several times (its values are joined with ``,``).
+    """
     if not request.content_type.startswith("multipart/form-data"):
         raise SubmissionError(422, "send multipart/form-data with a 'file' part")
     temp: list[Path] = []  # the temp file, once created
     done = False
     try:
         try:
-            received = await _read_parts(await request.multipart(), settings, temp)
+            received = await _read_parts(await request.multipart(), settings, temp, allowed, repeatable)
         except (ValueError, LookupError, HttpProcessingError) as exc:  # aiohttp's words for a malformed body
             raise SubmissionError(422, f"malformed multipart body: {exc}") from exc
         done = True
@@ -58,7 +65,10 @@ async def read_upload(request: web.Request, settings: Settings) -> Received:
                 path.unlink(missing_ok=True)
 
 
-async def _read_parts(reader: MultipartReader, settings: Settings, temp: list[Path]) -> Received:
+async def _read_parts(
+    reader: MultipartReader, settings: Settings, temp: list[Path], allowed: tuple[str, ...],
+    repeatable: frozenset[str],
+) -> Received:
     fields: dict[str, str] = {}
     received: Received | None = None
     while (part := await reader.next()) is not None:
@@ -73,13 +83,16 @@ async def _read_parts(reader: MultipartReader, settings: Settings, temp: list[Pa
                 raise SubmissionError(422, "send one 'file' part; this request has a second one")
             filename = check_text("filename", part.filename or "upload", MAX_FILENAME_CHARS)
             received = Received(await _save_file(part, settings, temp), filename, fields)
-        elif name in OPTION_FIELDS:
-            if name in fields:
+        elif name in allowed:
+            value = await _read_field(part, name)
+            if name in fields and name not in repeatable:
                 raise SubmissionError(422, f"field {name!r} is given twice")
-            fields[name] = await _read_field(part, name)
+            fields[name] = f"{fields[name]},{value}" if name in fields else value
+            if len(fields[name]) > MAX_FIELD_BYTES:
+                raise SubmissionError(422, f"field {name!r} exceeds the limit of {MAX_FIELD_BYTES} bytes")
         else:
-            allowed = ", ".join((FILE_FIELD, *OPTION_FIELDS))
-            raise SubmissionError(422, f"unknown field {ascii(name)[:80]}; allowed: {allowed}")
+            names = ", ".join((FILE_FIELD, *allowed))
+            raise SubmissionError(422, f"unknown field {ascii(name)[:80]}; allowed: {names}")
     if received is None:
         raise SubmissionError(422, "missing the 'file' part")
     return received

@@ -78,3 +78,17 @@ async def redeliver_callback(request: web.Request) -> web.Response:
         return error(409, "this job has no callback event (no callback_url, or not finished yet)")
     return json_response({"job_id": attempt.job_id, "event_id": attempt.event_id,
                   "delivery_attempt": attempt.delivery_attempt}, status=202)
+
+
+_JOB_ID = {"$ref": "#/components/parameters/JobId"}
+_ERR = {"$ref": "#/components/responses/Error"}
+OPENAPI_PATHS: dict = {
+    "/v1/jobs/{job_id}/callbacks": {"get": {
+        "tags": ["callbacks"], "summary": "The job's callback event and every delivery attempt",
+        "parameters": [_JOB_ID], "responses": {"200": {"description": "`{job_id, callback_url, event, attempts}`"},
+                                               "404": _ERR}}},
+    "/v1/jobs/{job_id}/callbacks/redeliver": {"post": {
+        "tags": ["callbacks"], "summary": "Send the callback again now (once per job per REDELIVER_INTERVAL_S)",
+        "parameters": [_JOB_ID], "responses": {"202": {"description": "`{job_id, event_id, delivery_attempt}`"},
+                                               "404": _ERR, "409": _ERR, "429": _ERR, "503": _ERR}}},
+}

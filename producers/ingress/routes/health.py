@@ -40,3 +40,13 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics_endpoint(request: web.Request) -> web.Response:
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+OPENAPI_PATHS: dict = {
+    "/healthz": {"get": {"tags": ["operations"], "summary": "The process is up", "security": [],
+                         "responses": {"200": {"description": "`{status: ok}`"}}}},
+    "/readyz": {"get": {"tags": ["operations"], "summary": "Kafka and Cassandra reachable", "security": [],
+                        "responses": {"200": {"description": "ready"}, "503": {"description": "not ready"}}}},
+    "/metrics": {"get": {"tags": ["operations"], "summary": "Prometheus metrics", "security": [],
+                         "responses": {"200": {"description": "Prometheus text format"}}}},
+}

@@ -1,18 +1,21 @@
-"""POST /v1/jobs (upload), GET /v1/jobs/{id} and its transcript."""
+"""POST /v1/jobs (upload), GET /v1/jobs (list), GET and DELETE /v1/jobs/{id}, its transcript."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
-from kafscribe import cassandra_session, formats, metrics
+from kafscribe import cassandra_session, formats, metrics, retention
 from kafscribe.callback_guard import mask_url
-from kafscribe.jobstore import COMPLETED
+from kafscribe.jobstore import COMPLETED, STATUSES, TERMINAL
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
 
@@ -151,3 +154,173 @@ async def get_transcript(request: web.Request) -> web.Response:
         return error(404, f"no transcript in {lang!r}; available: {', '.join(have)}")
     body, content_type = formats.render(fmt, segments, {"job_id": job["job_id"], "language": lang, "text": text})
     return web.Response(text=body, content_type=content_type.split(";")[0], charset="utf-8")
+
+
+# --- api: listing and deleting ---------------------------------------------------------
+LIST_DEFAULT, LIST_MAX = 20, 100
+
+
+def encode_cursor(position: tuple[datetime, str]) -> str:
+    """An opaque cursor for the job after which the next page starts."""
+    created, job_id = position
+    raw = f"{int(created.timestamp() * 1000)}:{job_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The position a cursor names; ``ValueError`` if it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        ms, job_id = raw.split(":", 1)
+        created = datetime.fromtimestamp(int(ms) / 1000, UTC)
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError, OSError) as exc:
+        raise ValueError("cursor is not valid; use next_cursor of the previous page") from exc
+    if not job_id or len(job_id) > 128:
+        raise ValueError("cursor is not valid; use next_cursor of the previous page")
+    return created, job_id
+
+
+def _outage(request: web.Request, exc: Exception) -> web.HTTPServiceUnavailable:
+    return web.HTTPServiceUnavailable(
+        text=json.dumps({"error": f"Cassandra unavailable: {exc}", "status": 503}), content_type="application/json",
+        headers={"Retry-After": str(request.app["settings"].retry_after_s)},
+    )
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """The caller's tenant's jobs, newest first: ``limit``, ``cursor`` (from ``next_cursor``), ``status``."""
+    settings: Settings = request.app["settings"]
+    backends: Backends = request.app["backends"]
+    q = request.query
+    try:
+        limit = int(q.get("limit", LIST_DEFAULT))
+    except ValueError:
+        return error(422, f"limit must be an integer from 1 to {LIST_MAX}")
+    if not 1 <= limit <= LIST_MAX:
+        return error(422, f"limit must be an integer from 1 to {LIST_MAX}")
+    status = q.get("status") or None
+    if status is not None and status not in STATUSES:
+        return error(422, f"status must be one of {', '.join(STATUSES)}")
+    try:
+        before = decode_cursor(q["cursor"]) if q.get("cursor") else None
+    except ValueError as exc:
+        return error(422, str(exc))
+    tenant = auth.caller(request).tenant
+
+    def load():
+        try:
+            return backends.jobs().list_jobs(tenant, limit=limit, before=before, status=status,
+                                             days=settings.jobs_list_days)
+        except Unavailable:
+            raise
+        except Exception as exc:
+            if cassandra_session.is_outage(exc):
+                raise Unavailable(str(exc)) from exc
+            raise
+
+    try:
+        jobs, position = await asyncio.to_thread(load)
+    except Unavailable as exc:
+        raise _outage(request, exc) from exc
+    views = []
+    for job in jobs:
+        view = job_view(job, None)
+        view["links"] = job_links(request, job["job_id"])
+        views.append(view)
+    body: dict[str, Any] = {"tenant": tenant, "jobs": views, "next_cursor": None}
+    if position is not None:
+        body["next_cursor"] = encode_cursor(position)
+        query = {"limit": str(limit), "cursor": body["next_cursor"], **({"status": status} if status else {})}
+        body["links"] = {"next": str(request.rel_url.with_query(query))}
+    return json_response(body)
+
+
+async def delete_job(request: web.Request) -> web.Response:
+    """A finished job is removed with its audio, result and segments (200, then 404); an unfinished one is
+    cancelled (202): a worker that holds it stops at its next check and it ends ``cancelled``."""
+    settings: Settings = request.app["settings"]
+    backends: Backends = request.app["backends"]
+    job, _ = await load_job(request)
+    job_id = job["job_id"]
+
+    def act() -> str:
+        try:
+            store = backends.jobs()
+            if job["status"] in TERMINAL:
+                retention.delete_job(settings, backends.submitter().session, store, job)
+                return "deleted"
+            return "cancelled" if store.cancel(job_id) else "finished"
+        except Unavailable:
+            raise
+        except Exception as exc:
+            if cassandra_session.is_outage(exc):
+                raise Unavailable(str(exc)) from exc
+            raise
+
+    try:
+        outcome = await asyncio.to_thread(act)
+    except Unavailable as exc:
+        raise _outage(request, exc) from exc
+    if outcome == "deleted":
+        log.info("job deleted", extra={"job_id": job_id, "trace_id": job["trace_id"]})
+        return json_response({"job_id": job_id, "deleted": True})
+    if outcome == "finished":
+        return error(409, "the job finished meanwhile; DELETE it again to remove it")
+    log.info("job cancelled", extra={"job_id": job_id, "trace_id": job["trace_id"]})
+    return json_response({"job_id": job_id, "status": "cancelled", "links": job_links(request, job_id)}, status=202)
+
+
+_JOB_ID = {"$ref": "#/components/parameters/JobId"}
+_ERR = {"$ref": "#/components/responses/Error"}
+_JOB = {"application/json": {"schema": {"$ref": "#/components/schemas/Job"}}}
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/jobs": {
+        "post": {
+            "tags": ["jobs"], "summary": "Submit audio: a job (202 once Kafka and Cassandra have it)",
+            "parameters": [{"name": "X-Trace-Id", "in": "header", "schema": {"type": "string"}}],
+            "requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["file"], "properties": {
+                    "file": {"type": "string", "format": "binary"},
+                    "language": {"type": "string", "description": "ISO 639-1; default: detect"},
+                    "task": {"type": "string", "enum": ["transcribe", "translate"]},
+                    "translate_to": {"type": "string"}, "callback_url": {"type": "string"},
+                    "model": {"type": "string"}, "callback_include_transcript": {"type": "boolean"},
+                    "word_timestamps": {"type": "boolean", "description": "words with start, end, probability"},
+                    "vad_filter": {"type": "boolean", "description": "skip silence (Silero VAD)"}}}}}},
+            "responses": {"202": {"description": "queued: `{job_id, status, links}`"}, "413": _ERR, "415": _ERR,
+                          "422": _ERR, "429": _ERR, "503": _ERR},
+        },
+        "get": {
+            "tags": ["jobs"], "summary": "The caller's tenant's jobs, newest first (cursor paging)",
+            "parameters": [
+                {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": LIST_MAX,
+                                                             "default": LIST_DEFAULT}},
+                {"name": "cursor", "in": "query", "schema": {"type": "string"},
+                 "description": "`next_cursor` of the previous page"},
+                {"name": "status", "in": "query", "schema": {"type": "string", "enum": list(STATUSES)}},
+            ],
+            "responses": {"200": {"description": "`{tenant, jobs, next_cursor, links.next}` (`next_cursor` null at"
+                                                 " the end)"}, "422": _ERR, "503": _ERR},
+        },
+    },
+    "/v1/jobs/{job_id}": {
+        "get": {"tags": ["jobs"], "summary": "A job: status, options, audio; its result when completed",
+                "parameters": [_JOB_ID], "responses": {"200": {"description": "the job", "content": _JOB},
+                                                         "404": _ERR}},
+        "delete": {"tags": ["jobs"], "summary": "Cancel an unfinished job (202) or delete a finished one (200)",
+                   "parameters": [_JOB_ID], "responses": {
+                       "200": {"description": "deleted with its audio, result and segments; then 404"},
+                       "202": {"description": "cancelled: a worker holding it stops at its next check"},
+                       "404": _ERR, "409": _ERR, "503": _ERR}},
+    },
+    "/v1/jobs/{job_id}/transcript": {"get": {
+        "tags": ["jobs"], "summary": "The transcript (or its translation) rendered",
+        "parameters": [_JOB_ID,
+                       {"name": "format", "in": "query", "schema": {"type": "string", "enum": list(formats.FORMATS)}},
+                       {"name": "lang", "in": "query", "schema": {"type": "string"},
+                        "description": "the source language (default) or the translation's"}],
+        "responses": {"200": {"description": "the transcript", "content": {
+            "text/plain": {}, "application/x-subrip": {}, "text/vtt": {}, "application/json": {}}},
+            "404": _ERR, "409": _ERR, "422": _ERR},
+    }},
+}

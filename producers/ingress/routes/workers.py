@@ -23,3 +23,11 @@ async def list_workers(request: web.Request) -> web.Response:
                        "headroom": w.headroom},
         })
     return json_response({"stale_after_s": request.app["settings"].worker_stale_s, "workers": workers})
+
+
+OPENAPI_PATHS: dict = {
+    "/v1/workers": {"get": {
+        "tags": ["operations"], "summary": "Every worker seen on the status topic (admin keys only)",
+        "responses": {"200": {"description": "`{stale_after_s, workers}`"},
+                      "403": {"$ref": "#/components/responses/Error"}}}},
+}

@@ -1,0 +1,171 @@
+"""The API on the real pipeline: the OpenAI-compatible endpoints through the official ``openai`` package,
+the CLI's submit --format and jobs watch, cancelling a running job."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+import uuid
+
+import openai
+import pytest
+
+from tests.conftest import make_pipeline
+from tests.pipeline import Pipeline, wait_until
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def pipe(stack_settings, tmp_path_factory):
+    from tests.conftest import fresh_settings
+
+    settings = fresh_settings(stack_settings, engine="faster-whisper", model="tiny.en", transient_retries=1)
+    p = make_pipeline(settings, tmp_path_factory, "openai").start_all()
+    yield p
+    p.stop()
+
+
+def client(pipe: Pipeline, key: str | None = None, **kw) -> openai.OpenAI:
+    kw.setdefault("max_retries", 0)
+    return openai.OpenAI(base_url=f"{pipe.url}/v1", api_key=key or pipe.api_key, timeout=300, **kw)
+
+
+def test_text_and_srt(pipe, clips):
+    oa = client(pipe)
+    with open(clips["en"], "rb") as f:
+        text = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="text")
+    assert isinstance(text, str) and "fox" in text.lower() and "lazy" in text.lower()
+    with open(clips["en_mp3"], "rb") as f:
+        srt = oa.audio.transcriptions.create(file=f, model="tiny.en", response_format="srt", language="en")
+    assert srt.startswith("1\n00:00:0") and " --> " in srt and "fox" in srt.lower()
+    with open(clips["en"], "rb") as f:
+        plain = oa.audio.transcriptions.create(file=f, model="whisper-1")  # json, the default
+    assert "dog" in plain.text.lower()
+
+
+def test_verbose_json_with_segments_and_words(pipe, clips):
+    oa = client(pipe)
+    with open(clips["en"], "rb") as f:
+        out = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="verbose_json",
+                                             timestamp_granularities=["word", "segment"])
+    assert out.language == "english" and out.duration > 1.0 and "fox" in out.text.lower()
+    times = [(seg.start, seg.end) for seg in out.segments]
+    assert times and all(0 <= a < b <= out.duration + 0.5 for a, b in times)
+    assert [t[0] for t in times] == sorted(t[0] for t in times)
+    assert out.words
+    words = [w.word.strip(" .,").lower() for w in out.words]
+    assert "fox" in words and "lazy" in words
+    starts = [w.start for w in out.words]
+    assert starts == sorted(starts) and all(w.start <= w.end for w in out.words)
+    assert all(out.segments[0].start - 0.05 <= w.start and w.end <= out.segments[-1].end + 0.05 for w in out.words)
+    with open(clips["en"], "rb") as f:
+        words_only = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="verbose_json",
+                                                    timestamp_granularities=["word"])
+    assert words_only.words and not words_only.segments
+
+
+def test_translation_into_english(pipe, clips):
+    oa = client(pipe)
+    with open(clips["es"], "rb") as f:
+        out = oa.audio.translations.create(file=f, model="base")  # tiny.en cannot translate; base can
+    text = out.text.lower()
+    assert "hello" in text and "friends" in text, text
+
+
+def test_bad_file_and_bad_options_are_400_in_openai_shape(pipe, clips):
+    oa = client(pipe)
+    with open(clips["garbage"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="whisper-1")
+    assert err.value.param == "file" and err.value.code == "invalid_file_format"
+    assert err.value.type == "invalid_request_error"
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="gpt-9-imaginary")
+    assert err.value.param == "model" and "whisper-1" in err.value.message
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="json",
+                                       timestamp_granularities=["word"])
+    assert err.value.param == "timestamp_granularities"
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.transcriptions.create(file=f, model="whisper-1", language="xx")
+    assert err.value.param == "language"
+
+
+def test_missing_or_invalid_key_is_401_in_openai_shape(pipe, clips):
+    with open(clips["en"], "rb") as f, pytest.raises(openai.AuthenticationError) as err:
+        client(pipe, key="ksk_000000000000_not-a-real-key").audio.transcriptions.create(file=f, model="whisper-1")
+    assert err.value.code == "invalid_api_key" and err.value.type == "invalid_request_error"
+    request = urllib.request.Request(f"{pipe.url}/v1/audio/translations", data=b"x", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(request, timeout=30)
+    body = json.loads(http.value.read())
+    assert http.value.code == 401 and set(body["error"]) == {"message", "type", "param", "code"}
+
+
+def test_past_the_wait_the_answer_names_the_job_and_nothing_is_resubmitted(pipe, clips, tmp_path):
+    """An ingress with a short wait: 504 with the job id and link; the client does not retry (one job);
+    the job goes on and completes."""
+    tenant = f"oa-{uuid.uuid4().hex[:8]}"
+    short = Pipeline(pipe.settings.with_(openai_wait_s=0.2), tmp_path)
+    short.start("ingress", name="ingress-short")
+    try:
+        key = short.key(tenant)
+        with open(clips["en"], "rb") as f, pytest.raises(openai.InternalServerError) as err:
+            client(short, key=key, max_retries=2).audio.transcriptions.create(file=f, model="whisper-1")
+        assert err.value.status_code == 504 and err.value.code == "job_not_finished"
+        job_id = err.value.body["job_id"]
+        assert err.value.body["links"]["self"].endswith(f"/v1/jobs/{job_id}")
+        listed = short.client(key)._request("GET", "/v1/jobs", None, {})
+        assert [j["job_id"] for j in json.loads(listed[1])["jobs"]] == [job_id]  # no retry submitted it again
+        assert pipe.wait_job(job_id)["status"] == "completed"
+    finally:
+        short.stop()
+
+
+def test_stream_is_refused_until_it_is_wired(pipe, clips):
+    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        client(pipe).audio.transcriptions.create(file=f, model="whisper-1", stream=True)
+    assert err.value.param == "stream"
+
+
+def test_cli_submit_writes_each_result_beside_its_input(pipe, clips, tmp_path):
+    """`kafscribe submit DIR --format srt`: a progress bar per file on stderr, one .srt beside each input."""
+    for name in ("one.wav", "two.mp3"):
+        shutil.copy(clips["en_mp3" if name.endswith("mp3") else "en"], tmp_path / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "submit", str(tmp_path), "--format", "srt", "--url", pipe.url,
+         "--api-key", pipe.api_key, "--timeout", "300"], env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    for name in ("one", "two"):
+        srt = (tmp_path / f"{name}.srt").read_text()
+        assert srt.startswith("1\n00:00:0") and "fox" in srt.lower()
+    assert "completed" in done.stderr  # the bars' last state
+    job_id = re.search(r"job (\w+) queued for .*one\.wav", done.stderr).group(1)
+    watched = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "jobs", "watch", job_id, "--url", pipe.url, "--api-key",
+         pipe.api_key], env=env, capture_output=True, text=True, timeout=120)
+    assert watched.returncode == 0 and watched.stdout.split() == [job_id, "completed"], watched.stderr
+
+
+def test_cancel_of_a_running_job_sticks_through_the_pipeline(pipe, clips, tmp_path):
+    """DELETE while transcribing: `cancelled` at once, and it stays so after the stages finish their work
+    (the sink stores no result for it); then a second DELETE removes it."""
+    longer = tmp_path / "longer.wav"  # ~75 s: seconds of transcribing to cancel in, even on a quiet machine
+    subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-stream_loop", "2", "-i", str(clips["long"]),
+                    "-c", "copy", str(longer)], check=True)
+    job_id = pipe.http.submit(longer)["job_id"]
+    pipe.wait_job(job_id, statuses=("transcribing",), timeout_s=240)
+    status, body, _ = pipe.http._request("DELETE", f"/v1/jobs/{job_id}")
+    assert status == 202 and json.loads(body)["status"] == "cancelled"
+    wait_until(lambda: job_id in (pipe.log_dir / "sink.log").read_text(), timeout_s=300,
+               what="the sink saw the job's result")
+    job = pipe.http.job(job_id)
+    assert job["status"] == "cancelled" and "result" not in job
+    assert pipe.http._request("DELETE", f"/v1/jobs/{job_id}")[0] == 200 and pipe.http.job(job_id) is None
