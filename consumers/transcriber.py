@@ -30,6 +30,12 @@ as it was. Only models in ``Settings.allowed_model_names`` are ever loaded.
 Redo: every start counts an attempt in the job row; a job started more than
 ``KAFSCRIBE_MAX_ATTEMPTS`` times (its workers kept dying) fails, with its
 errors, and a copy of its ``Upload`` goes to the DLQ.
+
+Progress and cancellation: while the engine decodes, each segment and the
+fraction of audio done are recorded for live readers (``kafscribe.progress``);
+a job cancelled by its client is skipped before it starts and stopped between
+segments (``Engine.transcribe``'s ``should_continue``): nothing is produced
+for it, and its offset is committed.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ import psutil
 from confluent_kafka import Message
 
 from kafscribe import audio, blobstore, memory, metrics
-from kafscribe.engines import Engine, TimeLimitExceeded, load_engine
+from kafscribe.engines import Cancelled, Engine, TimeLimitExceeded, load_engine
 from kafscribe.jobstore import TRANSCRIBING, JobStore
+from kafscribe.progress import ProgressReporter
 from kafscribe.settings import Settings
 from producers.routing import choose_partition
 from producers.worker_view import WorkerView
@@ -160,6 +167,8 @@ class Transcriber:
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Upload):
             raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
+        if job_cancelled(self.jobs, event.job_id):
+            return self.skip_cancelled(event)
         finished = self.jobs.finished_status(event.job_id)
         if finished is not None:
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
@@ -197,20 +206,27 @@ class Transcriber:
                     f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
                 ) from exc
             del data
-            out = with_retries(
-                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
-                                          deadline=deadline, word_timestamps=event.options.word_timestamps,
-                                          vad_filter=event.options.vad_filter),
-                stage=self.name, attempts=self.settings.transient_retries,
-            )
-        except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
-            reason = str(exc)
-            if time.monotonic() > deadline:
-                reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
-                          f" KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x {event.audio_duration:.1f} s of audio): {exc}")
-            log.warning("job failed: %s", reason, extra=extra)
-            transient = reason.startswith("gave up after transient failures")
-            return self.failure_outputs(event, reason, attempt, dead_letter=transient)
+            progress = ProgressReporter(self.jobs, event.job_id, attempt,
+                                        min_interval_s=self.settings.progress_interval_s,
+                                        ttl_s=self.settings.progress_ttl_s)
+            try:
+                out = with_retries(
+                    lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
+                                              deadline=deadline, word_timestamps=event.options.word_timestamps,
+                                              vad_filter=event.options.vad_filter,
+                                              on_segment=self.segment_hook(progress),
+                                              should_continue=self.cancel_check(event.job_id)),
+                    stage=self.name, attempts=self.settings.transient_retries,
+                )
+                progress.fraction(1.0, force=True)
+            finally:
+                progress.close()
+        except PermanentFailure as exc:
+            if isinstance(exc.__cause__, Cancelled):
+                return self.skip_cancelled(event, attempt)
+            return self.failed_job(event, exc, attempt, started, deadline, limit_s)
+        except (audio.AudioError, TimeLimitExceeded) as exc:
+            return self.failed_job(event, exc, attempt, started, deadline, limit_s)
         seconds = time.monotonic() - started
         metrics.AUDIO_SECONDS.labels(self.name).inc(out.duration)
         if out.duration > 0:
@@ -225,6 +241,52 @@ class Transcriber:
         )
         log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
         return [Output(self.settings.topic("transcripts"), transcript)]
+
+    def failed_job(self, event: Upload, exc: Exception, attempt: int, started: float, deadline: float,
+                   limit_s: float) -> list[Output]:
+        """The job failed with ``exc``: its failed Result (and DLQ copy when transient failures gave up)."""
+        reason = str(exc)
+        if time.monotonic() > deadline:
+            reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
+                      f" KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x {event.audio_duration:.1f} s of audio): {exc}")
+        log.warning("job failed: %s", reason, extra={"job_id": event.job_id, "trace_id": event.trace_id,
+                                                      "attempt": attempt})
+        transient = reason.startswith("gave up after transient failures")
+        return self.failure_outputs(event, reason, attempt, dead_letter=transient)
+
+    # --- progress and cancellation (kafscribe.progress; the job store moves the status) -------
+    @staticmethod
+    def segment_hook(progress: ProgressReporter):
+        """The engine's ``on_segment``: each decoded segment and the fraction done go to the reporter."""
+        def on_segment(segment, fraction: float) -> None:
+            if segment is None:
+                progress.fraction(fraction)
+            else:
+                progress.segment(segment, fraction)
+        return on_segment
+
+    def cancel_check(self, job_id: str):
+        """The engine's ``should_continue``: False once the job is cancelled (read at most once per
+        ``KAFSCRIBE_CANCEL_CHECK_S``; a failed read lets the job go on)."""
+        every_s = self.settings.cancel_check_s
+        last = [time.monotonic(), True]
+
+        def should_continue() -> bool:
+            if time.monotonic() - last[0] >= every_s:
+                last[0] = time.monotonic()
+                try:
+                    last[1] = not job_cancelled(self.jobs, job_id)
+                except Exception as exc:  # noqa: BLE001 - a cancel check must not fail the job
+                    log.warning("cancel check failed: %s", exc, extra={"job_id": job_id})
+            return last[1]
+        return should_continue
+
+    def skip_cancelled(self, event: Upload, attempt: int | None = None) -> list[Output]:
+        """A cancelled job: nothing more is produced; its offset is committed like any other."""
+        log.info("job cancelled; stopped" if attempt else "job cancelled before it started; skipped",
+                 extra={"job_id": event.job_id, "trace_id": event.trace_id})
+        metrics.JOBS.labels(self.name, "cancelled").inc()
+        return []
 
     def _finished(self, job_id: str) -> bool:
         try:
@@ -245,3 +307,13 @@ class Transcriber:
         if dead_letter:
             outputs.append(park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic)))
         return outputs
+
+
+def job_cancelled(jobs: JobStore, job_id: str) -> bool:
+    """Whether the client cancelled the job: ``JobStore.is_cancelled`` (the api helper's, issue 11 part A)
+    where the store has it, else the job row's status."""
+    check = getattr(jobs, "is_cancelled", None)
+    if check is not None:
+        return bool(check(job_id))
+    job = jobs.get(job_id)
+    return job is not None and job["status"] == "cancelled"

@@ -27,6 +27,7 @@ QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED = (
     "queued", "transcribing", "translating", "completed", "failed",
 )
 TERMINAL = frozenset({COMPLETED, FAILED})
+PROGRESS_TTL_S = 7 * 86400  # KAFSCRIBE_PROGRESS_TTL_S's default
 STATUSES = (QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED)
 
 
@@ -59,7 +60,8 @@ class JobStore:
             " VALUES (?,?,?,?,?,?,?,?,?)"
         )
         self._get_result = p("SELECT * FROM results WHERE job_id = ?")
-        self._get_segments = p("SELECT * FROM segments WHERE job_id = ?")
+        self._get_segments = p("SELECT * FROM segments WHERE job_id = ? AND track IN ('source', 'translation')")
+        self._prepare_progress()
 
     # --- writes ------------------------------------------------------------
     def create(self, upload: Upload) -> None:
@@ -158,15 +160,54 @@ class JobStore:
         out = row._asdict()
         tracks: dict[str, list[dict]] = {"source": [], "translation": []}
         for s in self.session.execute(self._get_segments, (job_id,)):
-            tracks.setdefault(s.track, []).append(
-                {"id": s.idx, "start": s.start_s, "end": s.end_s, "text": s.text,
-                 "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob,
-                 "words": json.loads(s.words) if s.words else []}
-            )
+            tracks.setdefault(s.track, []).append(_segment_view(s))
         out["segments"] = tracks["source"]
         out["translated_segments"] = tracks["translation"]
         return out
 
+
+    # --- progress of running jobs (kafscribe/progress.py writes, routes/events.py reads) ----
+    def _prepare_progress(self) -> None:
+        p = self.session.prepare
+        self._put_progress = p(
+            "INSERT INTO job_progress (job_id, attempt, fraction, updated_at) VALUES (?,?,?,?) USING TTL ?"
+        )
+        self._get_progress = p("SELECT fraction FROM job_progress WHERE job_id = ?")
+        self._drop_progress = p("DELETE FROM job_progress WHERE job_id = ?")
+        self._put_live = p(
+            "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob, words)"
+            " VALUES (?,'live',?,?,?,?,?,?,?) USING TTL ?"
+        )
+        self._get_live = p("SELECT * FROM segments WHERE job_id = ? AND track = 'live' AND idx > ?")
+
+    def record_progress(self, job_id: str, attempt: int, fraction: float, ttl_s: int = PROGRESS_TTL_S):
+        """Attempt ``attempt`` of the job has done ``fraction`` (0..1) of its work; returns the write's future.
+
+        Any stage may report (the transcriber per segment, a chunked job per chunk); readers
+        see the highest fraction of any attempt, so a redo never shows progress going back.
+        """
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        return self.session.execute_async(self._put_progress, (job_id, attempt, fraction, _now(), ttl_s))
+
+    def record_live_segment(self, job_id: str, segment: Segment, ttl_s: int = PROGRESS_TTL_S):
+        """A segment of a running job, for live readers (track ``live``; a redo rewrites the same index)."""
+        return self.session.execute_async(self._put_live, (
+            job_id, segment.id, segment.start, segment.end, segment.text, segment.avg_logprob,
+            segment.no_speech_prob, words_json(segment), ttl_s,
+        ))
+
+    def progress(self, job_id: str) -> float | None:
+        """The highest fraction any attempt of the job reported (None: none yet)."""
+        rows = self.session.execute(self._get_progress, (job_id,))
+        return max((r.fraction for r in rows if r.fraction is not None), default=None)
+
+    def live_segments(self, job_id: str, after: int = -1) -> list[dict[str, Any]]:
+        """The running job's segments with an index above ``after``, in order."""
+        return [_segment_view(s) for s in self.session.execute(self._get_live, (job_id, after))]
+
+    def forget_progress(self, job_id: str) -> None:
+        """Remove the job's progress rows (its live segments go with the job's segments)."""
+        self.session.execute(self._drop_progress, (job_id,))
 
     def unfinished_jobs(self, tenant: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of ``tenant``'s queued or running jobs (for the quota).
@@ -187,6 +228,12 @@ class JobStore:
             else:
                 live.append(job_id)
         return live
+
+
+def _segment_view(s) -> dict[str, Any]:
+    """A ``segments`` row as the API shows it."""
+    return {"id": s.idx, "start": s.start_s, "end": s.end_s, "text": s.text, "avg_logprob": s.avg_logprob,
+            "no_speech_prob": s.no_speech_prob, "words": json.loads(s.words) if s.words else []}
 
 
 def words_json(segment: Segment) -> str | None:

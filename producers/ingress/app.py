@@ -12,7 +12,7 @@ from kafscribe.settings import Settings
 
 from . import auth, upload
 from .backends import Backends
-from .routes import callbacks, health, jobs, workers
+from .routes import callbacks, events, health, jobs, workers
 
 log = logging.getLogger("kafscribe.ingress")
 
@@ -40,6 +40,7 @@ def build_app(settings: Settings, backends: Backends | None = None) -> web.Appli
     app.router.add_post("/v1/jobs", jobs.create_job)
     app.router.add_get("/v1/jobs/{job_id}", jobs.get_job)
     app.router.add_get("/v1/jobs/{job_id}/transcript", jobs.get_transcript)
+    app.router.add_get("/v1/jobs/{job_id}/events", events.get_job_events)
     app.router.add_get("/v1/jobs/{job_id}/callbacks", callbacks.get_callbacks)
     app.router.add_post("/v1/jobs/{job_id}/callbacks/redeliver", callbacks.redeliver_callback)
     app.router.add_get("/v1/workers", workers.list_workers)
