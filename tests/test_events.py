@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import threading
+import time
 import uuid
 from pathlib import Path
 
@@ -208,7 +210,7 @@ def test_openai_stream_through_the_openai_package(pipe, short_clip):
     from producers.ingress.app import build_app
     from producers.ingress.routes.events import stream_openai_segments
 
-    if "transcriber" not in pipe.procs or not pipe.alive("transcriber"):
+    if not any(name.startswith("transcriber") and pipe.alive(name) for name in pipe.procs):
         pipe.start("transcriber")
 
     async def transcriptions(request: web.Request) -> web.StreamResponse:
@@ -258,3 +260,84 @@ def _serve_in_thread(app: web.Application) -> int:
     threading.Thread(target=run, daemon=True).start()
     assert ready.wait(30)
     return port
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+def test_a_redone_job_shows_no_duplicate_segments_and_no_backward_progress(pipe, long_clip, session):
+    """A transcriber killed mid-job: the redo (attempt 2) starts from 0, the client sees neither."""
+    running = [name for name in pipe.procs if name.startswith("transcriber") and pipe.alive(name)]
+    if not running:
+        pipe.start("transcriber")
+        running = ["transcriber"]
+    job_id = pipe.http.submit(long_clip)["job_id"]
+    followed: list = []
+    follower = threading.Thread(target=lambda: followed.extend(
+        read_sse(f"{pipe.url}/v1/jobs/{job_id}/events", pipe.api_key, timeout_s=600)))
+    follower.start()
+    jobs = JobStore(session)
+    wait_until(lambda: jobs.live_segments(job_id), timeout_s=240, what="a first live segment")
+    before = pipe.http.job(job_id)["progress"]["fraction"]
+    for name in running:
+        pipe.kill(name, signal.SIGKILL)
+    pipe.start("transcriber", name="transcriber-redo")
+    seen = [before]
+    while (job := pipe.http.job(job_id))["status"] not in ("completed", "failed"):
+        seen.append(job["progress"]["fraction"])
+        time.sleep(0.3)
+    assert job["status"] == "completed" and job["attempts"] == 2, job
+    assert seen == sorted(seen), seen  # the job view never went back while attempt 2 caught up
+    follower.join(60)
+    assert not follower.is_alive()
+    seg_ids = [d["id"] for n, d in followed if n == "segment"]
+    assert seg_ids == list(range(len(job["result"]["segments"]))), seg_ids  # each once, all of them
+    fractions = [d["fraction"] for n, d in followed if n == "progress"]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert followed[-1][1]["status"] == "completed"
+
+
+@pytest.mark.stack
+def test_events_route_in_process_tenants_and_a_finished_job(isolated, session):
+    """The route on the real store without a pipeline: 401/404 at the door, a finished job replayed whole."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kafscribe.apikeys import KeyStore
+    from producers.ingress import build_app
+    from schemas.events import Result, Upload
+
+    keys = KeyStore(session)
+    mine, other = keys.create("events-a", label="tests")[0], keys.create("events-b", label="tests")[0]
+    jobs = JobStore(session)
+    job_id = f"ev-{uuid.uuid4().hex[:12]}"
+    jobs.create(Upload(job_id=job_id, tenant="events-a", blob_ref="file:x", audio_sha256="0", audio_bytes=1,
+                       audio_duration=2.0))
+    segs = [Segment(id=i, start=i, end=i + 1.0, text=f" part {i}", words=[Word(f" part{i}", i, i + 1.0, 0.5)])
+            for i in range(3)]
+    jobs.save_result(Result(job_id=job_id, tenant="events-a", status="completed", language="en", duration=3.0,
+                            text="part 0 part 1 part 2", segments=segs))
+    queued = f"ev-{uuid.uuid4().hex[:12]}"
+    jobs.create(Upload(job_id=queued, tenant="events-a", blob_ref="file:y", audio_sha256="0", audio_bytes=1,
+                       audio_duration=2.0))
+
+    async def run():
+        async with TestClient(TestServer(build_app(isolated.with_(events_poll_s=0.05)))) as client:
+            url = f"/v1/jobs/{job_id}/events"
+            assert (await client.get(url)).status == 401
+            assert (await client.get(url, headers={"Authorization": f"Bearer {other}"})).status == 404
+            assert (await client.get("/v1/jobs/nope/events", headers={"Authorization": f"Bearer {mine}"})).status == 404
+            # A client that goes away from a job that never ends: the server lets it go.
+            resp = await client.get(f"/v1/jobs/{queued}/events", headers={"Authorization": f"Bearer {mine}"})
+            first = await resp.content.readuntil(b"\n\n")
+            assert b"event: status" in first and b'"queued"' in first
+            resp.close()
+            resp = await client.get(url, headers={"Authorization": f"Bearer {mine}"})
+            assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/event-stream")
+            return (await resp.read()).decode()
+
+    body = asyncio.run(run())
+    events = [(b.split("\n")[0][7:], json.loads(b.split("\n")[1][6:])) for b in body.strip().split("\n\n")]
+    assert [n for n, _ in events] == ["progress", "segment", "segment", "segment", "status"]
+    assert events[0][1] == {"fraction": 1.0}
+    assert [d["text"] for n, d in events if n == "segment"] == [" part 0", " part 1", " part 2"]
+    assert events[1][1]["words"] == [{"word": " part0", "start": 0.0, "end": 1.0, "probability": 0.5}]
+    assert events[-1][1]["status"] == "completed" and events[-1][1]["text"] == "part 0 part 1 part 2"

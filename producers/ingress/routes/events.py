@@ -177,9 +177,11 @@ async def _pump(request: web.Request, job_id: str, render) -> web.StreamResponse
             elif time.monotonic() - last_write > settings.events_keepalive_s:
                 await response.write(b": keep-alive\n\n")
                 last_write = time.monotonic()
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
         log.info("events of %s: the client went away", job_id)
-        raise
+        if response is None:
+            raise
+        return response  # nothing more to send to anyone
     finally:
         await events.aclose()
     if response is None:  # cannot happen: job_events yields or raises
