@@ -7,6 +7,7 @@ checkpoint (``kafscribe.models.ct2_to_whisper``).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import sys
 import types
 from collections.abc import Callable, Iterator
@@ -162,7 +163,8 @@ def _after_each_window(callback: Callable[[dict[str, Any], float], None]) -> Ite
     renames them, segments arrive with the result instead, and progress from the
     bar's own counts. Module state: one transcription at a time per process.
     """
-    import whisper.transcribe as transcribe_module
+    # The module, not the function: ``whisper.transcribe`` the attribute is the function.
+    transcribe_module = importlib.import_module("whisper.transcribe")
 
     class Bar:
         def __init__(self, *args: Any, total: int | None = None, **kwargs: Any) -> None:
