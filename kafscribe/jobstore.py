@@ -14,9 +14,11 @@ moves to ``completed`` or ``failed`` (idempotent, so replays are harmless).
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict
 from datetime import UTC, datetime
+from types import SimpleNamespace
 from typing import Any
 
 from cassandra.query import BatchStatement, BatchType
@@ -27,8 +29,10 @@ QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED = (
     "queued", "transcribing", "translating", "completed", "failed",
 )
 TERMINAL = frozenset({COMPLETED, FAILED})
-PROGRESS_TTL_S = 7 * 86400  # KAFSCRIBE_PROGRESS_TTL_S's default
 STATUSES = (QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED)
+
+
+PROGRESS_TTL_S = 7 * 86400  # KAFSCRIBE_PROGRESS_TTL_S's default
 
 
 def _now() -> datetime:
@@ -60,8 +64,7 @@ class JobStore:
             " VALUES (?,?,?,?,?,?,?,?,?)"
         )
         self._get_result = p("SELECT * FROM results WHERE job_id = ?")
-        self._get_segments = p("SELECT * FROM segments WHERE job_id = ? AND track IN ('source', 'translation')")
-        self._prepare_progress()
+        self._get_segments = p("SELECT * FROM segments WHERE job_id = ?")
 
     # --- writes ------------------------------------------------------------
     def create(self, upload: Upload) -> None:
@@ -167,18 +170,20 @@ class JobStore:
 
 
     # --- progress of running jobs (kafscribe/progress.py writes, routes/events.py reads) ----
-    def _prepare_progress(self) -> None:
+    @functools.cached_property
+    def _progress_cql(self) -> SimpleNamespace:
+        """Prepared on first use: only the ingress and the transcribers read or write progress."""
         p = self.session.prepare
-        self._put_progress = p(
-            "INSERT INTO job_progress (job_id, attempt, fraction, updated_at) VALUES (?,?,?,?) USING TTL ?"
+        return SimpleNamespace(
+            put=p("INSERT INTO job_progress (job_id, attempt, fraction, updated_at) VALUES (?,?,?,?) USING TTL ?"),
+            get=p("SELECT fraction FROM job_progress WHERE job_id = ?"),
+            drop=p("DELETE FROM job_progress WHERE job_id = ?"),
+            put_live=p(
+                "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob, words)"
+                " VALUES (?,'live',?,?,?,?,?,?,?) USING TTL ?"
+            ),
+            get_live=p("SELECT * FROM segments WHERE job_id = ? AND track = 'live' AND idx > ?"),
         )
-        self._get_progress = p("SELECT fraction FROM job_progress WHERE job_id = ?")
-        self._drop_progress = p("DELETE FROM job_progress WHERE job_id = ?")
-        self._put_live = p(
-            "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob, words)"
-            " VALUES (?,'live',?,?,?,?,?,?,?) USING TTL ?"
-        )
-        self._get_live = p("SELECT * FROM segments WHERE job_id = ? AND track = 'live' AND idx > ?")
 
     def record_progress(self, job_id: str, attempt: int, fraction: float, ttl_s: int = PROGRESS_TTL_S):
         """Attempt ``attempt`` of the job has done ``fraction`` (0..1) of its work; returns the write's future.
@@ -187,27 +192,27 @@ class JobStore:
         see the highest fraction of any attempt, so a redo never shows progress going back.
         """
         fraction = min(max(float(fraction), 0.0), 1.0)
-        return self.session.execute_async(self._put_progress, (job_id, attempt, fraction, _now(), ttl_s))
+        return self.session.execute_async(self._progress_cql.put, (job_id, attempt, fraction, _now(), ttl_s))
 
     def record_live_segment(self, job_id: str, segment: Segment, ttl_s: int = PROGRESS_TTL_S):
         """A segment of a running job, for live readers (track ``live``; a redo rewrites the same index)."""
-        return self.session.execute_async(self._put_live, (
+        return self.session.execute_async(self._progress_cql.put_live, (
             job_id, segment.id, segment.start, segment.end, segment.text, segment.avg_logprob,
             segment.no_speech_prob, words_json(segment), ttl_s,
         ))
 
     def progress(self, job_id: str) -> float | None:
         """The highest fraction any attempt of the job reported (None: none yet)."""
-        rows = self.session.execute(self._get_progress, (job_id,))
+        rows = self.session.execute(self._progress_cql.get, (job_id,))
         return max((r.fraction for r in rows if r.fraction is not None), default=None)
 
     def live_segments(self, job_id: str, after: int = -1) -> list[dict[str, Any]]:
         """The running job's segments with an index above ``after``, in order."""
-        return [_segment_view(s) for s in self.session.execute(self._get_live, (job_id, after))]
+        return [_segment_view(s) for s in self.session.execute(self._progress_cql.get_live, (job_id, after))]
 
     def forget_progress(self, job_id: str) -> None:
         """Remove the job's progress rows (its live segments go with the job's segments)."""
-        self.session.execute(self._drop_progress, (job_id,))
+        self.session.execute(self._progress_cql.drop, (job_id,))
 
     def unfinished_jobs(self, tenant: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of ``tenant``'s queued or running jobs (for the quota).
