@@ -16,9 +16,9 @@ from __future__ import annotations
 
 import functools
 import json
+import types
 from dataclasses import asdict
 from datetime import UTC, datetime
-from types import SimpleNamespace
 from typing import Any
 
 from cassandra.query import BatchStatement, BatchType
@@ -171,10 +171,10 @@ class JobStore:
 
     # --- progress of running jobs (kafscribe/progress.py writes, routes/events.py reads) ----
     @functools.cached_property
-    def _progress_cql(self) -> SimpleNamespace:
+    def _progress_cql(self) -> types.SimpleNamespace:
         """Prepared on first use: only the ingress and the transcribers read or write progress."""
         p = self.session.prepare
-        return SimpleNamespace(
+        return types.SimpleNamespace(
             put=p("INSERT INTO job_progress (job_id, attempt, fraction, updated_at) VALUES (?,?,?,?) USING TTL ?"),
             get=p("SELECT fraction FROM job_progress WHERE job_id = ?"),
             drop=p("DELETE FROM job_progress WHERE job_id = ?"),
