@@ -167,9 +167,9 @@ class Transcriber:
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Upload):
             raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
-        if job_cancelled(self.jobs, event.job_id):
-            return self.skip_cancelled(event)
         finished = self.jobs.finished_status(event.job_id)
+        if finished == "cancelled" or (finished is None and job_cancelled(self.jobs, event.job_id)):
+            return self.skip_cancelled(event)
         if finished is not None:
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
             log.warning(reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
@@ -206,27 +206,17 @@ class Transcriber:
                     f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
                 ) from exc
             del data
-            progress = ProgressReporter(self.jobs, event.job_id, attempt,
-                                        min_interval_s=self.settings.progress_interval_s,
-                                        ttl_s=self.settings.progress_ttl_s)
-            try:
-                out = with_retries(
-                    lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
-                                              deadline=deadline, word_timestamps=event.options.word_timestamps,
-                                              vad_filter=event.options.vad_filter,
-                                              on_segment=self.segment_hook(progress),
-                                              should_continue=self.cancel_check(event.job_id)),
-                    stage=self.name, attempts=self.settings.transient_retries,
-                )
-                progress.fraction(1.0, force=True)
-            finally:
-                progress.close()
-        except PermanentFailure as exc:
+            out = self.run_engine(engine, samples, event, attempt, deadline)
+        except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
             if isinstance(exc.__cause__, Cancelled):
                 return self.skip_cancelled(event, attempt)
-            return self.failed_job(event, exc, attempt, started, deadline, limit_s)
-        except (audio.AudioError, TimeLimitExceeded) as exc:
-            return self.failed_job(event, exc, attempt, started, deadline, limit_s)
+            reason = str(exc)
+            if time.monotonic() > deadline:
+                reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
+                          f" KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x {event.audio_duration:.1f} s of audio): {exc}")
+            log.warning("job failed: %s", reason, extra=extra)
+            transient = reason.startswith("gave up after transient failures")
+            return self.failure_outputs(event, reason, attempt, dead_letter=transient)
         seconds = time.monotonic() - started
         metrics.AUDIO_SECONDS.labels(self.name).inc(out.duration)
         if out.duration > 0:
@@ -242,19 +232,24 @@ class Transcriber:
         log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
         return [Output(self.settings.topic("transcripts"), transcript)]
 
-    def failed_job(self, event: Upload, exc: Exception, attempt: int, started: float, deadline: float,
-                   limit_s: float) -> list[Output]:
-        """The job failed with ``exc``: its failed Result (and DLQ copy when transient failures gave up)."""
-        reason = str(exc)
-        if time.monotonic() > deadline:
-            reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
-                      f" KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x {event.audio_duration:.1f} s of audio): {exc}")
-        log.warning("job failed: %s", reason, extra={"job_id": event.job_id, "trace_id": event.trace_id,
-                                                      "attempt": attempt})
-        transient = reason.startswith("gave up after transient failures")
-        return self.failure_outputs(event, reason, attempt, dead_letter=transient)
-
     # --- progress and cancellation (kafscribe.progress; the job store moves the status) -------
+    def run_engine(self, engine: Engine, samples, event: Upload, attempt: int, deadline: float):
+        """The engine on the job's audio with its options, reporting progress, stopping if cancelled."""
+        progress = ProgressReporter(self.jobs, event.job_id, attempt, min_interval_s=self.settings.progress_interval_s,
+                                    ttl_s=self.settings.progress_ttl_s)
+        try:
+            out = with_retries(
+                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
+                                          deadline=deadline, word_timestamps=event.options.word_timestamps,
+                                          vad_filter=event.options.vad_filter, on_segment=self.segment_hook(progress),
+                                          should_continue=self.cancel_check(event.job_id)),
+                stage=self.name, attempts=self.settings.transient_retries,
+            )
+            progress.fraction(1.0, force=True)
+            return out
+        finally:
+            progress.close()
+
     @staticmethod
     def segment_hook(progress: ProgressReporter):
         """The engine's ``on_segment``: each decoded segment and the fraction done go to the reporter."""
