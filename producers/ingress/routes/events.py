@@ -111,6 +111,7 @@ async def job_events(request: web.Request, job_id: str) -> AsyncIterator[tuple[s
                     content_type="application/json", headers={"Retry-After": str(settings.retry_after_s)},
                 ) from exc
             log.warning("events of %s: Cassandra unavailable (%s); retrying", job_id, exc)
+            yield "poll", {}  # keep-alives go on (and a gone client is noticed) during the outage
             await asyncio.sleep(settings.events_poll_s)
             continue
         if snap.job is None:
