@@ -30,6 +30,12 @@ as it was. Only models in ``Settings.allowed_model_names`` are ever loaded.
 Redo: every start counts an attempt in the job row; a job started more than
 ``KAFSCRIBE_MAX_ATTEMPTS`` times (its workers kept dying) fails, with its
 errors, and a copy of its ``Upload`` goes to the DLQ.
+
+Progress and cancellation: while the engine decodes, each segment and the
+fraction of audio done are recorded for live readers (``kafscribe.progress``);
+a job cancelled by its client is skipped before it starts and stopped between
+segments (``Engine.transcribe``'s ``should_continue``): nothing is produced
+for it, and its offset is committed.
 """
 
 from __future__ import annotations
@@ -43,8 +49,9 @@ import psutil
 from confluent_kafka import Message
 
 from kafscribe import audio, blobstore, memory, metrics
-from kafscribe.engines import Engine, TimeLimitExceeded, load_engine
+from kafscribe.engines import Cancelled, Engine, TimeLimitExceeded, load_engine
 from kafscribe.jobstore import TRANSCRIBING, JobStore
+from kafscribe.progress import ProgressReporter
 from kafscribe.settings import Settings
 from producers.routing import choose_partition
 from producers.worker_view import WorkerView
@@ -162,6 +169,8 @@ class Transcriber:
         if not isinstance(event, Upload):
             raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
         finished = self.jobs.finished_status(event.job_id)
+        if finished == "cancelled" or (finished is None and job_cancelled(self.jobs, event.job_id)):
+            return self.skip_cancelled(event)
         if finished is not None:
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
             log.warning(reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
@@ -198,13 +207,10 @@ class Transcriber:
                     f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
                 ) from exc
             del data
-            out = with_retries(
-                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
-                                          deadline=deadline, word_timestamps=event.options.word_timestamps,
-                                          vad_filter=event.options.vad_filter),
-                stage=self.name, attempts=self.settings.transient_retries,
-            )
+            out = self.run_engine(engine, samples, event, attempt, deadline)
         except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
+            if isinstance(exc.__cause__, Cancelled):
+                return self.skip_cancelled(event, attempt)
             reason = str(exc)
             if time.monotonic() > deadline:
                 reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
@@ -227,6 +233,57 @@ class Transcriber:
         log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
         return [Output(self.settings.topic("transcripts"), transcript)]
 
+    # --- progress and cancellation (kafscribe.progress; the job store moves the status) -------
+    def run_engine(self, engine: Engine, samples, event: Upload, attempt: int, deadline: float):
+        """The engine on the job's audio with its options, reporting progress, stopping if cancelled."""
+        progress = ProgressReporter(self.jobs, event.job_id, attempt, min_interval_s=self.settings.progress_interval_s,
+                                    ttl_s=self.settings.progress_ttl_s)
+        try:
+            out = with_retries(
+                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
+                                          deadline=deadline, word_timestamps=event.options.word_timestamps,
+                                          vad_filter=event.options.vad_filter, on_segment=self.segment_hook(progress),
+                                          should_continue=self.cancel_check(event.job_id)),
+                stage=self.name, attempts=self.settings.transient_retries,
+            )
+            progress.fraction(1.0, force=True)
+            return out
+        finally:
+            progress.close()
+
+    @staticmethod
+    def segment_hook(progress: ProgressReporter):
+        """The engine's ``on_segment``: each decoded segment and the fraction done go to the reporter."""
+        def on_segment(segment, fraction: float) -> None:
+            if segment is None:
+                progress.fraction(fraction)
+            else:
+                progress.segment(segment, fraction)
+        return on_segment
+
+    def cancel_check(self, job_id: str):
+        """The engine's ``should_continue``: False once the job is cancelled (read at most once per
+        ``KAFSCRIBE_CANCEL_CHECK_S``; a failed read lets the job go on)."""
+        every_s = self.settings.cancel_check_s
+        last = [time.monotonic(), True]
+
+        def should_continue() -> bool:
+            if time.monotonic() - last[0] >= every_s:
+                last[0] = time.monotonic()
+                try:
+                    last[1] = not job_cancelled(self.jobs, job_id)
+                except Exception as exc:  # noqa: BLE001 - a cancel check must not fail the job
+                    log.warning("cancel check failed: %s", exc, extra={"job_id": job_id})
+            return last[1]
+        return should_continue
+
+    def skip_cancelled(self, event: Upload, attempt: int | None = None) -> list[Output]:
+        """A cancelled job: nothing more is produced; its offset is committed like any other."""
+        log.info("job cancelled; stopped" if attempt else "job cancelled before it started; skipped",
+                 extra={"job_id": event.job_id, "trace_id": event.trace_id})
+        metrics.JOBS.labels(self.name, "cancelled").inc()
+        return []
+
     def _finished(self, job_id: str) -> bool:
         try:
             return self.jobs.finished_status(job_id) is not None
@@ -246,3 +303,13 @@ class Transcriber:
         if dead_letter:
             outputs.append(park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic)))
         return outputs
+
+
+def job_cancelled(jobs: JobStore, job_id: str) -> bool:
+    """Whether the client cancelled the job: ``JobStore.is_cancelled`` (the api helper's, issue 11 part A)
+    where the store has it, else the job row's status."""
+    check = getattr(jobs, "is_cancelled", None)
+    if check is not None:
+        return bool(check(job_id))
+    job = jobs.get(job_id)
+    return job is not None and job["status"] == "cancelled"

@@ -26,7 +26,9 @@ queued for removal (``audio_expiry``, swept by ``kafscribe.retention``).
 
 from __future__ import annotations
 
+import functools
 import json
+import types
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -48,6 +50,9 @@ from .statuses import (  # noqa: F401 - re-exported: the statuses' home for most
 
 AUDIO_EXPIRY_SLACK_S = 7 * 86400  # audio_expiry rows outlive the result TTL by this (a stopped sweep catches up)
 LIST_SCAN_ROWS = 2000  # index rows one listing call reads at most (a rare status filter returns a short page)
+
+
+PROGRESS_TTL_S = 7 * 86400  # KAFSCRIBE_PROGRESS_TTL_S's default
 
 
 def _now() -> datetime:
@@ -184,15 +189,56 @@ class JobStore:
         out = row._asdict()
         tracks: dict[str, list[dict]] = {"source": [], "translation": []}
         for s in self.session.execute(self._get_segments, (job_id,)):
-            tracks.setdefault(s.track, []).append(
-                {"id": s.idx, "start": s.start_s, "end": s.end_s, "text": s.text,
-                 "avg_logprob": s.avg_logprob, "no_speech_prob": s.no_speech_prob,
-                 "words": json.loads(s.words) if s.words else []}
-            )
+            tracks.setdefault(s.track, []).append(_segment_view(s))
         out["segments"] = tracks["source"]
         out["translated_segments"] = tracks["translation"]
         return out
 
+
+    # --- progress of running jobs (kafscribe/progress.py writes, routes/events.py reads) ----
+    @functools.cached_property
+    def _progress_cql(self) -> types.SimpleNamespace:
+        """Prepared on first use: only the ingress and the transcribers read or write progress."""
+        p = self.session.prepare
+        return types.SimpleNamespace(
+            put=p("INSERT INTO job_progress (job_id, attempt, fraction, updated_at) VALUES (?,?,?,?) USING TTL ?"),
+            get=p("SELECT fraction FROM job_progress WHERE job_id = ?"),
+            drop=p("DELETE FROM job_progress WHERE job_id = ?"),
+            put_live=p(
+                "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob, words)"
+                " VALUES (?,'live',?,?,?,?,?,?,?) USING TTL ?"
+            ),
+            get_live=p("SELECT * FROM segments WHERE job_id = ? AND track = 'live' AND idx > ?"),
+        )
+
+    def record_progress(self, job_id: str, attempt: int, fraction: float, ttl_s: int = PROGRESS_TTL_S):
+        """Attempt ``attempt`` of the job has done ``fraction`` (0..1) of its work; returns the write's future.
+
+        Any stage may report (the transcriber per segment, a chunked job per chunk); readers
+        see the highest fraction of any attempt, so a redo never shows progress going back.
+        """
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        return self.session.execute_async(self._progress_cql.put, (job_id, attempt, fraction, _now(), ttl_s))
+
+    def record_live_segment(self, job_id: str, segment: Segment, ttl_s: int = PROGRESS_TTL_S):
+        """A segment of a running job, for live readers (track ``live``; a redo rewrites the same index)."""
+        return self.session.execute_async(self._progress_cql.put_live, (
+            job_id, segment.id, segment.start, segment.end, segment.text, segment.avg_logprob,
+            segment.no_speech_prob, words_json(segment), ttl_s,
+        ))
+
+    def progress(self, job_id: str) -> float | None:
+        """The highest fraction any attempt of the job reported (None: none yet)."""
+        rows = self.session.execute(self._progress_cql.get, (job_id,))
+        return max((r.fraction for r in rows if r.fraction is not None), default=None)
+
+    def live_segments(self, job_id: str, after: int = -1) -> list[dict[str, Any]]:
+        """The running job's segments with an index above ``after``, in order."""
+        return [_segment_view(s) for s in self.session.execute(self._progress_cql.get_live, (job_id, after))]
+
+    def forget_progress(self, job_id: str) -> None:
+        """Remove the job's progress rows (its live segments go with the job's segments)."""
+        self.session.execute(self._progress_cql.drop, (job_id,))
 
     def unfinished_jobs(self, tenant: str, limit: int) -> list[str]:
         """Up to ``limit`` ids of ``tenant``'s queued or running jobs (for the quota).
@@ -290,11 +336,12 @@ class JobStore:
         return row is not None and (row.cancelled_at is not None or row.status == CANCELLED)
 
     def delete(self, job_id: str) -> None:
-        """Remove a job's rows: result, segments, callbacks, listing entry, then the job row (last, so
-        a delete cut short can be repeated). The audio is the caller's (``kafscribe.retention``)."""
+        """Remove a job's rows: result, segments, callbacks, progress, listing entry, then the job row (last,
+        so a delete cut short can be repeated). The audio is the caller's (``kafscribe.retention``)."""
         row = self.session.execute(self._get_job, (job_id,)).one()
         for fut in [self.session.execute_async(stmt, (job_id,)) for stmt in self._delete_rows]:
             fut.result()
+        self.forget_progress(job_id)
         if row is not None and row.tenant is not None and row.created_at is not None:
             self.session.execute(self._drop_listed, (row.tenant, _day(row.created_at), row.created_at, job_id))
             self.session.execute(self._drop_unfinished, (row.tenant, job_id))
@@ -362,6 +409,12 @@ def _day(at: datetime) -> str:
 
 def _hour(at: datetime) -> str:
     return at.astimezone(UTC).strftime("%Y%m%d%H")
+
+
+def _segment_view(s) -> dict[str, Any]:
+    """A ``segments`` row as the API shows it."""
+    return {"id": s.idx, "start": s.start_s, "end": s.end_s, "text": s.text, "avg_logprob": s.avg_logprob,
+            "no_speech_prob": s.no_speech_prob, "words": json.loads(s.words) if s.words else []}
 
 
 def words_json(segment: Segment) -> str | None:

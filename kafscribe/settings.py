@@ -167,6 +167,15 @@ class Settings:
     prometheus_scrape_s: float = _doc("Scrape (and rule evaluation) interval of that Prometheus.", 5.0)
     prometheus_retention: str = _doc("How long that Prometheus keeps samples (its --storage.tsdb.retention.time).", "7d")
 
+    # --- events: progress, live segments, cancel checks (kafscribe/progress.py, routes/events.py) ----
+    progress_interval_s: float = _doc(
+        "Least seconds between two progress writes of a running job (each decoded segment is written anyway).", 1.0
+    )
+    progress_ttl_s: int = _doc("Seconds a job's progress and live segments are kept (Cassandra TTL).", 7 * 86400)
+    cancel_check_s: float = _doc("A transcriber checks at most this often, between segments, whether its job was cancelled.", 1.0)
+    events_poll_s: float = _doc("How often `GET /v1/jobs/{id}/events` (and the OpenAI stream) reads the job.", 0.5)
+    events_keepalive_s: float = _doc("An event stream with nothing to send writes a comment line this often.", 15.0)
+
     # --- translation -----------------------------------------------------
     translator: str = _doc(
         "Translation backend: `auto` (whisper for English targets, else llm), `whisper` or `llm`.", "auto"

@@ -128,12 +128,6 @@ def test_past_the_wait_the_answer_names_the_job_and_nothing_is_resubmitted(pipe,
         short.stop()
 
 
-def test_stream_is_refused_until_it_is_wired(pipe, clips):
-    with open(clips["en"], "rb") as f, pytest.raises(openai.BadRequestError) as err:
-        client(pipe).audio.transcriptions.create(file=f, model="whisper-1", stream=True)
-    assert err.value.param == "stream"
-
-
 def test_cli_submit_writes_each_result_beside_its_input(pipe, clips, tmp_path):
     """`kafscribe submit DIR --format srt`: a progress bar per file on stderr, one .srt beside each input."""
     for name in ("one.wav", "two.mp3"):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..settings import Settings
-from .base import Engine, EngineError, TimeLimitExceeded, TranscriptionOutput
+from .base import Cancelled, Engine, EngineError, TimeLimitExceeded, TranscriptionOutput
 
 ENGINES = ("faster-whisper", "openai-whisper")
 
-__all__ = ["ENGINES", "Engine", "EngineError", "TimeLimitExceeded", "TranscriptionOutput", "load_engine"]
+__all__ = ["ENGINES", "Cancelled", "Engine", "EngineError", "TimeLimitExceeded", "TranscriptionOutput", "load_engine"]
 
 
 def load_engine(settings: Settings, engine: str | None = None, model: str | None = None) -> Engine:

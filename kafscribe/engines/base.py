@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -21,6 +22,21 @@ class EngineError(RuntimeError):
 
 class TimeLimitExceeded(EngineError):
     """The job's time limit passed while the engine worked (checked between windows/segments)."""
+
+
+class Cancelled(EngineError):
+    """``should_continue`` said stop (the job was cancelled): checked before the job and between segments."""
+
+
+# A decoded segment (None: progress only) and the fraction (0..1) of the audio done.
+OnSegment = Callable[[Segment | None, float], None]
+ShouldContinue = Callable[[], bool]
+
+
+def check_continue(should_continue: ShouldContinue | None) -> None:
+    """Raise ``Cancelled`` once ``should_continue()`` returns False (None: never)."""
+    if should_continue is not None and not should_continue():
+        raise Cancelled("the job was cancelled")
 
 
 def check_deadline(deadline: float | None) -> None:
@@ -46,13 +62,17 @@ class Engine(Protocol):
 
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
-        word_timestamps: bool = False, vad_filter: bool = False,
+        word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
+        should_continue: ShouldContinue | None = None,
     ) -> TranscriptionOutput:
         """Transcribe; past ``deadline`` (a ``time.monotonic()`` value) raise ``TimeLimitExceeded``.
 
         ``word_timestamps``: each segment carries its words with times and probabilities.
         ``vad_filter``: only the stretches the Silero VAD hears as speech are decoded;
         times stay on the original audio's clock.
+        ``on_segment(segment, fraction)``: called as each segment is decoded, with the fraction
+        (0..1) of the audio done (segment None: a window without speech was done). ``should_continue()``: asked before decoding and between
+        segments (windows); False raises ``Cancelled``.
         """
         ...
 

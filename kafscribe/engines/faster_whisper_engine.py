@@ -9,7 +9,10 @@ from schemas.events import Segment
 from ..settings import Settings
 from .base import (
     EngineError,
+    OnSegment,
+    ShouldContinue,
     TranscriptionOutput,
+    check_continue,
     check_deadline,
     ct2_model_dir,
     is_multilingual,
@@ -44,11 +47,13 @@ class FasterWhisperEngine:
 
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
-        word_timestamps: bool = False, vad_filter: bool = False,
+        word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
+        should_continue: ShouldContinue | None = None,
     ) -> TranscriptionOutput:
         if not self.multilingual:
             language, task = "en", "transcribe"
         check_deadline(deadline)
+        check_continue(should_continue)
         # vad_filter runs the Silero model bundled in faster-whisper's package (ONNX): no download.
         segments_iter, info = self._model.transcribe(
             audio, language=language, task=task, beam_size=self.beam_size,
@@ -57,11 +62,14 @@ class FasterWhisperEngine:
         segments = []
         for i, s in enumerate(segments_iter):  # a generator: each step decodes a window
             check_deadline(deadline)
+            check_continue(should_continue)
             segments.append(Segment(
                 id=i, start=float(s.start), end=float(s.end), text=s.text,
                 avg_logprob=float(s.avg_logprob), no_speech_prob=float(s.no_speech_prob),
                 words=[word(w.word, w.start, w.end, w.probability) for w in s.words or ()],
             ))
+            if on_segment is not None:
+                on_segment(segments[-1], min(1.0, float(s.end) / info.duration) if info.duration else 1.0)
         return TranscriptionOutput(
             language=info.language,
             language_probability=float(info.language_probability),

@@ -6,7 +6,13 @@ checkpoint (``kafscribe.models.ct2_to_whisper``).
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import sys
+import types
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +23,10 @@ from ..settings import Settings
 from . import vad
 from .base import (
     EngineError,
+    OnSegment,
+    ShouldContinue,
     TranscriptionOutput,
+    check_continue,
     check_deadline,
     is_multilingual,
     join_text,
@@ -58,12 +67,14 @@ class OpenAIWhisperEngine:
 
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
-        word_timestamps: bool = False, vad_filter: bool = False,
+        word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
+        should_continue: ShouldContinue | None = None,
     ) -> TranscriptionOutput:
         import torch
         import whisper
 
         check_deadline(deadline)
+        check_continue(should_continue)
         duration = len(audio) / whisper.audio.SAMPLE_RATE
         clips: str | list[float] = "0"  # whisper's default: from the start to the end
         first_speech = 0.0  # where language detection listens
@@ -92,30 +103,37 @@ class OpenAIWhisperEngine:
 
         def decode_before_deadline(*args, **kwargs):  # whisper.transcribe decodes window by window
             check_deadline(deadline)
+            check_continue(should_continue)
             return decode_window(*args, **kwargs)
 
+        sent = 0
+
+        def window_done(state: dict[str, Any], fraction: float) -> None:  # after each window's segments
+            nonlocal sent
+            new = state.get("all_segments", [])[sent:]
+            sent += len(new)
+            for s in new:
+                on_segment(_segment(s), min(fraction, max(float(s["end"]) / duration, 0.0)) if duration else 1.0)
+            if on_segment is not None and not new:
+                on_segment(None, fraction)
+
         model.decode = decode_before_deadline  # one job at a time per engine
+        hook = _after_each_window(window_done) if on_segment is not None else contextlib.nullcontext()
         try:
-            result = model.transcribe(
-                audio,
-                language=language,
-                task=task,
-                fp16=self.device == "cuda",
-                beam_size=self.beam_size,
-                verbose=None,
-                word_timestamps=word_timestamps,
-                clip_timestamps=clips,
-            )
+            with hook:
+                result = model.transcribe(
+                    audio,
+                    language=language,
+                    task=task,
+                    fp16=self.device == "cuda",
+                    beam_size=self.beam_size,
+                    verbose=None,
+                    word_timestamps=word_timestamps,
+                    clip_timestamps=clips,
+                )
         finally:
             del model.decode  # back to the class's method
-        segments = [
-            Segment(
-                id=i, start=float(s["start"]), end=float(s["end"]), text=s["text"],
-                avg_logprob=float(s["avg_logprob"]), no_speech_prob=float(s["no_speech_prob"]),
-                words=[word(w["word"], w["start"], w["end"], w["probability"]) for w in s.get("words") or ()],
-            )
-            for i, s in enumerate(result["segments"])
-        ]
+        segments = [_segment(s) for s in result["segments"]]
         return TranscriptionOutput(
             language=language,
             language_probability=probability,
@@ -123,3 +141,51 @@ class OpenAIWhisperEngine:
             text=join_text(segments),
             segments=segments,
         )
+
+
+def _segment(s: dict[str, Any]) -> Segment:
+    """Our ``Segment`` of one of whisper's segment dicts."""
+    return Segment(
+        id=int(s["id"]), start=float(s["start"]), end=float(s["end"]), text=s["text"],
+        avg_logprob=float(s["avg_logprob"]), no_speech_prob=float(s["no_speech_prob"]),
+        words=[word(w["word"], w["start"], w["end"], w["probability"]) for w in s.get("words") or ()],
+    )
+
+
+@contextlib.contextmanager
+def _after_each_window(callback: Callable[[dict[str, Any], float], None]) -> Iterator[None]:
+    """Call ``callback(transcribe's locals, fraction done)`` after each window ``whisper.transcribe`` decodes.
+
+    whisper has no per-segment callback, but it updates a tqdm bar right after it
+    appends a window's segments to ``all_segments``: for the duration of the call
+    the bar is replaced by one that reads those segments and the window's end
+    (``seek`` of ``content_frames``) from the caller's frame. If a future whisper
+    renames them, segments arrive with the result instead, and progress from the
+    bar's own counts. Module state: one transcription at a time per process.
+    """
+    # The module, not the function: ``whisper.transcribe`` the attribute is the function.
+    transcribe_module = importlib.import_module("whisper.transcribe")
+
+    class Bar:
+        def __init__(self, *args: Any, total: int | None = None, **kwargs: Any) -> None:
+            self.total, self.done = total or 0, 0
+
+        def __enter__(self) -> Bar:
+            return self
+
+        def __exit__(self, *exc: Any) -> None:
+            return None
+
+        def update(self, n: int) -> None:
+            self.done += n
+            state = sys._getframe(1).f_locals
+            total = state.get("content_frames", self.total)
+            seek = state.get("seek", self.done)
+            callback(state, min(1.0, max(min(seek, total) / total, 0.0)) if total else 1.0)
+
+    real = transcribe_module.tqdm
+    transcribe_module.tqdm = types.SimpleNamespace(tqdm=Bar)
+    try:
+        yield
+    finally:
+        transcribe_module.tqdm = real

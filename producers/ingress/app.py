@@ -13,7 +13,7 @@ from kafscribe.settings import Settings
 
 from . import auth, upload
 from .backends import Backends
-from .routes import audio, callbacks, docs, health, jobs, workers
+from .routes import audio, callbacks, docs, events, health, jobs, workers
 
 log = logging.getLogger("kafscribe.ingress")
 
@@ -62,6 +62,7 @@ ROUTES = [
     ("GET", "/v1/jobs/{job_id}", jobs.get_job),
     ("DELETE", "/v1/jobs/{job_id}", jobs.delete_job),
     ("GET", "/v1/jobs/{job_id}/transcript", jobs.get_transcript),
+    ("GET", "/v1/jobs/{job_id}/events", events.get_job_events),
     ("GET", "/v1/jobs/{job_id}/callbacks", callbacks.get_callbacks),
     ("POST", "/v1/jobs/{job_id}/callbacks/redeliver", callbacks.redeliver_callback),
     ("POST", "/v1/audio/transcriptions", audio.transcriptions),
@@ -71,7 +72,7 @@ ROUTES = [
     ("GET", "/readyz", health.readyz),
     ("GET", "/metrics", health.metrics_endpoint),
 ]
-ROUTE_MODULES = [jobs, callbacks, audio, workers, health, docs]
+ROUTE_MODULES = [jobs, events, callbacks, audio, workers, health, docs]
 
 
 async def _retention_sweep(app: web.Application):

@@ -24,7 +24,6 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +37,7 @@ from .. import auth
 from ..backends import Backends
 from ..links import job_links
 from ..upload import read_upload
+from .events import stream_openai_segments
 from .jobs import _submit_then_remove
 
 log = logging.getLogger("kafscribe.ingress.openai")
@@ -50,9 +50,6 @@ FIELDS = ("model", "language", "prompt", "response_format", "temperature", "time
 TRANSLATION_FIELDS = ("model", "prompt", "response_format", "temperature")
 POLL_FIRST_S, POLL_MAX_S = 0.1, 1.0
 
-# The seam for `stream=true`: the events helper's `async (request, job_id) -> StreamResponse` that sends the
-# job's segments as server-sent events in OpenAI's streaming shape. None: `stream=true` answers 400.
-stream_segments: Callable[[web.Request, str], Awaitable[web.StreamResponse]] | None = None
 
 ERROR_TYPES = {401: "invalid_request_error", 403: "invalid_request_error", 404: "invalid_request_error",
                413: "invalid_request_error", 429: "rate_limit_error", 503: "server_error", 504: "timeout_error"}
@@ -153,9 +150,6 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
                                      repeatable=frozenset({"timestamp_granularities[]"}))
         path, filename = received.path, received.filename
         asked = await asyncio.to_thread(parse_request, received.fields, settings, task)
-        if asked["stream"] and stream_segments is None:
-            return openai_error(400, "stream is not supported yet; send stream=false", param="stream",
-                                code="unsupported_value")
         owned, path = path, None
         upload = await asyncio.to_thread(
             _submit_then_remove, backends, owned, asked["options"], filename=filename,
@@ -180,8 +174,8 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
     metrics.UPLOAD_BYTES.inc(upload.audio_bytes)
     extra = {"job_id": upload.job_id, "trace_id": upload.trace_id}
     log.info("openai-compatible %s of %.1fs of audio", task, upload.audio_duration, extra=extra)
-    if asked["stream"] and stream_segments is not None:
-        return await stream_segments(request, upload.job_id)
+    if asked["stream"]:  # segments as server-sent events while the job runs (OpenAI's streaming shape)
+        return await stream_openai_segments(request, upload.job_id)
     links = job_links(request, upload.job_id)
     no_retry = {"x-should-retry": "false", "X-Job-Id": upload.job_id}
     job, result = await _wait(backends, upload.job_id, settings.openai_wait_s)

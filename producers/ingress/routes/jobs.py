@@ -25,6 +25,7 @@ from ..backends import Backends
 from ..links import job_links
 from ..responses import error, json_response, unavailable
 from ..upload import read_upload
+from . import events
 
 log = logging.getLogger("kafscribe.ingress")
 
@@ -133,6 +134,7 @@ async def load_job(request: web.Request) -> tuple[dict, dict | None]:
 async def get_job(request: web.Request) -> web.Response:
     job, result = await load_job(request)
     view = job_view(job, result)
+    view["progress"] = await events.progress_view(request, job)
     view["links"] = job_links(request, job["job_id"])
     return json_response(view)
 

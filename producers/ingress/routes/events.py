@@ -1,0 +1,253 @@
+"""Server-sent events of a job: ``GET /v1/jobs/{id}/events``, and the OpenAI-shaped stream.
+
+One poll loop (``job_events``) reads the job from Cassandra every
+``KAFSCRIBE_EVENTS_POLL_S`` (in a thread: nothing blocks the event loop) and
+yields what changed since the last read: its status, its progress (the
+highest fraction any attempt reported, see ``kafscribe.progress``) and the
+segments decoded since. Every segment is sent once, in order, by id: the live
+ones while the job is transcribing, then those of the stored result that were
+not sent yet, so a client that connects late or after the end still gets them
+all. The stream ends after the job's final status.
+
+Two renderings of that loop:
+
+- ``GET /v1/jobs/{id}/events``: ``event: status | progress | segment`` with
+  JSON data; ``event: gone`` if the job is deleted meanwhile.
+- ``stream_openai_segments``: OpenAI's streaming-transcription shape
+  (``data: {"type": "transcript.text.delta", "delta": ...}`` per segment, then
+  ``transcript.text.done`` with the full text; a failed or cancelled job ends
+  with ``data: {"error": {...}}``, which the ``openai`` package raises as an
+  ``APIError``). The OpenAI-compatible route calls it for ``stream=true``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from kafscribe import cassandra_session
+from kafscribe.settings import Settings
+
+from .. import auth
+from ..backends import Backends
+from ..responses import error
+
+log = logging.getLogger("kafscribe.ingress")
+
+RUNNING = ("queued", "transcribing", "translating")
+COMPLETED = "completed"
+
+
+@dataclass
+class Snapshot:
+    """The job as one poll read it (``job`` None: gone, or never this caller's)."""
+
+    job: dict[str, Any] | None
+    fraction: float | None = None
+    segments: list[dict[str, Any]] = field(default_factory=list)  # with id > the last one sent
+    text: str | None = None  # the final text, once completed
+
+
+def read_snapshot(backends: Backends, job_id: str, scope: str | None, after: int) -> Snapshot:
+    """Blocking read of the job, its progress and its segments with id > ``after`` (run in a thread)."""
+    jobs = backends.jobs()
+    job = jobs.get(job_id, tenant=scope)
+    if job is None:
+        return Snapshot(None)
+    snap = Snapshot(job, fraction=jobs.progress(job_id))
+    if job["status"] == COMPLETED:
+        result = jobs.get_result(job_id)
+        if result is not None:
+            snap.segments = [s for s in result["segments"] if s["id"] > after]
+            snap.text = result["text"]
+    elif job["status"] != "queued":
+        snap.segments = jobs.live_segments(job_id, after=after)
+    return snap
+
+
+def progress_fraction(job: dict[str, Any], recorded: float | None) -> float:
+    """What a client sees: 1 once transcribed, else the highest fraction recorded (0 before any)."""
+    if job["status"] in ("translating", COMPLETED):
+        return 1.0
+    return round(min(max(recorded or 0.0, 0.0), 1.0), 4)
+
+
+def status_data(job: dict[str, Any]) -> dict[str, Any]:
+    return {"job_id": job["job_id"], "status": job["status"], "attempts": job["attempts"] or 0,
+            "error": job["error"], "updated_at": _iso(job["updated_at"])}
+
+
+def _iso(value: Any) -> Any:
+    return value.isoformat() if hasattr(value, "isoformat") else value
+
+
+async def job_events(request: web.Request, job_id: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """``(event, data)`` pairs of the job until it ends: status, progress, segment; ``gone`` if deleted;
+    ``poll`` after each read of a running job (renderers skip it; a chance for a keep-alive).
+
+    Raises ``web.HTTPNotFound`` before the first event if the caller may not see the job.
+    """
+    settings: Settings = request.app["settings"]
+    backends: Backends = request.app["backends"]
+    scope = auth.job_scope(request)
+    last_id, status, fraction = -1, None, -1.0
+    first = True
+    while True:
+        try:
+            snap = await asyncio.to_thread(read_snapshot, backends, job_id, scope, last_id)
+        except Exception as exc:
+            if not cassandra_session.is_outage(exc):
+                raise
+            if first:
+                raise web.HTTPServiceUnavailable(
+                    text=json.dumps({"error": f"Cassandra unavailable: {exc}", "status": 503}),
+                    content_type="application/json", headers={"Retry-After": str(settings.retry_after_s)},
+                ) from exc
+            log.warning("events of %s: Cassandra unavailable (%s); retrying", job_id, exc)
+            yield "poll", {}  # keep-alives go on (and a gone client is noticed) during the outage
+            await asyncio.sleep(settings.events_poll_s)
+            continue
+        if snap.job is None:
+            if first:
+                raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id}"}),
+                                       content_type="application/json")
+            yield "gone", {"job_id": job_id, "status": "deleted"}
+            return
+        first = False
+        job = snap.job
+        if job["status"] != status and job["status"] in RUNNING:
+            status = job["status"]
+            yield "status", status_data(job)
+        now = progress_fraction(job, snap.fraction)
+        if now > fraction and (job["status"] != "queued" or now > 0):
+            fraction = now
+            yield "progress", {"fraction": now}
+        for segment in snap.segments:
+            if segment["id"] > last_id:
+                last_id = segment["id"]
+                yield "segment", segment_data(segment)
+        if job["status"] not in RUNNING:
+            data = status_data(job)
+            if snap.text is not None:
+                data["text"] = snap.text
+            yield "status", data
+            return
+        yield "poll", {}  # nothing to send, but a chance to keep the connection alive
+        await asyncio.sleep(settings.events_poll_s)
+
+
+def segment_data(segment: dict[str, Any]) -> dict[str, Any]:
+    keys = ("id", "start", "end", "text", "words")
+    return {k: segment.get(k, []) if k == "words" else segment[k] for k in keys}
+
+
+def _sse(event: str | None, data: dict[str, Any]) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
+
+
+async def _open_stream(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={
+        "Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no",
+    })
+    await response.prepare(request)
+    return response
+
+
+async def _pump(request: web.Request, job_id: str, render) -> web.StreamResponse:
+    """Send ``render(event, data)`` of each job event (None: skip), with keep-alive comments between."""
+    settings: Settings = request.app["settings"]
+    events = job_events(request, job_id)
+    response: web.StreamResponse | None = None
+    last_write = time.monotonic()
+    try:
+        async for event, data in events:
+            if response is None:  # the first event: the job exists and is the caller's
+                response = await _open_stream(request)
+            chunk = render(event, data)
+            if chunk:
+                await response.write(chunk)
+                last_write = time.monotonic()
+            elif time.monotonic() - last_write > settings.events_keepalive_s:
+                await response.write(b": keep-alive\n\n")
+                last_write = time.monotonic()
+    except ConnectionResetError:
+        log.info("events of %s: the client went away", job_id)
+        if response is None:
+            raise
+        return response  # nothing more to send to anyone
+    finally:
+        await events.aclose()
+    if response is None:  # cannot happen: job_events yields or raises
+        return error(500, "no events")
+    await response.write_eof()
+    return response
+
+
+async def get_job_events(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/jobs/{id}/events``."""
+    job_id = request.match_info["job_id"]
+    return await _pump(request, job_id, lambda event, data: None if event == "poll" else _sse(event, data))
+
+
+async def stream_openai_segments(request: web.Request, job_id: str) -> web.StreamResponse:
+    """The job's segments as OpenAI streaming-transcription events, ending when the job ends."""
+    text: list[str] = []
+
+    def render(event: str, data: dict[str, Any]) -> bytes | None:
+        if event == "segment":
+            text.append(data["text"])
+            return _sse(None, {"type": "transcript.text.delta", "delta": data["text"]})
+        if event == "status" and data["status"] == COMPLETED:
+            final = data.get("text")
+            return _sse(None, {"type": "transcript.text.done",
+                               "text": final if final is not None else "".join(text).strip()})
+        if event == "gone" or (event == "status" and data["status"] not in RUNNING):
+            status = data["status"]
+            message = f"job {job_id} is {status}" + (f": {data['error']}" if data.get("error") else "")
+            return _sse(None, {"error": {"message": message, "type": "server_error", "param": None,
+                                         "code": f"job_{status}"}})
+        return None
+
+    return await _pump(request, job_id, render)
+
+
+async def progress_view(request: web.Request, job: dict[str, Any]) -> dict[str, float]:
+    """``progress`` of the job view: ``{"fraction": ...}`` (see ``progress_fraction``)."""
+    backends: Backends = request.app["backends"]
+    try:
+        recorded = await asyncio.to_thread(lambda: backends.jobs().progress(job["job_id"]))
+    except Exception as exc:  # noqa: BLE001 - the view still answers; progress is best effort
+        log.warning("progress of %s unreadable: %s", job["job_id"], exc)
+        recorded = None
+    return {"fraction": progress_fraction(job, recorded)}
+
+
+_JOB_ID = {"name": "job_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_ERR = {"description": "`{error, status}`", "content": {"application/json": {"schema": {"type": "object"}}}}
+
+OPENAPI_PATHS: dict[str, Any] = {
+    "/v1/jobs/{job_id}/events": {"get": {
+        "tags": ["jobs"],
+        "summary": "Server-sent events of a job: status changes, progress, each segment as it is decoded",
+        "description": (
+            "`text/event-stream`. `event: status` (`{job_id, status, attempts, error, updated_at}`; the last one"
+            " is the final status, with `text` when completed), `event: progress` (`{fraction}`, 0..1, never"
+            " lower than before, also across redone attempts), `event: segment` (`{id, start, end, text,"
+            " words}`, each id once, in order; the stored result's segments complete the live ones), `event:"
+            " gone` if the job is deleted meanwhile. The stream ends after the final status; reconnecting"
+            " replays the job from its first segment."
+        ),
+        "parameters": [_JOB_ID],
+        "responses": {"200": {"description": "the event stream",
+                              "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+                      "404": _ERR, "503": _ERR},
+    }},
+}
