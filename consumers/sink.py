@@ -6,7 +6,9 @@ Writes are upserts keyed by job_id (and segment index), so a replayed
 Once the rows are written, the same ``Result`` goes to ``kafscribe.finished``
 in the transaction that commits the input offset. Whoever reads
 ``finished`` (``read_committed``: the notifier) acts only on jobs whose
-outcome the API can already show.
+outcome the API can already show: a ``Result`` for a job that already
+ended otherwise (cancelled by its client, failed after its last attempt)
+is dropped here, so no callback announces an outcome the API does not show.
 """
 
 from __future__ import annotations
@@ -38,9 +40,16 @@ class Sink:
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Result):
             raise PermanentFailure(f"expected a Result on {message.topic()}, got {type(event).__name__}")
-        with_retries(lambda: self.jobs.save_result(event), stage=self.name,
-                     attempts=self.settings.transient_retries)
-        log.info("job %s", event.status, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+        extra = {"job_id": event.job_id, "trace_id": event.trace_id}
+        stored = with_retries(lambda: self.jobs.save_result(event), stage=self.name,
+                              attempts=self.settings.transient_retries)
+        if not stored:  # finished before: a replay of this Result, or a job cancelled / failed meanwhile
+            status = with_retries(lambda: self.jobs.finished_status(event.job_id), stage=self.name,
+                                  attempts=self.settings.transient_retries)
+            if status != event.status:  # the client must not be told an outcome the API does not show
+                log.info("job already %s; this %s result is dropped", status, event.status, extra=extra)
+                return []
+        log.info("job %s", event.status, extra=extra)
         return [Output(self.settings.topic("finished"), event)]
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:

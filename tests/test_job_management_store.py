@@ -114,3 +114,21 @@ def test_sweep_removes_audio_past_the_retention_only(stack_settings, session):
     assert store.get(refs[running]) == b"audio"  # an unfinished job's audio stays
     assert jobs.get(finished)["status"] == FAILED  # the job itself stays until its TTL
     assert jobs.get(running)["status"] == QUEUED
+
+
+def test_the_sink_announces_only_the_outcome_the_api_shows(session, stack_settings):
+    """A replayed Result is announced again (exactly-once redo); a late one for a cancelled job is not."""
+    from consumers.sink import Sink
+
+    sink = Sink(stack_settings, session, "sink-test")
+    jobs = sink.jobs
+    done = _job(jobs, "sink-outcomes")
+    result = Result(job_id=done, status=COMPLETED, text="hi", tenant="sink-outcomes")
+    first, replay = sink.handle(result, None), sink.handle(result, None)
+    assert [o.event for o in first] == [result] and [o.event for o in replay] == [result]
+    assert first[0].topic == stack_settings.topic("finished")
+
+    cancelled = _job(jobs, "sink-outcomes")
+    assert jobs.cancel(cancelled)
+    assert sink.handle(Result(job_id=cancelled, status=COMPLETED, text="late"), None) == []
+    assert jobs.get(cancelled)["status"] == CANCELLED and jobs.get_result(cancelled) is None
