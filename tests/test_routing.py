@@ -22,11 +22,18 @@ def status(worker_id, *, budget=None, rss=1 * GIB, available=8 * GIB, partitions
 
 
 def test_estimate_grows_with_duration_and_model_size():
-    assert memory.estimate_job_bytes(0, "base") == memory.MODEL_WORKING_SET["base"]
-    assert memory.estimate_job_bytes(60, "base") - memory.estimate_job_bytes(0, "base") == 60 * 16000 * 4 * 3
-    assert memory.estimate_job_bytes(10, "medium") > memory.estimate_job_bytes(10, "base")
+    for engine in ("faster-whisper", "openai-whisper"):
+        per_s = memory.JOB_PER_SECOND[engine]
+        assert memory.estimate_job_bytes(60, "base", engine) - memory.estimate_job_bytes(0, "base", engine) == 60 * per_s
+        assert memory.estimate_job_bytes(10, "medium", engine) > memory.estimate_job_bytes(10, "base", engine)
+        assert memory.estimate_job_bytes(10, "base", engine) > memory.estimate_job_bytes(10, "tiny.en", engine)
+        assert per_s >= memory.AUDIO_BYTES_PER_SECOND
     assert memory.model_size("/models/ct2/tiny.en") == "tiny"
     assert memory.model_size("my-custom-model") == "medium"  # unknown: assume big
+    # An unknown engine is estimated as the hungrier one; the default compute type is int8 on CPU.
+    assert memory.estimate_job_bytes(60, "base", "other") == memory.estimate_job_bytes(60, "base", "openai-whisper")
+    assert memory.estimate_job_bytes(60, "base", compute_type="default") == memory.estimate_job_bytes(
+        60, "base", compute_type="int8")
 
 
 def test_headroom_uses_budget_then_gpu_then_host():

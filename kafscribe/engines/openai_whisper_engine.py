@@ -78,7 +78,7 @@ class OpenAIWhisperEngine:
                 audio,
                 language=language,
                 task=task,
-                fp16=self.device == "cuda",
+                fp16=self.device.startswith("cuda"),
                 beam_size=self.beam_size,
                 verbose=None,
             )
