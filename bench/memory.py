@@ -25,11 +25,13 @@ are the check: see the README). The row says ``cut_after_s``.
 Clips are espeak-ng speech with pauses, repeated to length (30 s of speech
 then 5 s of silence, different sentences each time), 16 kHz mono WAV.
 
-``services`` starts each non-model service (``kafscribe serve sink|notifier|
-translator``, ``kafscribe ingress``) with the current settings, waits until it
-has joined (its RSS stops changing for 3 s, at least 8 s after start), and
-prints its RSS. Point it at a running stack (``KAFSCRIBE_KAFKA_BOOTSTRAP``,
-``KAFSCRIBE_CASSANDRA_PORT``, ...).
+``services`` starts each service as ``kafscribe services up`` does (``kafscribe
+serve sink|notifier|translator|ingress|transcriber``) with the current
+settings, one at a time, waits until it has settled (its RSS unchanged by more
+than 1 MiB for 3 s, at least 8 s after start), prints its RSS and whether it
+mapped torch or CTranslate2, and stops it. Point it at a running stack
+(``KAFSCRIBE_KAFKA_BOOTSTRAP``, ``KAFSCRIBE_CASSANDRA_PORT``; topics and the
+keyspace are created if missing).
 """
 
 from __future__ import annotations
@@ -165,7 +167,8 @@ def _done(path: Path) -> set[tuple]:
     if not path.exists():
         return set()
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {(r["engine"], r["model"], r["compute"], r["device"], round(r["audio_s"] / 10)) for r in rows}
+    return {(r["engine"], r["model"], r["compute"], r["device"], round(r["audio_s"] / 10), bool(r.get("cut_after_s")))
+            for r in rows}
 
 
 def run_jobs(args: argparse.Namespace) -> None:
@@ -173,17 +176,19 @@ def run_jobs(args: argparse.Namespace) -> None:
     models = set(args.models.split(","))
     engines = set(args.engines.split(","))
     done = _done(args.out)
-    for seconds in durations:
-        clip = make_long_clip(args.dir, seconds)
-        for engine, model, compute in CONFIGS:
+    clips = {seconds: make_long_clip(args.dir, seconds) for seconds in durations}
+    for engine, model, compute in CONFIGS:  # config by config, so a cut-short run has whole rows to fit
+        for seconds in durations:
+            clip = clips[seconds]
             if model not in models or engine not in engines:
                 continue
-            if (engine, model, compute, args.device, round(seconds / 10)) in done:
+            cut = seconds > args.full_up_to_s
+            if (engine, model, compute, args.device, round(seconds / 10), cut) in done:
                 continue
             cmd = [sys.executable, "-m", "bench.memory", "one", "--engine", engine, "--model", model,
                    "--compute", compute, "--clip", str(clip), "--device", args.device,
                    "--threads", str(args.threads)]
-            if seconds > args.full_up_to_s:
+            if cut:
                 cmd += ["--max-job-s", str(args.max_job_s)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
@@ -194,25 +199,32 @@ def run_jobs(args: argparse.Namespace) -> None:
                 f.write(json.dumps(row) + "\n")
             print(f"{engine:15} {model:8} {compute:8} {row['audio_s']:7.0f} s  idle {row['idle_rss'] / MIB:6.0f} MiB"
                   f"  peak {row['peak_rss'] / MIB:6.0f} MiB  job +{row['job_bytes'] / MIB:5.0f} MiB"
-                  f"  ({row['job_s']:.0f} s{' , cut' if row.get('cut_after_s') else ''})", flush=True)
+                  f"  ({row['job_s']:.0f} s{', cut' if row.get('cut_after_s') else ''})", flush=True)
 
 
 # --- table: the README table and the fit ---------------------------------------------------
-def fit(rows: list[dict]) -> dict[tuple[str, str, str], tuple[float, float]]:
-    """Least squares ``job_bytes = a + b * audio_s`` per (engine, model, compute)."""
-    groups: dict[tuple[str, str, str], list[dict]] = {}
+SHORT_S = 60.0  # rows up to this long fit the window working set
+LONG_S = 300.0  # rows from this long fit the per-second peak
+
+
+def fit(rows: list[dict], margin: float = 1.15) -> tuple[dict[tuple[str, str, str], int], dict[str, int]]:
+    """The constants of ``kafscribe.memory``: (``JOB_BASE``, ``PEAK_PER_SECOND``).
+
+    ``JOB_BASE[(engine, size, compute)]``: the largest job of at most ``SHORT_S`` seconds (one or two
+    windows: the decoder's working set dominates), times ``margin``. ``PEAK_PER_SECOND[engine]``: the
+    largest ``job_bytes / audio_s`` of the jobs of at least ``LONG_S`` seconds (the features of the whole
+    recording dominate), times ``margin``."""
+    from kafscribe.memory import model_size
+
+    base: dict[tuple[str, str, str], int] = {}
+    rate: dict[str, int] = {}
     for r in rows:
-        groups.setdefault((r["engine"], r["model"], r["compute"]), []).append(r)
-    out = {}
-    for key, rs in groups.items():
-        x = np.array([r["audio_s"] for r in rs], float)
-        y = np.array([r["job_bytes"] for r in rs], float)
-        if len(rs) >= 2 and np.ptp(x) > 0:
-            b, a = np.polyfit(x, y, 1)
-        else:
-            a, b = float(y.mean()), 0.0
-        out[key] = (float(a), float(b))
-    return out
+        if r["audio_s"] <= SHORT_S:
+            key = (r["engine"], model_size(r["model"]), r["compute"])
+            base[key] = max(base.get(key, 0), int(r["job_bytes"] * margin))
+        if r["audio_s"] >= LONG_S:
+            rate[r["engine"]] = max(rate.get(r["engine"], 0), int(r["job_bytes"] / r["audio_s"] * margin))
+    return base, rate
 
 
 def print_table(path: Path) -> None:
@@ -224,13 +236,19 @@ def print_table(path: Path) -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         est = memory.estimate_job_bytes(r["audio_s"], r["model"], r["engine"], r["compute"], r["device"])
+        cut = " (stopped after the first windows)" if r.get("cut_after_s") else ""
         print(f"| {r['engine']} | {r['model']} | {r['compute']} | {_dur(r['audio_s'])} | {r['idle_rss'] / MIB:.0f} MiB"
               f" | {r['peak_rss'] / MIB:.0f} MiB | {r['job_bytes'] / MIB:.0f} MiB | {est / MIB:.0f} MiB"
-              f" | {r['job_s']:.0f} s |")
+              f" | {r['job_s']:.0f} s{cut} |")
+    base, rate = fit(rows)
     print()
-    print("least squares, job adds = a + b x seconds:")
-    for (engine, model, compute), (a, b) in sorted(fit(rows).items()):
-        print(f"  {engine:15} {model:8} {compute:8} a = {a / MIB:6.0f} MiB   b = {b / 1024:6.1f} KiB/s")
+    print("fitted (kafscribe/memory.py):")
+    for key, value in sorted(base.items()):
+        print(f"  JOB_BASE[{key}] = {value / MIB:.0f} MiB")
+    for engine, value in sorted(rate.items()):
+        print(f"  PEAK_PER_SECOND[{engine!r}] = {value / 1024:.0f} KiB/s")
+    print("largest estimate / measured:", max(
+        memory.estimate_job_bytes(r["audio_s"], r["model"], r["engine"], r["compute"]) / r["job_bytes"] for r in rows))
 
 
 def _dur(seconds: float) -> str:
@@ -238,14 +256,17 @@ def _dur(seconds: float) -> str:
 
 
 # --- services: RSS after start -------------------------------------------------------------
-def services_rss(settle_s: float = 3.0, min_s: float = 8.0, timeout_s: float = 90.0) -> None:
+def services_rss(names: list[str], settle_s: float = 3.0, min_s: float = 8.0, timeout_s: float = 180.0) -> None:
     import psutil
 
-    commands = {
-        "sink": ["serve", "sink"], "notifier": ["serve", "notifier"], "translator": ["serve", "translator"],
-        "ingress": ["ingress"],
-    }
-    for name, args in commands.items():
+    from infra import bootstrap
+    from kafscribe.settings import Settings
+
+    settings = Settings.from_env()
+    bootstrap.ensure_topics(settings)
+    bootstrap.ensure_schema(settings)
+    for name in names:
+        args = ["serve", name]
         log = tempfile.NamedTemporaryFile(prefix=f"kafscribe-rss-{name}-", suffix=".log", delete=False)
         proc = subprocess.Popen([sys.executable, "-m", "kafscribe.cli", *args], stdout=log, stderr=subprocess.STDOUT)
         try:
@@ -308,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--max-job-s", type=float, default=0.0, help="stop the transcription after this long")
     table = sub.add_parser("table", help="the README table and the least-squares fit from a results file")
     table.add_argument("results", type=Path, nargs="?", default=Path("bench-memory.jsonl"))
-    sub.add_parser("services", help="RSS of each non-model service after start")
+    services = sub.add_parser("services", help="RSS of each service after start")
+    services.add_argument("--stages", default="sink,notifier,translator,ingress,transcriber")
     args = parser.parse_args(argv)
     if args.cmd == "jobs":
         run_jobs(args)
@@ -319,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "table":
         print_table(args.results)
     else:
-        services_rss()
+        services_rss(args.stages.split(","))
 
 
 if __name__ == "__main__":

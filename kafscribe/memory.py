@@ -1,21 +1,25 @@
 """How much memory a job needs, and how much a worker has to spare.
 
-``estimate_job_bytes`` is fitted to measured peaks (``python -m bench.memory``,
-table and method in the README's "Memory" section): a job adds to a worker
-whose model is loaded
+``estimate_job_bytes`` is fitted to measured peaks (``python -m bench.memory``;
+the table and the fit are in the README's "Memory" section). A job adds to a
+worker whose model is already loaded the larger of
 
-* a constant working set per engine, model size and compute type (encoder
-  activations, the decoder's KV cache for the beams, the first 30 s window), and
-* a cost per second of audio per engine (the decoded samples, and the log-mel
-  features both engines compute for the whole recording at once).
+* the decoder's working set (encoder activations, the KV cache of the beams,
+  one 30 s window), by engine, model size and compute type, plus what stays
+  resident while the windows are decoded (samples and log-mel features:
+  ``KEEP_PER_SECOND``); and
+* the peak of computing the log-mel features of the whole recording at once,
+  which both engines do before the first window (STFT frames and spectra in
+  several copies): ``PEAK_PER_SECOND`` by engine -- the larger term from a few
+  minutes of audio on.
 
-Each figure is the least-squares fit plus a margin (``FIT_MARGIN``) and never
-below the largest measured value. Sizes that could not be measured here
-(small, medium, large, turbo) are scaled from base by their weights.
+Both fitted figures are the largest measured value times ``FIT_MARGIN``.
+Sizes that could not be measured here (small, medium, large, turbo) scale
+base's working set by their parameter count.
 
 ``headroom_bytes`` is what a worker reports and admits jobs by: its budget
 minus its RSS when ``KAFSCRIBE_MEMORY_BUDGET_BYTES`` is set, else the host's
-available memory -- or the free memory of its GPU, when it runs on CUDA.
+available memory -- on CUDA, the smaller of that and its GPU's free memory.
 
 GPU memory comes from the driver (NVML, the ``nvidia-ml-py`` package, imported
 on first use): free/total of the device this worker is pinned to
@@ -44,25 +48,29 @@ log = logging.getLogger("kafscribe.memory")
 
 MIB = 1024 * 1024
 SIZES = ("tiny", "base", "small", "medium", "large", "turbo")
-# Parameters relative to base (74 M), for sizes not measured here: activations scale with width x depth.
-SIZE_SCALE = {"tiny": None, "base": 1.0, "small": 3.3, "medium": 10.4, "large": 20.8, "turbo": 10.9}
-FIT_MARGIN = 1.25
-# Fitted job working set (bytes) by (engine, size, compute): see the README's "Memory" section.
+# Parameters relative to base (74 M), for sizes not measured here: activations grow with width x depth.
+SIZE_SCALE = {"tiny": 0.5, "base": 1.0, "small": 3.3, "medium": 10.4, "large": 20.8, "turbo": 10.9}
+FIT_MARGIN = 1.15
+# Fitted decoder working set (bytes) by (engine, size, compute): the largest job of <= 60 s x FIT_MARGIN.
 JOB_BASE: dict[tuple[str, str, str], int] = {
-    ("faster-whisper", "tiny", "int8"): 120 * MIB,
-    ("faster-whisper", "tiny", "float32"): 120 * MIB,
-    ("faster-whisper", "base", "int8"): 250 * MIB,
-    ("faster-whisper", "base", "float32"): 250 * MIB,
-    ("openai-whisper", "tiny", "float32"): 120 * MIB,
-    ("openai-whisper", "base", "float32"): 250 * MIB,
+    ("faster-whisper", "tiny", "int8"): 140 * MIB,
+    ("faster-whisper", "tiny", "float32"): 140 * MIB,
+    ("faster-whisper", "base", "int8"): 178 * MIB,
+    ("faster-whisper", "base", "float32"): 178 * MIB,
+    ("openai-whisper", "tiny", "float32"): 233 * MIB,
+    ("openai-whisper", "base", "float32"): 300 * MIB,
 }
-# Fitted bytes per second of audio, by engine.
-JOB_PER_SECOND: dict[str, int] = {
-    "faster-whisper": 16000 * 4 * 3,
-    "openai-whisper": 16000 * 4 * 3,
+# Fitted peak of the whole recording's features, bytes per second of audio: the largest
+# job_bytes / seconds of the jobs of >= 5 min x FIT_MARGIN.
+PEAK_PER_SECOND: dict[str, int] = {
+    "faster-whisper": 1122 * 1024,
+    "openai-whisper": 1122 * 1024,
 }
-# The smallest per-second cost of any engine: a lower bound of every estimate's growth.
-AUDIO_BYTES_PER_SECOND = min(JOB_PER_SECOND.values())
+# Resident while windows are decoded: int16 PCM (32 KB/s), float32 samples (64 KB/s), 80 mel bins x
+# 100 frames x float32 (32 KB/s).
+KEEP_PER_SECOND = 128 * 1000
+# The smallest per-second cost of any engine: every estimate grows at least this fast.
+AUDIO_BYTES_PER_SECOND = min(PEAK_PER_SECOND.values())
 
 
 def model_size(model: str) -> str:
@@ -85,16 +93,15 @@ def _compute(engine: str, compute_type: str, device: str) -> str:
 def estimate_job_bytes(duration_s: float, model: str, engine: str = "faster-whisper",
                        compute_type: str = "default", device: str = "cpu") -> int:
     """Memory a job of ``duration_s`` seconds adds to a worker that has ``model`` loaded."""
-    engine = engine if engine in JOB_PER_SECOND else "openai-whisper"  # unknown: the hungrier one
+    engine = engine if engine in PEAK_PER_SECOND else "openai-whisper"  # unknown: the hungrier one
     size = model_size(model)
     compute = _compute(engine, compute_type, device)
-    key = (engine, size, compute)
-    if key in JOB_BASE:
-        base = JOB_BASE[key]
-    else:
-        measured_base = JOB_BASE.get((engine, "base", compute)) or JOB_BASE[(engine, "base", "float32")]
-        base = int(measured_base * (SIZE_SCALE[size] or 1.0))
-    return int(base + max(duration_s, 0.0) * JOB_PER_SECOND[engine])
+    base = JOB_BASE.get((engine, size, compute))
+    if base is None:
+        measured = JOB_BASE.get((engine, "base", compute)) or JOB_BASE[(engine, "base", "float32")]
+        base = int(measured * max(SIZE_SCALE[size], 1.0))
+    seconds = max(duration_s, 0.0)
+    return int(max(base + seconds * KEEP_PER_SECOND, seconds * PEAK_PER_SECOND[engine]))
 
 
 def estimate_for(settings: Any, duration_s: float, model: str | None = None) -> int:
@@ -231,18 +238,23 @@ def gpu_process_bytes(device: str) -> int | None:
 
 
 def headroom_bytes(budget: int, rss: int, host_available: int, gpu_free: int | None) -> int:
-    """What this worker can still spend on a job."""
+    """What this worker can still spend on a job.
+
+    On CUDA the smaller of the GPU's free memory and the host's available memory: the model's working
+    set lives on the GPU, but both engines compute the log-mel features of the whole recording on the
+    CPU -- the larger term of a long job's estimate."""
     if budget > 0:
         return budget - rss
-    return gpu_free if gpu_free is not None else host_available
+    return min(gpu_free, host_available) if gpu_free is not None else host_available
 
 
 def idle_capacity_bytes(budget: int, idle_rss: int, host_total: int, gpu_total: int | None,
                         gpu_idle_used: int | None = None) -> int:
-    """The headroom this worker would have idle and alone: budget (or host memory) minus its idle RSS,
-    or its GPU's memory minus what this process holds there idle (its model)."""
+    """The headroom this worker would have idle and alone: budget (or host memory) minus its idle RSS;
+    on CUDA also at most its GPU's memory minus what this process holds there idle (its model)."""
     if budget > 0:
         return budget - idle_rss
+    host = host_total - idle_rss
     if gpu_total is not None:
-        return gpu_total - (gpu_idle_used or 0)
-    return host_total - idle_rss
+        return min(gpu_total - (gpu_idle_used or 0), host)
+    return host

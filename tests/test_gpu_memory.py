@@ -24,9 +24,10 @@ PID = os.getpid()
 
 
 def two_gpus() -> FakeNVML:
+    # Small cards, so that the host's available memory (also a bound on CUDA) never is the smaller.
     return FakeNVML([
-        {"uuid": "GPU-aaaa", "total": 16 * GIB, "free": 3 * GIB, "procs": {PID: 2 * GIB, 999999: 9 * GIB}},
-        {"uuid": "GPU-bbbb", "total": 24 * GIB, "free": 10 * GIB, "procs": {PID: 1 * GIB}},
+        {"uuid": "GPU-aaaa", "total": 3 * GIB, "free": 1 * GIB, "procs": {PID: 1 * GIB, 999999: GIB // 2}},
+        {"uuid": "GPU-bbbb", "total": 4 * GIB, "free": 2 * GIB, "procs": {PID: GIB // 2}},
     ])
 
 
@@ -63,11 +64,11 @@ def test_a_cpu_worker_never_asks_the_driver(nvml):
 
 def test_the_pinned_device_and_this_process_share(nvml):
     first = memory.gpu_status("cuda")
-    assert (first.index, first.free, first.total, first.process_used) == (0, 3 * GIB, 16 * GIB, 2 * GIB)
+    assert (first.index, first.free, first.total, first.process_used) == (0, 1 * GIB, 3 * GIB, 1 * GIB)
     second = memory.gpu_status("cuda:1")
-    assert (second.index, second.free, second.total, second.process_used) == (1, 10 * GIB, 24 * GIB, 1 * GIB)
-    assert memory.gpu_memory("cuda:1") == (10 * GIB, 24 * GIB)
-    assert memory.gpu_process_bytes("cuda:0") == 2 * GIB  # the other process's 9 GiB is not ours
+    assert (second.index, second.free, second.total, second.process_used) == (1, 2 * GIB, 4 * GIB, GIB // 2)
+    assert memory.gpu_memory("cuda:1") == (2 * GIB, 4 * GIB)
+    assert memory.gpu_process_bytes("cuda:0") == 1 * GIB  # the other process's share is not ours
     assert memory.gpu_status("cuda:2") is None  # not there: None, never an exception
 
 
@@ -104,9 +105,10 @@ def test_a_driver_that_fails_mid_run_gives_none(nvml, monkeypatch):
 
 def test_headroom_and_idle_capacity_on_the_gpu(nvml):
     gpu = memory.gpu_status("cuda:1")
-    assert memory.headroom_bytes(0, 900 * 2**20, 20 * GIB, gpu.free) == 10 * GIB
+    assert memory.headroom_bytes(0, 900 * 2**20, 20 * GIB, gpu.free) == 2 * GIB
+    assert memory.headroom_bytes(0, 900 * 2**20, GIB, gpu.free) == GIB  # the host bounds it too
     # Idle, the GPU offers all but this worker's own model.
-    assert memory.idle_capacity_bytes(0, 900 * 2**20, 64 * GIB, gpu.total, gpu.process_used) == 23 * GIB
+    assert memory.idle_capacity_bytes(0, 900 * 2**20, 64 * GIB, gpu.total, gpu.process_used) == 3.5 * GIB
 
 
 # --- real stack ------------------------------------------------------------------------------
@@ -158,17 +160,18 @@ def test_workers_report_their_pinned_gpu_and_routing_prefers_more_free_memory(st
 
         workers = wait_until(both_live, timeout_s=60)
         s0, s1 = workers["gpu-0"].status, workers["gpu-1"].status
-        assert (s1.gpu_mem_free, s1.gpu_mem_total, s1.gpu_mem_used, s1.gpu_device) == (10 * GIB, 24 * GIB, GIB, 1)
-        assert (s0.gpu_mem_free, s0.gpu_mem_total, s0.gpu_mem_used, s0.gpu_device) == (3 * GIB, 16 * GIB, 2 * GIB, 0)
-        assert workers["gpu-1"].headroom == 10 * GIB and workers["gpu-0"].headroom == 3 * GIB
-        need = memory.estimate_for(base, 600.0)
+        assert (s1.gpu_mem_free, s1.gpu_mem_total, s1.gpu_mem_used, s1.gpu_device) == (2 * GIB, 4 * GIB, GIB // 2, 1)
+        assert (s0.gpu_mem_free, s0.gpu_mem_total, s0.gpu_mem_used, s0.gpu_device) == (1 * GIB, 3 * GIB, 1 * GIB, 0)
+        assert workers["gpu-1"].headroom == 2 * GIB and workers["gpu-0"].headroom == 1 * GIB
+        need = memory.estimate_for(base, 1.5 * GIB / memory.PEAK_PER_SECOND["faster-whisper"])
+        assert GIB < need < 2 * GIB  # fits only the GPU with more free memory
         for _ in range(10):
             partition, worker = choose_partition(list(workers.values()), need)
             assert worker == "gpu-1" and partition in s1.partitions
 
         # The other GPU frees up: the next statuses move the uploads there.
-        nvml.devices[0]["free"], nvml.devices[1]["free"] = 20 * GIB, 2 * GIB
-        moved = wait_until(lambda: (w := both_live()) and w["gpu-0"].headroom == 20 * GIB and w, timeout_s=30)
+        nvml.devices[0]["free"], nvml.devices[1]["free"] = 2 * GIB, GIB // 2
+        moved = wait_until(lambda: (w := both_live()) and w["gpu-0"].headroom == 2 * GIB and w, timeout_s=30)
         assert choose_partition(list(moved.values()), need)[1] == "gpu-0"
     finally:
         for r in runners:
@@ -192,19 +195,19 @@ def test_a_faster_whisper_transcriber_admits_jobs_by_its_gpu(stack_settings, ses
     try:
         assert type(worker.default_engine).__name__ == "FasterWhisperEngine"
         worker.settings = settings.with_(device="cuda:1")
-        assert worker.headroom() == 10 * GIB
-        assert worker.idle_capacity() == 23 * GIB  # 24 GiB card, 1 GiB of it this worker's model
+        assert worker.headroom() == 2 * GIB
+        assert worker.idle_capacity() == 3.5 * GIB  # 4 GiB card, 0.5 GiB of it this worker's model
 
         def upload(seconds: float) -> Upload:
             return Upload(job_id=f"gpu-{seconds:.0f}", blob_ref="file:x", audio_sha256="0" * 64, audio_bytes=1,
                           audio_duration=seconds, filename="x.wav", options=JobOptions())
 
         assert worker.admit(upload(60)) is None
-        # Longer than a 24 GiB card could ever hold, although the host has more: refused at once.
-        never = int(24 * GIB / memory.JOB_PER_SECOND["faster-whisper"]) + 60
+        # More than the 4 GiB card could ever hold, although the host has more: refused at once.
+        never = int(4 * GIB / memory.PEAK_PER_SECOND["faster-whisper"]) + 60
         started = time.monotonic()
         reason = worker.admit(upload(never))
-        assert reason and "can never offer more than 23552 MiB" in reason
+        assert reason and "can never offer more than 3584 MiB" in reason
         assert time.monotonic() - started < 5
     finally:
         worker.view.close()

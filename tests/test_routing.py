@@ -23,11 +23,11 @@ def status(worker_id, *, budget=None, rss=1 * GIB, available=8 * GIB, partitions
 
 def test_estimate_grows_with_duration_and_model_size():
     for engine in ("faster-whisper", "openai-whisper"):
-        per_s = memory.JOB_PER_SECOND[engine]
-        assert memory.estimate_job_bytes(60, "base", engine) - memory.estimate_job_bytes(0, "base", engine) == 60 * per_s
+        estimates = [memory.estimate_job_bytes(s, "base", engine) for s in (0, 30, 60, 300, 1800, 4 * 3600)]
+        assert estimates == sorted(estimates) and len(set(estimates)) == len(estimates)
+        assert estimates[-1] >= 4 * 3600 * memory.PEAK_PER_SECOND[engine] >= 4 * 3600 * memory.AUDIO_BYTES_PER_SECOND
         assert memory.estimate_job_bytes(10, "medium", engine) > memory.estimate_job_bytes(10, "base", engine)
         assert memory.estimate_job_bytes(10, "base", engine) > memory.estimate_job_bytes(10, "tiny.en", engine)
-        assert per_s >= memory.AUDIO_BYTES_PER_SECOND
     assert memory.model_size("/models/ct2/tiny.en") == "tiny"
     assert memory.model_size("my-custom-model") == "medium"  # unknown: assume big
     # An unknown engine is estimated as the hungrier one; the default compute type is int8 on CPU.
@@ -39,6 +39,7 @@ def test_estimate_grows_with_duration_and_model_size():
 def test_headroom_uses_budget_then_gpu_then_host():
     assert memory.headroom_bytes(4 * GIB, 1 * GIB, 20 * GIB, None) == 3 * GIB
     assert memory.headroom_bytes(0, 1 * GIB, 20 * GIB, 5 * GIB) == 5 * GIB
+    assert memory.headroom_bytes(0, 1 * GIB, 3 * GIB, 5 * GIB) == 3 * GIB  # features are computed on the host
     assert memory.headroom_bytes(0, 1 * GIB, 20 * GIB, None) == 20 * GIB
 
 
