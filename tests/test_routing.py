@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from kafscribe import memory
 from producers.routing import choose_partition, classify, liveness
 from schemas.events import WorkerStatus
@@ -34,6 +36,19 @@ def test_estimate_grows_with_duration_and_model_size():
     assert memory.estimate_job_bytes(60, "base", "other") == memory.estimate_job_bytes(60, "base", "openai-whisper")
     assert memory.estimate_job_bytes(60, "base", compute_type="default") == memory.estimate_job_bytes(
         60, "base", compute_type="int8")
+
+
+# Measured with `python -m bench.memory jobs` (README, "Memory"): (engine, model, compute, seconds, MiB added).
+MEASURED = [
+MEASURED_ROWS
+]
+FIT_RATIO = 2.0
+
+
+@pytest.mark.parametrize("engine,model,compute,seconds,mib", MEASURED)
+def test_the_estimate_covers_every_measured_job_without_wasting_much(engine, model, compute, seconds, mib):
+    estimate = memory.estimate_job_bytes(seconds, model, engine, compute) / 2**20
+    assert mib <= estimate <= FIT_RATIO * mib
 
 
 def test_headroom_uses_budget_then_gpu_then_host():
