@@ -58,13 +58,13 @@ JOB_BASE: dict[tuple[str, str, str], int] = {
     ("faster-whisper", "base", "int8"): 178 * MIB,
     ("faster-whisper", "base", "float32"): 178 * MIB,
     ("openai-whisper", "tiny", "float32"): 233 * MIB,
-    ("openai-whisper", "base", "float32"): 300 * MIB,
+    ("openai-whisper", "base", "float32"): 298 * MIB,
 }
 # Fitted peak of the whole recording's features, bytes per second of audio: the largest
 # job_bytes / seconds of the jobs of >= 5 min x FIT_MARGIN.
 PEAK_PER_SECOND: dict[str, int] = {
-    "faster-whisper": 1122 * 1024,
-    "openai-whisper": 1122 * 1024,
+    "faster-whisper": 1121 * 1024,
+    "openai-whisper": 663 * 1024,
 }
 # Resident while windows are decoded: int16 PCM (32 KB/s), float32 samples (64 KB/s), 80 mel bins x
 # 100 frames x float32 (32 KB/s).
