@@ -199,15 +199,25 @@ def gpu_status(device: str) -> GpuMemory | None:
     try:
         handles = _visible_handles()
         if ordinal >= len(handles):
-            log.warning("device %s is not visible (%d visible GPUs)", device, len(handles))
+            _warn_once(f"device {device} is not visible ({len(handles)} visible GPUs): no GPU figures")
             return None
         handle = handles[ordinal]
         info = nvml.nvmlDeviceGetMemoryInfo(handle)
         return GpuMemory(int(nvml.nvmlDeviceGetIndex(handle)), int(info.free), int(info.total),
                          _process_used(nvml, handle))
     except Exception as exc:  # noqa: BLE001 - a status tick must never fail on the driver
-        log.warning("NVML could not report %s: %s", device, exc)
+        _warn_once(f"NVML could not report {device}: {exc}")
         return None
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Log a driver problem once per process, not on every 5 s status tick."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning(message)
 
 
 def _process_used(nvml: Any, handle: Any) -> int | None:
