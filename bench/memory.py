@@ -16,11 +16,11 @@ records the process's GPU memory from NVML. Results are appended to a JSON-lines
 file (one row per run; rows already there are skipped, so an interrupted run
 resumes).
 
-Clips longer than ``--full-up-to-s`` (300 s) are stopped after ``--max-job-s``
-(120 s) of transcription: both engines compute the log-mel features of the
+Clips longer than ``--full-up-to-s`` (30 s) are stopped after ``--max-job-s``
+(30 s) of transcription: both engines compute the log-mel features of the
 whole recording before the first 30 s window, and each window then needs the
-same working set, so the peak comes early (the 5-minute runs, done in full,
-are the check: see the README). The row says ``cut_after_s``.
+same working set, so the peak comes early (a 5-minute run done in full is the
+check: see the README). The row says ``cut_after_s``.
 
 Clips are espeak-ng speech with pauses, repeated to length (30 s of speech
 then 5 s of silence, different sentences each time), 16 kHz mono WAV.
@@ -316,9 +316,9 @@ def main(argv: list[str] | None = None) -> None:
     jobs.add_argument("--threads", type=int, default=2)
     jobs.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "kafscribe-bench-memory")
     jobs.add_argument("--out", type=Path, default=Path("bench-memory.jsonl"))
-    jobs.add_argument("--full-up-to-s", type=float, default=300.0,
+    jobs.add_argument("--full-up-to-s", type=float, default=30.0,
                       help="clips longer than this are stopped after --max-job-s of transcription")
-    jobs.add_argument("--max-job-s", type=float, default=120.0)
+    jobs.add_argument("--max-job-s", type=float, default=30.0)
     one = sub.add_parser("one", help="(internal) one run in this interpreter; prints a JSON row")
     one.add_argument("--engine", required=True)
     one.add_argument("--model", required=True)
