@@ -61,6 +61,18 @@ def test_the_estimate_covers_every_measured_job_without_wasting_much(engine, mod
     assert mib <= estimate <= FIT_RATIO * mib
 
 
+def test_the_constants_are_the_fit_of_the_measured_jobs():
+    from bench.memory import fit
+
+    rows = [{"engine": e, "model": m, "compute": c, "audio_s": float(sec), "job_bytes": mib * 2**20}
+            for e, m, c, sec, mib in MEASURED]
+    base, rate = fit(rows)
+    for key, value in base.items():
+        assert abs(memory.JOB_BASE[key] - value) <= 2**20, key
+    for engine, value in rate.items():
+        assert abs(memory.PEAK_PER_SECOND[engine] - value) <= 2 * 1024, engine
+
+
 def test_headroom_uses_budget_then_gpu_then_host():
     assert memory.headroom_bytes(4 * GIB, 1 * GIB, 20 * GIB, None) == 3 * GIB
     assert memory.headroom_bytes(0, 1 * GIB, 20 * GIB, 5 * GIB) == 5 * GIB
