@@ -54,9 +54,9 @@ FIT_MARGIN = 1.15
 # Fitted decoder working set (bytes) by (engine, size, compute): the largest job of <= 60 s x FIT_MARGIN.
 JOB_BASE: dict[tuple[str, str, str], int] = {
     ("faster-whisper", "tiny", "int8"): 140 * MIB,
-    ("faster-whisper", "tiny", "float32"): 140 * MIB,
+    ("faster-whisper", "tiny", "float32"): 135 * MIB,
     ("faster-whisper", "base", "int8"): 178 * MIB,
-    ("faster-whisper", "base", "float32"): 178 * MIB,
+    ("faster-whisper", "base", "float32"): 164 * MIB,
     ("openai-whisper", "tiny", "float32"): 233 * MIB,
     ("openai-whisper", "base", "float32"): 298 * MIB,
 }
@@ -64,7 +64,7 @@ JOB_BASE: dict[tuple[str, str, str], int] = {
 # job_bytes / seconds of the jobs of >= 5 min x FIT_MARGIN.
 PEAK_PER_SECOND: dict[str, int] = {
     "faster-whisper": 1121 * 1024,
-    "openai-whisper": 663 * 1024,
+    "openai-whisper": 681 * 1024,
 }
 # Resident while windows are decoded: int16 PCM (32 KB/s), float32 samples (64 KB/s), 80 mel bins x
 # 100 frames x float32 (32 KB/s).

@@ -40,14 +40,22 @@ def test_estimate_grows_with_duration_and_model_size():
 
 # Measured with `python -m bench.memory jobs` (README, "Memory"): (engine, model, compute, seconds, MiB added).
 MEASURED = [
+    ("faster-whisper", "base", "float32", 30, 143),
+    ("faster-whisper", "base", "float32", 300, 285),
+    ("faster-whisper", "base", "float32", 1800, 1601),
     ("faster-whisper", "base", "int8", 30, 155),
     ("faster-whisper", "base", "int8", 300, 286),
     ("faster-whisper", "base", "int8", 1800, 1597),
+    ("faster-whisper", "tiny.en", "float32", 30, 117),
+    ("faster-whisper", "tiny.en", "float32", 300, 285),
+    ("faster-whisper", "tiny.en", "float32", 1800, 1601),
     ("faster-whisper", "tiny.en", "int8", 30, 122),
     ("faster-whisper", "tiny.en", "int8", 300, 285),
     ("faster-whisper", "tiny.en", "int8", 300, 285),
     ("faster-whisper", "tiny.en", "int8", 1800, 1601),
     ("openai-whisper", "base", "float32", 30, 259),
+    ("openai-whisper", "base", "float32", 300, 173),
+    ("openai-whisper", "base", "float32", 1800, 927),
     ("openai-whisper", "tiny.en", "float32", 30, 203),
     ("openai-whisper", "tiny.en", "float32", 300, 169),
     ("openai-whisper", "tiny.en", "float32", 1800, 927),
