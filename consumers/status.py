@@ -4,6 +4,11 @@ Published every ``KAFSCRIBE_STATUS_INTERVAL_S`` from the poll thread (so a
 worker that stops polling also stops reporting), and once more with
 ``state=stopped`` on a clean shutdown. The ingress routes uploads by it and
 ``GET /v1/workers`` shows it.
+
+GPU memory is the driver's view (``kafscribe.memory.gpu_status``, NVML) of the
+device this worker is pinned to (``KAFSCRIBE_DEVICE``): free and total, and
+what this process holds there -- the same for both engines, and without
+importing torch, so a stage that loads no model stays small.
 """
 
 from __future__ import annotations
@@ -44,12 +49,13 @@ class StatusReporter:
 
     def snapshot(self, state: str | None = None) -> WorkerStatus:
         vm = psutil.virtual_memory()
-        gpu = memory.gpu_memory()
+        gpu = memory.gpu_status(self.settings.device)  # NVML: the pinned device, for either engine
         return WorkerStatus(
             job_id="", worker_id=self.runner.worker_id, host=socket.gethostname(), pid=os.getpid(),
             stage=self.runner.stage.name, state=state or self.state(), rss_bytes=memory.process_rss(),
             host_mem_available=int(vm.available), host_mem_total=int(vm.total),
-            gpu_mem_free=gpu[0] if gpu else None, gpu_mem_total=gpu[1] if gpu else None,
+            gpu_mem_free=gpu.free if gpu else None, gpu_mem_total=gpu.total if gpu else None,
+            gpu_mem_used=gpu.process_used if gpu else None, gpu_device=gpu.index if gpu else None,
             memory_budget=self.settings.memory_budget_bytes or None,
             in_flight=self.runner.in_flight_count, partitions=self.runner.assignment(), model=self.model,
         )

@@ -80,7 +80,7 @@ class Transcriber:
         self.default_engine = load_engine(settings)
         self._engines: dict[str, Engine] = {settings.model: self.default_engine}
         self.throttled = False
-        self._last_need = memory.estimate_job_bytes(30.0, settings.model)
+        self._last_need = memory.estimate_for(settings, 30.0)
         self.view = WorkerView(settings)  # the other transcribers, for jobs this one can never fit
 
     @property
@@ -97,19 +97,19 @@ class Transcriber:
 
     # --- memory admission ------------------------------------------------------------
     def headroom(self) -> int:
-        gpu = memory.gpu_memory()
+        gpu = memory.gpu_status(self.settings.device)
         return memory.headroom_bytes(
             self.settings.memory_budget_bytes, memory.process_rss(),
-            int(psutil.virtual_memory().available), gpu[0] if gpu else None,
+            int(psutil.virtual_memory().available), gpu.free if gpu else None,
         )
 
     def idle_capacity(self) -> int:
         """The most this worker could offer a job: measured between jobs, so its RSS is its idle RSS."""
         gc.collect()
-        gpu = memory.gpu_memory()
+        gpu = memory.gpu_status(self.settings.device)
         return memory.idle_capacity_bytes(
             self.settings.memory_budget_bytes, memory.process_rss(), int(psutil.virtual_memory().total),
-            gpu[1] if gpu else None,
+            gpu.total if gpu else None, gpu.process_used if gpu else None,
         )
 
     def can_resume(self) -> bool:
@@ -125,7 +125,7 @@ class Transcriber:
         capacity), or None once it may start.
         """
         model = event.options.model or self.settings.model
-        need = memory.estimate_job_bytes(event.audio_duration, model)
+        need = memory.estimate_for(self.settings, event.audio_duration, model)
         capacity = self.idle_capacity()
         if need > capacity:
             return (f"the job needs about {need / MIB:.0f} MiB ({event.audio_duration:.0f} s of audio, model"
@@ -151,7 +151,7 @@ class Transcriber:
         fits it (the Upload is re-produced onto one of its partitions, in the transaction that
         commits this offset), else fail it with ``too_big``. ``attempt`` counts the hand-offs."""
         extra = {"job_id": event.job_id, "trace_id": event.trace_id}
-        need = memory.estimate_job_bytes(event.audio_duration, event.options.model or self.settings.model)
+        need = memory.estimate_for(self.settings, event.audio_duration, event.options.model)
         others = [w for w in self.view.workers() if w.status.worker_id != self.worker_id
                   and w.status.stage == "transcriber" and w.status.state == "running" and w.headroom >= need]
         choice = choose_partition(others, need) if event.attempt <= MAX_HANDOFFS else None

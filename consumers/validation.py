@@ -17,11 +17,11 @@ Limits (all settings): ``KAFSCRIBE_MAX_AUDIO_S`` (durations),
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from collections.abc import Iterable
 
+from kafscribe.languages import CODES
 from kafscribe.settings import Settings
 from schemas.events import (
     CallbackAttempt,
@@ -48,12 +48,9 @@ EXPECTED_TYPES: dict[str, type[Event]] = {
 }
 
 
-@functools.cache
 def languages() -> frozenset[str]:
-    """Whisper's language codes (faster-whisper's copy: importing openai-whisper would load torch)."""
-    from faster_whisper.tokenizer import _LANGUAGE_CODES
-
-    return frozenset(_LANGUAGE_CODES)
+    """Whisper's language codes (a static table: importing an engine's would load its runtime)."""
+    return CODES
 
 
 def is_job_id(job_id: object) -> bool:
@@ -195,6 +192,7 @@ def check_worker_status(
     if bad or len(set(status.partitions)) != len(status.partitions):
         return f"partitions {status.partitions[:10]} are not distinct partitions of 0-{partition_count - 1}"
     for name in ("rss_bytes", "host_mem_available", "host_mem_total", "gpu_mem_free", "gpu_mem_total",
+                 "gpu_mem_used", "gpu_device",
                  "memory_budget", "in_flight"):
         value = getattr(status, name)
         if value is not None and not finite(value, 0):

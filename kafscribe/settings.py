@@ -103,7 +103,10 @@ class Settings:
     worker_id: str = _doc("Identity of this worker process.", "")
     engine: str = _doc("Transcription engine: `faster-whisper` or `openai-whisper`.", "faster-whisper")
     model: str = _doc("Model name (prepared offline) or a local model directory.", "base")
-    device: str = _doc("`cpu`, `cuda` or `auto`.", "cpu")
+    device: str = _doc(
+        "`cpu`, `cuda`, `cuda:N` (GPU N of those `CUDA_VISIBLE_DEVICES` shows; its memory is what the worker"
+        " reports and admits by) or `auto` (`cuda` when the driver reports a GPU).", "cpu",
+    )
     compute_type: str = _doc("faster-whisper compute type (`default` = int8 on CPU, float16 on CUDA).", "default")
     cpu_threads: int = _doc("Threads an engine may use on CPU (0 = library default).", 0)
     beam_size: int = _doc("Beam size for decoding.", 5)

@@ -7,10 +7,7 @@ event and the job row exists; bad input is refused with a clear reason.
 
 from __future__ import annotations
 
-import ast
-import functools
 import hashlib
-import importlib.util
 import logging
 import unicodedata
 import uuid
@@ -21,6 +18,7 @@ from typing import Any
 from kafscribe import audio, blobstore, memory
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.jobstore import FAILED, JobStore
+from kafscribe.languages import LANGUAGES
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
 
@@ -81,18 +79,9 @@ def check_trace_id(trace_id: str) -> str:
     return trace_id
 
 
-@functools.cache
 def _languages() -> dict[str, str]:
-    """Whisper's language table, read from its source: importing ``whisper`` would import torch
-    (seconds, ~800 MiB) into the ingress for one dict."""
-    spec = importlib.util.find_spec("whisper")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the openai-whisper package is not installed")
-    source = Path(next(iter(spec.submodule_search_locations)), "tokenizer.py").read_text()
-    for node in ast.parse(source).body:
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", "") == "LANGUAGES" for t in node.targets):
-            return ast.literal_eval(node.value)
-    raise RuntimeError("whisper/tokenizer.py has no LANGUAGES table")
+    """Whisper's language table (``kafscribe.languages``: no engine import on the event loop)."""
+    return LANGUAGES
 
 
 def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
@@ -236,7 +225,7 @@ class Submitter:
         """Partition of the live transcriber with the most headroom; None lets the key hash decide."""
         if self.view is None:
             return None
-        need = memory.estimate_job_bytes(upload.audio_duration, upload.options.model or self.settings.model)
+        need = memory.estimate_for(self.settings, upload.audio_duration, upload.options.model)
         choice = routing.choose_partition(self.view.workers(), need, dict(self.view.reserved))
         if choice is None:
             return None

@@ -162,6 +162,8 @@ class WorkerStatus(Event):
     host_mem_total: int
     gpu_mem_free: int | None = None
     gpu_mem_total: int | None = None
+    gpu_mem_used: int | None = None
+    gpu_device: int | None = None
     memory_budget: int | None = None
     in_flight: int = 0
     partitions: list[int] = field(default_factory=list)

@@ -1,7 +1,8 @@
-"""Stand-ins for things outside kafscribe that cannot run here: an LLM server, a client's webhook.
+"""Stand-ins for things outside kafscribe that cannot run here: an LLM server, a client's webhook, NVML.
 
-Both are real HTTP servers on 127.0.0.1, started by the test, that record
-what they receive and answer from a script.
+The first two are real HTTP servers on 127.0.0.1, started by the test, that
+record what they receive and answer from a script; ``FakeNVML`` is a
+``pynvml`` module answering from a table of GPUs (no GPU is lent here).
 """
 
 from __future__ import annotations
@@ -9,8 +10,10 @@ from __future__ import annotations
 import json
 import threading
 import time
+import types
 from collections import deque
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
 
 
 class _Server:
@@ -103,3 +106,53 @@ class WebhookReceiver(_Server):
 
     def for_job(self, job_id: str) -> list[dict]:
         return [r for r in self.requests if json.loads(r["body"])["data"]["job_id"] == job_id]
+
+
+class FakeNVML(types.ModuleType):
+    """A ``pynvml`` module for a GPU-less host: the NVML calls kafscribe makes, answered from a table.
+
+    ``devices`` are dicts with ``uuid``, ``total``, ``free`` and ``procs`` ({pid: bytes}); NVML's
+    index is the position. ``driver=False`` makes ``nvmlInit`` fail as it does without a driver.
+    Inject it with ``monkeypatch.setitem(sys.modules, "pynvml", FakeNVML(...))``.
+    """
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, devices: list[dict], driver: bool = True) -> None:
+        super().__init__("pynvml")
+        self.devices = devices
+        self.driver = driver
+        self.init_calls = 0
+
+    def nvmlInit(self) -> None:  # noqa: N802 - NVML's names
+        self.init_calls += 1
+        if not self.driver:
+            raise self.NVMLError("Driver Not Loaded")
+
+    def nvmlDeviceGetCount(self) -> int:  # noqa: N802
+        return len(self.devices)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> tuple[str, int]:  # noqa: N802
+        if not 0 <= index < len(self.devices):
+            raise self.NVMLError("Invalid Argument")
+        return ("handle", index)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> tuple[str, int]:  # noqa: N802
+        for i, d in enumerate(self.devices):
+            if d["uuid"] == uuid:
+                return ("handle", i)
+        raise self.NVMLError("Not Found")
+
+    def nvmlDeviceGetIndex(self, handle: tuple[str, int]) -> int:  # noqa: N802
+        return handle[1]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: tuple[str, int]) -> SimpleNamespace:  # noqa: N802
+        d = self.devices[handle[1]]
+        return SimpleNamespace(total=d["total"], free=d["free"], used=d["total"] - d["free"])
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: tuple[str, int]) -> list[SimpleNamespace]:  # noqa: N802
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.devices[handle[1]]["procs"].items()]
+
+    def nvmlDeviceGetGraphicsRunningProcesses(self, handle: tuple[str, int]) -> list[SimpleNamespace]:  # noqa: N802
+        return []

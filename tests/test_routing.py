@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import pytest
+
 from kafscribe import memory
 from producers.routing import choose_partition, classify, liveness
 from schemas.events import WorkerStatus
@@ -22,16 +24,67 @@ def status(worker_id, *, budget=None, rss=1 * GIB, available=8 * GIB, partitions
 
 
 def test_estimate_grows_with_duration_and_model_size():
-    assert memory.estimate_job_bytes(0, "base") == memory.MODEL_WORKING_SET["base"]
-    assert memory.estimate_job_bytes(60, "base") - memory.estimate_job_bytes(0, "base") == 60 * 16000 * 4 * 3
-    assert memory.estimate_job_bytes(10, "medium") > memory.estimate_job_bytes(10, "base")
+    for engine in ("faster-whisper", "openai-whisper"):
+        estimates = [memory.estimate_job_bytes(s, "base", engine) for s in (0, 30, 60, 300, 1800, 4 * 3600)]
+        assert estimates == sorted(estimates) and len(set(estimates)) == len(estimates)
+        assert estimates[-1] >= 4 * 3600 * memory.PEAK_PER_SECOND[engine] >= 4 * 3600 * memory.AUDIO_BYTES_PER_SECOND
+        assert memory.estimate_job_bytes(10, "medium", engine) > memory.estimate_job_bytes(10, "base", engine)
+        assert memory.estimate_job_bytes(10, "base", engine) > memory.estimate_job_bytes(10, "tiny.en", engine)
     assert memory.model_size("/models/ct2/tiny.en") == "tiny"
     assert memory.model_size("my-custom-model") == "medium"  # unknown: assume big
+    # An unknown engine is estimated as the hungrier one; the default compute type is int8 on CPU.
+    assert memory.estimate_job_bytes(60, "base", "other") == memory.estimate_job_bytes(60, "base", "openai-whisper")
+    assert memory.estimate_job_bytes(60, "base", compute_type="default") == memory.estimate_job_bytes(
+        60, "base", compute_type="int8")
+
+
+# Measured with `python -m bench.memory jobs` (README, "Memory"): (engine, model, compute, seconds, MiB added).
+MEASURED = [
+    ("faster-whisper", "base", "float32", 30, 143),
+    ("faster-whisper", "base", "float32", 300, 285),
+    ("faster-whisper", "base", "float32", 1800, 1601),
+    ("faster-whisper", "base", "int8", 30, 155),
+    ("faster-whisper", "base", "int8", 300, 286),
+    ("faster-whisper", "base", "int8", 1800, 1597),
+    ("faster-whisper", "tiny.en", "float32", 30, 117),
+    ("faster-whisper", "tiny.en", "float32", 300, 285),
+    ("faster-whisper", "tiny.en", "float32", 1800, 1601),
+    ("faster-whisper", "tiny.en", "int8", 30, 122),
+    ("faster-whisper", "tiny.en", "int8", 300, 285),
+    ("faster-whisper", "tiny.en", "int8", 300, 285),
+    ("faster-whisper", "tiny.en", "int8", 1800, 1601),
+    ("openai-whisper", "base", "float32", 30, 259),
+    ("openai-whisper", "base", "float32", 300, 173),
+    ("openai-whisper", "base", "float32", 1800, 927),
+    ("openai-whisper", "tiny.en", "float32", 30, 203),
+    ("openai-whisper", "tiny.en", "float32", 300, 169),
+    ("openai-whisper", "tiny.en", "float32", 1800, 927),
+]
+FIT_RATIO = 2.0
+
+
+@pytest.mark.parametrize("engine,model,compute,seconds,mib", MEASURED)
+def test_the_estimate_covers_every_measured_job_without_wasting_much(engine, model, compute, seconds, mib):
+    estimate = memory.estimate_job_bytes(seconds, model, engine, compute) / 2**20
+    assert mib <= estimate <= FIT_RATIO * mib
+
+
+def test_the_constants_are_the_fit_of_the_measured_jobs():
+    from bench.memory import fit
+
+    rows = [{"engine": e, "model": m, "compute": c, "audio_s": float(sec), "job_bytes": mib * 2**20}
+            for e, m, c, sec, mib in MEASURED]
+    base, rate = fit(rows)
+    for key, value in base.items():
+        assert abs(memory.JOB_BASE[key] - value) <= 2**20, key
+    for engine, value in rate.items():
+        assert abs(memory.PEAK_PER_SECOND[engine] - value) <= 2 * 1024, engine
 
 
 def test_headroom_uses_budget_then_gpu_then_host():
     assert memory.headroom_bytes(4 * GIB, 1 * GIB, 20 * GIB, None) == 3 * GIB
     assert memory.headroom_bytes(0, 1 * GIB, 20 * GIB, 5 * GIB) == 5 * GIB
+    assert memory.headroom_bytes(0, 1 * GIB, 3 * GIB, 5 * GIB) == 3 * GIB  # features are computed on the host
     assert memory.headroom_bytes(0, 1 * GIB, 20 * GIB, None) == 20 * GIB
 
 

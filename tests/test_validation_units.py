@@ -122,7 +122,8 @@ def test_idle_capacity():
     gib = 2**30
     assert memory.idle_capacity_bytes(4 * gib, 1 * gib, 64 * gib, None) == 3 * gib  # budget: minus own RSS
     assert memory.idle_capacity_bytes(0, 1 * gib, 64 * gib, None) == 63 * gib  # host: all but own RSS
-    assert memory.idle_capacity_bytes(0, 1 * gib, 64 * gib, 80 * gib) == 80 * gib  # the whole GPU
+    assert memory.idle_capacity_bytes(0, 1 * gib, 64 * gib, 16 * gib) == 16 * gib  # the whole GPU
+    assert memory.idle_capacity_bytes(0, 1 * gib, 64 * gib, 80 * gib) == 63 * gib  # ... or the host, if smaller
     assert memory.idle_capacity_bytes(300 * 2**20, 1 * gib, 64 * gib, None) < 0  # capped below its RSS
 
 

@@ -12,6 +12,7 @@ import numpy as np
 
 from schemas.events import Segment, Word
 
+from .. import memory
 from ..models import offline
 from ..settings import Settings
 
@@ -78,11 +79,20 @@ class Engine(Protocol):
 
 
 def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when the driver reports a GPU (NVML; importing torch to ask would cost a
+    faster-whisper worker hundreds of MB), else ``cpu``. Anything else as given (``cuda:1`` pins a device)."""
     if device != "auto":
         return device
-    import torch
+    return "cuda" if memory.cuda_ordinal("auto") is not None else "cpu"
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+
+def split_device(device: str) -> tuple[str, int]:
+    """``cuda:1`` -> (``cuda``, 1); ``cuda`` -> (``cuda``, 0); ``cpu`` -> (``cpu``, 0)."""
+    kind, _, index = device.partition(":")
+    try:
+        return kind, int(index) if index else 0
+    except ValueError as exc:
+        raise EngineError(f"device {device!r}: the index after ':' must be a number (e.g. cuda:1)") from exc
 
 
 def ct2_model_dir(settings: Settings, model: str) -> str:

@@ -18,6 +18,7 @@ from .base import (
     is_multilingual,
     join_text,
     resolve_device,
+    split_device,
     word,
 )
 
@@ -29,16 +30,18 @@ class FasterWhisperEngine:
         from faster_whisper import WhisperModel
 
         self.device = resolve_device(settings.device)
+        kind, index = split_device(self.device)  # CTranslate2 takes cuda:1 as device="cuda", device_index=1
         compute_type = settings.compute_type
         if compute_type == "default":
-            compute_type = "float16" if self.device == "cuda" else "int8"
+            compute_type = "float16" if kind == "cuda" else "int8"
         self.model_name = model
         self.multilingual = is_multilingual(model)
         self.beam_size = settings.beam_size
         try:
             self._model = WhisperModel(
                 ct2_model_dir(settings, model),
-                device=self.device,
+                device=kind,
+                device_index=index,
                 compute_type=compute_type,
                 cpu_threads=settings.cpu_threads,
             )

@@ -125,7 +125,7 @@ class OpenAIWhisperEngine:
                     audio,
                     language=language,
                     task=task,
-                    fp16=self.device == "cuda",
+                    fp16=self.device.startswith("cuda"),
                     beam_size=self.beam_size,
                     verbose=None,
                     word_timestamps=word_timestamps,

@@ -6,6 +6,10 @@ from typing import Protocol
 
 from schemas.events import Transcript, Translation
 
+from ..languages import language_name
+
+__all__ = ["TranslationError", "Translator", "language_name"]
+
 
 class TranslationError(ValueError):
     """The translation cannot succeed (the job fails with this message)."""
@@ -17,7 +21,3 @@ class Translator(Protocol):
     def translate(self, transcript: Transcript, target: str) -> Translation: ...
 
 
-def language_name(code: str) -> str:
-    from whisper.tokenizer import LANGUAGES
-
-    return LANGUAGES.get(code, code).title()
