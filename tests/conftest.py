@@ -87,6 +87,7 @@ def cluster_test_settings(**overrides) -> Settings:
         cassandra_storage_port=17000 + PORT_OFFSET,
         kafka_heap="256m",
         cassandra_heap="512m",
+        stack_timeout_s=600.0,  # six JVMs starting on two busy cores
         cassandra_keyspace="kafscribe_test",
         blob_dir=CLUSTER_STATE / "blobs",
         uploads_partitions=4,
