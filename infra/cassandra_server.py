@@ -5,10 +5,11 @@ Cassandra needs to run at all on Java 17 (module exports/opens and the jamm
 agent); the rest of upstream's tuning is left out for a small, quick node.
 In a cluster (``infra.nodes``) every node is a seed (any one can restart while
 another is down), tokens are evenly spaced (one token per node, node 1 keeps
-token 0), and GossipingPropertyFileSnitch puts every node in
-``KAFSCRIBE_CASSANDRA_LOCAL_DC`` (``datacenter1`` when unset), rack ``rack1`` (what SimpleSnitch reports for
-``datacenter1``, so a node first started with SimpleSnitch starts again). Caches
-and memtables are sized for small heaps: three nodes fit beside everything else.
+token 0), all in data centre ``KAFSCRIBE_CASSANDRA_LOCAL_DC`` and rack ``rack1``:
+SimpleSnitch for ``datacenter1`` (the default, and what every node made before
+clusters existed was started with: a node refuses a snitch that moves it),
+GossipingPropertyFileSnitch for any other name. Caches and memtables are sized
+for small heaps: three nodes fit beside everything else.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ rpc_address: {node.host}
 storage_port: {settings.cassandra_storage_port}
 native_transport_port: {node.port}
 start_native_transport: true
-endpoint_snitch: GossipingPropertyFileSnitch
+endpoint_snitch: {snitch(settings)}
 auto_bootstrap: false
 auto_snapshot: false
 data_file_directories:
@@ -96,8 +97,16 @@ max_hint_window: 3h
 """
 
 
+def snitch(settings: Settings) -> str:
+    return "SimpleSnitch" if local_dc(settings) == "datacenter1" else "GossipingPropertyFileSnitch"
+
+
+def local_dc(settings: Settings) -> str:
+    return settings.cassandra_local_dc or "datacenter1"
+
+
 def rackdc_properties(settings: Settings) -> str:
-    return f"dc={settings.cassandra_local_dc or 'datacenter1'}\nrack=rack1\n"
+    return f"dc={local_dc(settings)}\nrack=rack1\n"
 
 
 def prepare(settings: Settings, jars: Path, node: Node | None = None) -> tuple[ServerProcess, list[str]]:

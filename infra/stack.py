@@ -16,6 +16,7 @@ import json
 import socket
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from kafscribe.cassandra_session import cassandra_reachable
@@ -126,23 +127,29 @@ def up(settings: Settings, log: Callable[[str], None] = print, bootstrap_schema:
     """
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     _check_layout(settings)
-    started: list[str] = []
+    to_start: list[Node] = []
     for node in nodes(settings):
         proc = ServerProcess(node.name, settings.state_dir)
         if proc.alive():
             log(f"{node.name}: already running (pid {proc.pid()}, {node.address})")
-            continue
-        if _port_open(node.host, node.port):
+        elif _port_open(node.host, node.port):
             log(f"{node.name}: {node.address} is in use by a server kafscribe did not start; using it")
-            continue
-        if node.server == "kafka":
-            bootstrap.replication(settings, settings.kafka_brokers)  # refuse RF > brokers before starting any
-        t0 = time.monotonic()
-        jar_dir = jars.resolve(node.server, settings.cache_dir)
-        server, argv = _prepare(node)(settings, jar_dir, node)
+        else:
+            to_start.append(node)
+    if any(node.server == "kafka" for node in to_start):
+        bootstrap.replication(settings, settings.kafka_brokers)  # refuse RF > brokers before starting any
+        kafka_server.cluster_id(settings)  # one id for every broker, made before they format at once
+    t0 = time.monotonic()
+    jar_dirs = {server: jars.resolve(server, settings.cache_dir) for server in {n.server for n in to_start}}
+    # Preparing a broker formats its storage (a JVM run of seconds): all nodes at once.
+    with ThreadPoolExecutor(max_workers=max(1, len(to_start))) as pool:
+        prepared = list(pool.map(lambda n: _prepare(n)(settings, jar_dirs[n.server], n), to_start))
+    ready_s = time.monotonic() - t0
+    started: list[str] = []
+    for node, (server, argv) in zip(to_start, prepared, strict=True):
         pid = server.start(argv)
         started.append(node.name)
-        log(f"{node.name}: started pid {pid} on {node.address} (jars ready in {time.monotonic() - t0:.1f}s)")
+        log(f"{node.name}: started pid {pid} on {node.address} (jars and config ready in {ready_s:.1f}s)")
     _wait_ready(settings, log)
     if bootstrap_schema:
         for change in bootstrap.ensure_topics(settings):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from infra import bootstrap, kafka_server, stack
-from infra.cassandra_server import cassandra_yaml
+from infra.cassandra_server import cassandra_yaml, rackdc_properties
 from infra.nodes import cassandra_nodes, cassandra_token, controller_count, kafka_nodes
 from kafscribe.cassandra_session import consistency_level
 from kafscribe.settings import Settings, SettingsError
@@ -106,7 +106,10 @@ def test_cassandra_nodes_are_all_seeds_in_the_local_dc():
     s = Settings(cassandra_hosts="127.0.0.2", cassandra_nodes=3, cassandra_storage_port=17500)
     yaml = cassandra_yaml(s, Path("/r"), cassandra_nodes(s)[1])
     assert 'seeds: "127.0.0.2:17500,127.0.0.3:17500,127.0.0.4:17500"' in yaml
-    assert "listen_address: 127.0.0.3" in yaml and "endpoint_snitch: GossipingPropertyFileSnitch" in yaml
+    assert "listen_address: 127.0.0.3" in yaml and "endpoint_snitch: SimpleSnitch" in yaml
+    other = cassandra_yaml(s.with_(cassandra_local_dc="eu"), Path("/r"), cassandra_nodes(s)[1])
+    assert "endpoint_snitch: GossipingPropertyFileSnitch" in other
+    assert rackdc_properties(s.with_(cassandra_local_dc="eu")) == "dc=eu\nrack=rack1\n"
 
 
 def test_a_state_dir_of_another_layout_is_refused(tmp_path):
