@@ -93,7 +93,7 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
     """Create missing topics (replicated), grow under-partitioned ones; return what changed and warnings."""
     admin = kafka_clients.admin(settings)
     metadata = admin.list_topics(timeout=timeout_s)
-    existing, brokers = metadata.topics, len(metadata.brokers)
+    existing, brokers = metadata.topics, cluster_size(metadata)
     rf, min_isr = replication(settings, brokers)
     changes: list[str] = [WARNING + w for w in replication_warnings(settings, brokers)]
     new, grow, check = [], [], []
@@ -120,6 +120,15 @@ def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
         changes.append(f"grew topic {topic}")
     changes += _min_isr_mismatches(admin, check, min_isr, timeout_s)
     return changes
+
+
+def cluster_size(metadata) -> int:
+    """Brokers of the cluster: those alive, and those that hold a replica while down (a restart's moment)."""
+    ids = set(metadata.brokers)
+    for topic in metadata.topics.values():
+        for part in topic.partitions.values():
+            ids.update(part.replicas)
+    return len(ids)
 
 
 def _min_isr_mismatches(admin, topics: list[str], min_isr: int, timeout_s: float) -> list[str]:
