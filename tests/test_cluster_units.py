@@ -123,3 +123,12 @@ def test_consistency_levels_are_named_clearly():
     assert consistency_level("local_quorum", "x") == consistency_level("LOCAL_QUORUM", "x")
     with pytest.raises(SettingsError, match="KAFSCRIBE_CASSANDRA_READ_CONSISTENCY='QUORM'"):
         consistency_level("QUORM", "cassandra_read_consistency")
+
+
+def test_a_down_broker_holding_replicas_still_counts():
+    from types import SimpleNamespace as NS
+
+    part = NS(replicas=[1, 2, 3])
+    metadata = NS(brokers={1: None, 2: None}, topics={"t": NS(partitions={0: part})})  # broker 3 is down
+    assert bootstrap.cluster_size(metadata) == 3
+    assert bootstrap.cluster_size(NS(brokers={1: None}, topics={})) == 1
