@@ -205,7 +205,7 @@ def test_broker_sigkill_while_jobs_flow_every_job_completes_once(cluster_pipe, c
     wait_until(lambda: not _under_replicated(settings), timeout_s=HEAL_BOUND_S, what="every partition in sync")
     healed_s = time.monotonic() - back
     after = Flow(pipe, clips["en"], n=3, every_s=0.5)  # the broker back: leaderships move to it again
-    after.run()
+    after.start()
     _assert_each_completed_once(pipe, after.finish(), timeout_s=120)
     print(f"\n[cluster:broker-kill] {victim.name} killed: {flow.summary()}; all {JOBS} completed"
           f" {on_two_s:.1f}s after the kill; restarted, all partitions in sync after {healed_s:.1f}s;"
