@@ -1,18 +1,29 @@
-"""Create kafscribe's topics and Cassandra tables, idempotently.
+"""Create kafscribe's topics and Cassandra tables, idempotently, replicated as configured.
 
 The definitions live in files a reader can open: ``infra/topics.toml`` and
 ``infra/cql/schema.cql``. Running this twice changes nothing; running it
 after raising a partition count adds partitions (Kafka never removes them).
+
+Replication is decided here and checked against the cluster: every topic
+(DLQ and worker status included) gets ``KAFSCRIBE_TOPIC_REPLICATION_FACTOR``
+(default min(3, brokers)) and ``min.insync.replicas`` (default RF - 1); a
+factor above the broker count is refused, RF 1 on several brokers is warned
+about. The keyspace uses NetworkTopologyStrategy with
+``KAFSCRIBE_CASSANDRA_REPLICATION`` (default: the local DC, RF min(3, its
+nodes)). Existing topics and keyspaces are never re-replicated (that moves
+data and needs a reassignment or a repair): a mismatch is reported instead.
 """
 
 from __future__ import annotations
 
+import logging
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import NewPartitions, NewTopic
+from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
 from kafscribe import cassandra_session, kafka_clients
 from kafscribe.settings import Settings
@@ -20,6 +31,40 @@ from kafscribe.settings import Settings
 INFRA_DIR = Path(__file__).resolve().parent
 TOPICS_FILE = INFRA_DIR / "topics.toml"
 SCHEMA_FILE = INFRA_DIR / "cql" / "schema.cql"
+WARNING = "warning: "  # prefix of the lines of ensure_topics/ensure_schema that need an operator's eye
+
+log = logging.getLogger("kafscribe.bootstrap")
+
+
+class ReplicationError(ValueError):
+    """The configured replication cannot be met by the cluster (e.g. RF above the broker count)."""
+
+
+def replication(settings: Settings, brokers: int) -> tuple[int, int]:
+    """(replication factor, min.insync.replicas) of every topic on a cluster of ``brokers`` brokers."""
+    rf = settings.topic_replication_factor or min(3, brokers)
+    min_isr = settings.topic_min_insync_replicas or max(1, rf - 1)
+    if rf > brokers:
+        raise ReplicationError(
+            f"KAFSCRIBE_TOPIC_REPLICATION_FACTOR={rf} but the cluster has {brokers} broker(s):"
+            f" lower it to at most {brokers}, or start more brokers (KAFSCRIBE_KAFKA_BROKERS for the local stack)"
+        )
+    if min_isr > rf:
+        raise ReplicationError(
+            f"KAFSCRIBE_TOPIC_MIN_INSYNC_REPLICAS={min_isr} is above the replication factor {rf}:"
+            " no write could ever be acknowledged"
+        )
+    return rf, min_isr
+
+
+def replication_warnings(settings: Settings, brokers: int) -> list[str]:
+    rf, min_isr = replication(settings, brokers)
+    out = []
+    if rf == 1 and brokers > 1:
+        out.append(f"topics get replication factor 1 on {brokers} brokers: one broker's disk lost loses its data")
+    if min_isr == rf and rf > 1:
+        out.append(f"min.insync.replicas = replication factor = {rf}: one broker down stops every write")
+    return out
 
 
 @dataclass(frozen=True)
@@ -29,46 +74,119 @@ class TopicSpec:
     config: dict[str, str] = field(default_factory=dict)
 
 
-def topic_specs(settings: Settings) -> list[TopicSpec]:
-    """The topics of ``topics.toml`` with prefix and partition settings applied."""
+def topic_specs(settings: Settings, min_isr: int | None = None) -> list[TopicSpec]:
+    """The topics of ``topics.toml`` with prefix and partition settings applied (and ``min_isr`` when given)."""
     raw = tomllib.loads(TOPICS_FILE.read_text())
     specs = []
     for logical, spec in raw.items():
         parts = spec["partitions"]
         if isinstance(parts, str):
             parts = getattr(settings, parts)
-        specs.append(TopicSpec(settings.topic(logical), int(parts), dict(spec.get("config", {}))))
+        config = dict(spec.get("config", {}))
+        if min_isr is not None:
+            config["min.insync.replicas"] = str(min_isr)
+        specs.append(TopicSpec(settings.topic(logical), int(parts), config))
     return specs
 
 
 def ensure_topics(settings: Settings, timeout_s: float = 30.0) -> list[str]:
-    """Create missing topics, grow under-partitioned ones; return what changed."""
+    """Create missing topics (replicated), grow under-partitioned ones; return what changed and warnings."""
     admin = kafka_clients.admin(settings)
-    existing = admin.list_topics(timeout=timeout_s).topics
-    changes: list[str] = []
-    new, grow = [], []
-    for spec in topic_specs(settings):
+    metadata = admin.list_topics(timeout=timeout_s)
+    existing, brokers = metadata.topics, cluster_size(metadata)
+    rf, min_isr = replication(settings, brokers)
+    changes: list[str] = [WARNING + w for w in replication_warnings(settings, brokers)]
+    new, grow, check = [], [], []
+    for spec in topic_specs(settings, min_isr):
         if spec.name not in existing:
-            new.append(NewTopic(spec.name, spec.partitions, 1, config=spec.config))
-        elif len(existing[spec.name].partitions) < spec.partitions:
+            new.append(NewTopic(spec.name, spec.partitions, rf, config=spec.config))
+            continue
+        if len(existing[spec.name].partitions) < spec.partitions:
             grow.append(NewPartitions(spec.name, spec.partitions))
+        replicas = {len(p.replicas) for p in existing[spec.name].partitions.values()}
+        if replicas != {rf}:
+            changes.append(f"{WARNING}topic {spec.name} has {sorted(replicas)} replicas, configured {rf}"
+                           " (kafka-reassign-partitions changes it)")
+        check.append(spec.name)
     for topic, fut in (admin.create_topics(new, operation_timeout=timeout_s).items() if new else []):
         try:
             fut.result()
-            changes.append(f"created topic {topic}")
+            changes.append(f"created topic {topic} (replication factor {rf}, min.insync.replicas {min_isr})")
         except KafkaException as exc:
             if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
                 raise
     for topic, fut in (admin.create_partitions(grow).items() if grow else []):
         fut.result()
         changes.append(f"grew topic {topic}")
+    changes += _min_isr_mismatches(admin, check, min_isr, timeout_s)
     return changes
 
 
-def cql_statements(keyspace: str) -> list[str]:
-    """The statements of ``schema.cql`` (comments stripped), keyspace filled in."""
+def cluster_size(metadata) -> int:
+    """Brokers of the cluster: those alive, and those that hold a replica while down (a restart's moment)."""
+    ids = set(metadata.brokers)
+    for topic in metadata.topics.values():
+        for part in topic.partitions.values():
+            ids.update(part.replicas)
+    return len(ids)
+
+
+def _min_isr_mismatches(admin, topics: list[str], min_isr: int, timeout_s: float) -> list[str]:
+    if not topics:
+        return []
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics]
+    out = []
+    for res, fut in admin.describe_configs(resources, request_timeout=timeout_s).items():
+        value = fut.result()["min.insync.replicas"].value
+        if value != str(min_isr):
+            out.append(f"{WARNING}topic {res.name} has min.insync.replicas {value}, configured {min_isr}"
+                       f" (kafka-configs --alter --add-config min.insync.replicas={min_isr} changes it)")
+    return out
+
+
+def keyspace_replication(settings: Settings, nodes_per_dc: dict[str, int]) -> dict[str, int]:
+    """{data centre: RF} of the keyspace: the setting, else the local DC with min(3, its nodes)."""
+    if settings.cassandra_replication.strip():
+        out = {}
+        for part in settings.cassandra_replication.split(","):
+            dc, sep, rf = part.strip().rpartition(":")
+            if not sep or not dc or not rf.strip().isdigit() or int(rf) < 1:
+                raise ReplicationError(f"KAFSCRIBE_CASSANDRA_REPLICATION: {part.strip()!r} is not DC:RF")
+            out[dc.strip()] = int(rf)
+    else:
+        local = settings.cassandra_local_dc
+        if not local:
+            if len(nodes_per_dc) > 1:
+                raise ReplicationError(
+                    f"the cluster has several data centres ({', '.join(sorted(nodes_per_dc))}): set"
+                    " KAFSCRIBE_CASSANDRA_REPLICATION (DC:RF,...) or KAFSCRIBE_CASSANDRA_LOCAL_DC"
+                )
+            local = next(iter(nodes_per_dc), "datacenter1")
+        out = {local: min(3, max(1, nodes_per_dc.get(local, 1)))}
+    for dc, rf in out.items():
+        if nodes_per_dc and rf > nodes_per_dc.get(dc, 0):
+            raise ReplicationError(
+                f"keyspace replication {dc}:{rf} but the cluster has {nodes_per_dc.get(dc, 0)} node(s) in {dc}"
+                f" (data centres seen: {', '.join(f'{d}={n}' for d, n in sorted(nodes_per_dc.items()))})"
+            )
+    return out
+
+
+def replication_cql(dcs: dict[str, int]) -> str:
+    pairs = ", ".join(f"'{dc}': {rf}" for dc, rf in dcs.items())
+    return "{'class': 'NetworkTopologyStrategy', " + pairs + "}"
+
+
+_KEYSPACE_REPLICATION = re.compile(r"(CREATE KEYSPACE[^;]*?WITH\s+replication\s*=\s*)\{[^}]*\}", re.I)
+
+
+def cql_statements(keyspace: str, replication_map: str | None = None) -> list[str]:
+    """The statements of ``schema.cql`` (comments stripped), keyspace and its replication filled in."""
     lines = [ln.split("--", 1)[0] for ln in SCHEMA_FILE.read_text().splitlines()]
     text = "\n".join(lines).replace("{keyspace}", keyspace)
+    if replication_map is not None:
+        text, n = _KEYSPACE_REPLICATION.subn(lambda m: m.group(1) + replication_map, text, count=1)
+        assert n == 1, "schema.cql lost its CREATE KEYSPACE ... WITH replication = {...}"
     return [s.strip() for s in text.split(";") if s.strip()]
 
 
@@ -79,13 +197,31 @@ def retention_statements(settings: Settings) -> list[str]:
             for table in ("results", "segments")]
 
 
-def ensure_schema(settings: Settings) -> int:
-    """Run every schema statement; returns how many ran."""
+def ensure_schema(settings: Settings, warn=log.warning) -> int:
+    """Run every schema statement; returns how many ran. A keyspace replicated otherwise is reported."""
     session = cassandra_session.connect(settings, timeout_s=30.0)
     try:
-        statements = cql_statements(settings.cassandra_keyspace) + retention_statements(settings)
+        nodes_per_dc: dict[str, int] = {}
+        for host in session.cluster.metadata.all_hosts():
+            nodes_per_dc[host.datacenter] = nodes_per_dc.get(host.datacenter, 0) + 1
+        wanted = keyspace_replication(settings, nodes_per_dc)
+        statements = cql_statements(settings.cassandra_keyspace, replication_cql(wanted))
+        statements += retention_statements(settings)
         for stmt in statements:
             session.execute(stmt, timeout=60.0)
+        have = _replication_of(session, settings.cassandra_keyspace)
+        if have != {"class": "org.apache.cassandra.locator.NetworkTopologyStrategy",
+                     **{dc: str(rf) for dc, rf in wanted.items()}}:
+            warn(f"keyspace {settings.cassandra_keyspace} is replicated as {have}, configured {wanted}:"
+                 f" ALTER KEYSPACE {settings.cassandra_keyspace} WITH replication = {replication_cql(wanted)},"
+                 " then `nodetool repair -full` on every node")
         return len(statements)
     finally:
         session.cluster.shutdown()
+
+
+def _replication_of(session, keyspace: str) -> dict[str, str]:
+    row = session.execute(
+        "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s", (keyspace,)
+    ).one()
+    return dict(row.replication) if row else {}

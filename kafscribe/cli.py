@@ -11,10 +11,14 @@ from .settings import PROJECT_ROOT, Settings, SettingsError, settings_table
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
-    from infra import stack
+    from infra import bootstrap, stack
 
     if args.action == "up":
-        stack.up(settings)
+        try:
+            stack.up(settings)
+        except (stack.StackError, bootstrap.ReplicationError, ValueError) as exc:
+            print(f"kafscribe: {exc}", file=sys.stderr)
+            return 1
         rows = stack.status(settings)
     elif args.action == "down":
         stack.down(settings)

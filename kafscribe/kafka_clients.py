@@ -23,6 +23,9 @@ def _base(settings: Settings, **extra: Any) -> dict[str, Any]:
         "bootstrap.servers": settings.kafka_bootstrap,
         "logger": _quiet,
         "socket.connection.setup.timeout.ms": 5000,
+        # A broker back from a crash may lead partitions again at once (preferred leaders): reconnect
+        # within a second, not librdkafka's 10 s backoff, or messages for it time out meanwhile.
+        "reconnect.backoff.max.ms": 1000,
         **security_conf(settings),
     }
     conf.update(extra)

@@ -51,6 +51,34 @@ class Settings:
     cassandra_heap: str = _doc("JVM heap of the local Cassandra node.", "1g")
     cassandra_keyspace: str = _doc("Keyspace holding jobs, blobs and callbacks.", "kafscribe")
     stack_timeout_s: float = _doc("How long `stack up` waits for each server.", 240.0)
+    # --- cluster
+    kafka_brokers: int = _doc(
+        "Local stack: Kafka brokers to run (KRaft). Broker n listens on the first bootstrap address + n-1"
+        " (127.0.0.1, .2, ...) with the same ports; brokers 1-3 (1 if fewer than 3) form the controller quorum.", 1
+    )
+    cassandra_nodes: int = _doc(
+        "Local stack: Cassandra nodes to run, node n on the first CASSANDRA_HOSTS address + n-1, same ports.", 1
+    )
+    topic_replication_factor: int = _doc(
+        "Replication factor of every kafscribe topic (0 = min(3, brokers in the cluster)); `stack up` refuses"
+        " more than there are brokers.", 0
+    )
+    topic_min_insync_replicas: int = _doc(
+        "`min.insync.replicas` of every kafscribe topic (0 = replication factor - 1, at least 1).", 0
+    )
+    cassandra_local_dc: str = _doc(
+        "Data centre of this process's Cassandra clients (DC-aware routing, LOCAL_* levels); empty = the contact"
+        " points' DC. The local stack's nodes are in it (`datacenter1` when empty).", ""
+    )
+    cassandra_replication: str = _doc(
+        "Keyspace replication (NetworkTopologyStrategy) as `DC:RF[,DC:RF...]`; empty = the local DC with"
+        " RF min(3, its nodes). Applies when `stack up` creates the keyspace.", ""
+    )
+    cassandra_write_consistency: str = _doc("Consistency level of every write (batches and LWTs included).", "LOCAL_QUORUM")
+    cassandra_read_consistency: str = _doc("Consistency level of every read (SELECT).", "LOCAL_QUORUM")
+    cassandra_serial_consistency: str = _doc(
+        "Serial consistency of lightweight transactions (`IF NOT EXISTS`): LOCAL_SERIAL or SERIAL.", "LOCAL_SERIAL"
+    )
 
     # --- topics ----------------------------------------------------------
     topic_prefix: str = _doc("Prefix of every kafscribe topic.", "kafscribe.")

@@ -9,6 +9,7 @@ that needs them errors with the server's log in the message.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from pathlib import Path
 
@@ -68,6 +69,51 @@ def session(stack_settings: Settings):
     s = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
     yield s
     s.cluster.shutdown()
+
+
+# The local cluster of tests/test_cluster_e2e.py (3 brokers, 3 Cassandra nodes): the test stack's port numbers
+# on 127.0.0.2-4 (the test stack binds 127.0.0.1 only, so both run side by side), its own state directory.
+CLUSTER_STATE = Path(os.environ.get("KAFSCRIBE_TEST_CLUSTER_STATE_DIR", TEST_STATE.parent / "test-cluster"))
+CLUSTER_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
+
+
+def cluster_test_settings(**overrides) -> Settings:
+    """Settings of the test cluster: RF 3, min ISR 2 and keyspace RF 3 by default (min(3, nodes))."""
+    values = dict(
+        state_dir=CLUSTER_STATE,
+        kafka_brokers=len(CLUSTER_HOSTS),
+        cassandra_nodes=len(CLUSTER_HOSTS),
+        kafka_bootstrap=",".join(f"{h}:{19092 + PORT_OFFSET}" for h in CLUSTER_HOSTS),
+        kafka_controller_port=19093 + PORT_OFFSET,
+        cassandra_hosts=",".join(CLUSTER_HOSTS),
+        cassandra_port=19042 + PORT_OFFSET,
+        cassandra_storage_port=17000 + PORT_OFFSET,
+        kafka_heap="256m",
+        cassandra_heap="512m",
+        stack_timeout_s=600.0,  # six JVMs starting on two busy cores
+        cassandra_keyspace="kafscribe_test",
+        blob_dir=CLUSTER_STATE / "blobs",
+        uploads_partitions=4,
+        topic_partitions=2,
+        session_timeout_ms=10000,
+        heartbeat_ms=1000,
+        metrics_port=-1,
+        tenant_max_unfinished=0,
+    )
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture(scope="session")
+def cluster_settings() -> Settings:
+    """A running local cluster (started once per session, stopped at the end unless KEEP_STACK) and its settings."""
+    settings = cluster_test_settings()
+    t0 = time.monotonic()
+    started = stack.up(settings, log=lambda line: print(f"[cluster] {line}"))
+    print(f"[cluster] up in {time.monotonic() - t0:.1f}s (started: {', '.join(started) or 'none'})")
+    yield settings
+    if started and not os.environ.get("KAFSCRIBE_TEST_KEEP_STACK"):
+        stack.down(settings, log=lambda line: print(f"[cluster] {line}"))
 
 
 def fresh_settings(stack_settings: Settings, **overrides) -> Settings:
