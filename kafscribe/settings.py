@@ -67,6 +67,16 @@ class Settings:
     )
     max_upload_bytes: int = _doc("Largest accepted upload (413 above).", 200 * 1024 * 1024)
     retry_after_s: int = _doc("Retry-After sent with 503 when Kafka/Cassandra is down.", 5)
+    # --- ingest
+    ingress_processes: int = _doc(
+        "Ingress processes serving HTTP_PORT on this host (SO_REUSEPORT; the kernel spreads connections);"
+        " 0 = one per CPU core.", 1,
+    )
+    ingress_memory_upload_bytes: int = _doc(
+        "Uploads up to this size are kept in memory (probed and stored without a temp file); larger ones"
+        " are spooled to a temp file. Memory bound: concurrent uploads x this.", 1024 * 1024,
+    )
+    ingress_linger_ms: int = _doc("How long the ingress's producer waits to batch Upload events (linger.ms).", 1)
 
     # --- auth and quotas ---------------------------------------------------
     auth_required: bool = _doc(

@@ -16,7 +16,7 @@ from kafscribe.jobstore import COMPLETED
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
 
-from ...submission import SubmissionError, Unavailable, check_trace_id, parse_options
+from ...submission import SubmissionError, Submitter, Unavailable, check_trace_id, parse_options
 from .. import auth
 from ..backends import Backends
 from ..links import job_links
@@ -34,12 +34,17 @@ async def create_job(request: web.Request) -> web.Response:
         trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))
         received = await read_upload(request, settings)
         path, filename = received.path, received.filename
-        options = await asyncio.to_thread(parse_options, received.fields, settings)  # resolves callback_url's host
+        if received.fields.get("callback_url"):
+            options = await asyncio.to_thread(parse_options, received.fields, settings)  # resolves its host
+        else:
+            options = parse_options(received.fields, settings)
         tenant = auth.caller(request).tenant
-        owned, path = path, None  # the thread removes it, even if this handler is cancelled meanwhile
-        upload = await asyncio.to_thread(
-            _submit_then_remove, backends, owned, options, filename=filename, tenant=tenant, trace_id=trace_id
-        )
+        submitter = backends.submitter() if backends.connected() else await asyncio.to_thread(backends.submitter)
+        owned, path = path, None  # the task removes it, even if this handler is cancelled meanwhile
+        # Shielded: a client that goes away mid-submission must not leave a blob without its row or event.
+        upload = await asyncio.shield(asyncio.ensure_future(_submit_then_remove(
+            submitter, received.audio, owned, options, filename=filename, tenant=tenant, trace_id=trace_id
+        )))
     except SubmissionError as exc:
         return error(exc.status, exc.reason)
     except ConnectionError as exc:  # the client went away mid-upload; nobody reads this answer
@@ -61,11 +66,14 @@ async def create_job(request: web.Request) -> web.Response:
     )
 
 
-def _submit_then_remove(backends: Backends, path: Path, options: JobOptions, **kwargs: str) -> Upload:
+async def _submit_then_remove(
+    submitter: Submitter, audio: Path | bytes, path: Path | None, options: JobOptions, **kwargs: str
+) -> Upload:
     try:
-        return backends.submitter().submit(path, options, **kwargs)
+        return await submitter.submit_async(audio, options, **kwargs)
     finally:
-        path.unlink(missing_ok=True)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:
