@@ -79,8 +79,8 @@ def cpu_seconds(procs: set[psutil.Process]) -> float:
     total = 0.0
     for proc in procs:
         try:
-            t = proc.cpu_times()
-            total += t.user + t.system
+            t = proc.cpu_times()  # with the subprocesses it has reaped (an ingress that runs ffprobe)
+            total += t.user + t.system + t.children_user + t.children_system
         except psutil.NoSuchProcess:
             pass
     return total
