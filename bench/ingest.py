@@ -13,7 +13,7 @@ Cassandra (the processes listening on the bootstrap and CQL ports), and of
 this client -- process CPU times read from /proc (psutil) before and after.
 
 Clips: ``2s`` is espeak-ng speech of about 2 s as 16-bit WAV (about 90 KB);
-``100k`` is about 100 KB of MP3 (about 25 s of speech at 32 kbit/s).
+``100k`` is about 100 KB of MP3 (about 25 s of speech at 32 kbit/s, 22 kHz mono).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def make_clip(kind: str, directory: Path) -> Path:
     """The benchmark clip ``kind`` (``2s`` or ``100k``), made once with espeak-ng (+ ffmpeg)."""
     directory.mkdir(parents=True, exist_ok=True)
     wav = directory / f"ingest-{kind}.wav"
-    text = SENTENCES[0][:30] if kind == "2s" else " ".join(SENTENCES * 2)
+    text = SENTENCES[0][:30] if kind == "2s" else " ".join([*SENTENCES, SENTENCES[0]])
     if not wav.exists():
         subprocess.run(["espeak-ng", "-v", "en", "-s", "160", "-w", str(wav), text], check=True)
     if kind == "2s":
