@@ -8,8 +8,10 @@ import hashlib
 import os
 import random
 import signal
+import socket
 import struct
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -253,3 +255,15 @@ def test_a_crashed_ingress_process_is_replaced_and_sigterm_stops_the_group(door,
     door.kill("ingress", signal.SIGTERM)
     assert door.procs["ingress"].returncode == 0
     wait_until(lambda: not serving(door) and not any(psutil.pid_exists(p) for p in now), 30, "the group to stop")
+
+
+def test_a_group_whose_processes_cannot_start_stops_with_an_error(door):
+    """A port held by a process without SO_REUSEPORT: every child fails to bind, the group exits 1."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "kafscribe.cli", "serve", "ingress"],
+                              env=door.env(KAFSCRIBE_HTTP_PORT=str(port)), capture_output=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert b"at start; stopping the group" in done.stdout + done.stderr

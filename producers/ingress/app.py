@@ -97,11 +97,14 @@ def _die_with_parent(parent: int) -> None:
 class IngressGroup:
     """``count`` ingress processes on one port; a crashed one is restarted, a failed start stops the group.
 
+    A failed start is an exit with an error status within ``STARTUP_S`` (port taken, bad settings);
+    a process killed by a signal is replaced whenever it dies.
+
     The kernel spreads new connections over the processes (SO_REUSEPORT). SIGTERM
     or SIGINT stops them all (each finishes its requests in progress first).
     """
 
-    STARTUP_S = 10.0  # a process that exits sooner than this after starting failed to start (port taken, ...)
+    STARTUP_S = 10.0
 
     def __init__(self, settings: Settings, count: int) -> None:
         self.settings = settings
@@ -127,7 +130,7 @@ class IngressGroup:
             for i, proc in enumerate(procs):
                 if proc.is_alive() or self._stopping:
                     continue
-                if time.monotonic() - proc.started_at < self.STARTUP_S:
+                if proc.exitcode > 0 and time.monotonic() - proc.started_at < self.STARTUP_S:  # not a kill: an error
                     log.error("ingress process %s exited with %s at start; stopping the group", proc.pid, proc.exitcode)
                     self._stopping, code = True, 1
                     break
