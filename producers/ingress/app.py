@@ -105,6 +105,7 @@ class IngressGroup:
     """
 
     STARTUP_S = 10.0
+    RESTART_GAP_S = 1.0
 
     def __init__(self, settings: Settings, count: int) -> None:
         self.settings = settings
@@ -134,6 +135,9 @@ class IngressGroup:
                     log.error("ingress process %s exited with %s at start; stopping the group", proc.pid, proc.exitcode)
                     self._stopping, code = True, 1
                     break
+                ran = time.monotonic() - proc.started_at
+                if ran < self.RESTART_GAP_S:  # one that dies at once is not restarted in a tight loop
+                    time.sleep(self.RESTART_GAP_S - ran)
                 log.warning("ingress process %s exited with %s; starting another", proc.pid, proc.exitcode)
                 procs[i] = self._start()
         for proc in procs:
