@@ -1,33 +1,31 @@
-"""Probe and decode audio with ffmpeg: the one place that touches codecs.
+"""Probe and decode audio: the one place that touches codecs.
 
 ``probe`` runs at the door (ingress) to refuse what is not audio (415) or is
 too long (413), and to measure the duration the router, the admission and
-the limits use. ``decode`` runs in the worker and yields 16 kHz mono
-float32, the input of both Whisper engines. A file that fails here is a
-permanent error: retrying cannot fix it.
+the limits use; it runs in-process with PyAV (``kafscribe.audio_probe``).
+``decode`` runs in the worker (ffmpeg) and yields 16 kHz mono float32, the
+input of both Whisper engines. A file that fails here is a permanent error:
+retrying cannot fix it.
 
 What we trust: only decoded samples. A header's duration is a claim (a FLAC
 whose STREAMINFO promises 2^36-1 samples decodes to 2 s), so ``probe``
-decodes -- bounded: ffmpeg stops just past the limit, and the samples are
-counted, never kept. ``decode`` keeps at most ``max_duration_s`` of samples.
+decodes -- bounded: it stops at the limit, and the samples are counted,
+never kept. ``decode`` keeps at most ``max_duration_s`` of samples.
 
-What ffmpeg may read: only the uploaded bytes. Every run is restricted to the
-``file`` protocol and to the demuxers of ``DEMUXERS`` (audio/video
-containers): playlists (HLS, concat), image sequences and devices are not
-demuxers we allow, so an uploaded ``.m3u8`` cannot make ffmpeg open other
-files or URLs.
+What may be read: only the uploaded bytes. Both are restricted to the
+demuxers of ``DEMUXERS`` (audio/video containers) and to no other file or
+URL: playlists (HLS, concat), image sequences and devices are not demuxers
+we allow, so an uploaded ``.m3u8`` cannot make us open other files or URLs.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import subprocess
 import tempfile
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,41 +75,15 @@ def input_args(path: Path) -> list[str]:
 
 
 def probe(path: Path, max_duration_s: float | None = None, timeout_s: float | None = None) -> AudioInfo:
-    """Describe the first audio stream of ``path`` with its decoded duration.
+    """Describe the first audio stream of ``path`` with its decoded duration (in-process, PyAV).
 
     Raises ``AudioTooLong`` above ``max_duration_s`` (default: ``KAFSCRIBE_MAX_AUDIO_S``),
-    ``AudioError`` for anything that is not decodable audio.
+    ``AudioError`` for anything that is not decodable audio. See ``kafscribe.audio_probe``.
     """
+    from .audio_probe import measure  # imports PyAV, which this module's decode does not need
+
     limit = default_max_duration_s() if max_duration_s is None else max_duration_s
-    timeout = timeout_s if timeout_s is not None else 30.0 + limit / 20
-    started = time.monotonic()
-    cmd = ["ffprobe", "-v", "error", "-print_format", "json", "-show_format", "-show_streams",
-           "-select_streams", "a", *input_args(path)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as exc:
-        raise AudioError("ffprobe timed out reading the file") from exc
-    if proc.returncode != 0:
-        raise AudioError(f"not a readable audio file: {_reason(proc.stderr)}")
-    info = json.loads(proc.stdout or "{}")
-    streams = info.get("streams") or []
-    if not streams:
-        raise AudioError("the file has no audio stream")
-    stream, fmt = streams[0], info.get("format", {})
-    pcm = _run_ffmpeg(input_args(path), limit, timeout - (time.monotonic() - started), keep=False)
-    duration = pcm / PCM_BYTES_PER_SECOND
-    if duration > limit:
-        raise AudioTooLong(f"the audio is longer than the limit of {limit:.0f} s (KAFSCRIBE_MAX_AUDIO_S)")
-    if duration <= 0:
-        raise AudioError("the audio stream is empty (duration 0)")
-    return AudioInfo(
-        duration=duration,
-        format_name=fmt.get("format_name", ""),
-        codec=stream.get("codec_name", ""),
-        sample_rate=int(stream.get("sample_rate") or 0),
-        channels=int(stream.get("channels") or 0),
-        header_duration=_float(stream.get("duration") or fmt.get("duration")),
-    )
+    return measure(Path(path), limit, timeout_s)
 
 
 def decode(data: bytes, max_duration_s: float | None = None, timeout_s: float = 600.0) -> np.ndarray:
@@ -185,13 +157,6 @@ def _run_ffmpeg(
             err.seek(0)
             raise AudioError(f"audio could not be decoded: {_reason(err.read().decode(errors='replace'))}")
     return pcm if keep else total
-
-
-def _float(value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return 0.0
 
 
 def _reason(stderr: str) -> str:

@@ -7,19 +7,24 @@ sha256 the worker verifies. ``cassandra`` works for workers on any host;
 
 Stores take the audio as an iterable of chunks (``put_chunks``) so the
 ingress never holds a whole upload in memory; ``delete`` removes a blob whose
-job was not accepted, so no blob outlives a refused job.
+job was not accepted, so no blob outlives a refused job. ``put_async`` and
+``delete_async`` are the same for a coroutine: the ``cassandra`` store awaits
+the driver's futures on the loop (no thread), the ``file`` store (fsync) runs
+in a thread.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import AsyncIterable, Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from . import cql_async
 from .settings import Settings
 
 
@@ -32,8 +37,10 @@ class BlobStore(Protocol):
 
     def put(self, blob_id: str, data: bytes) -> str: ...
     def put_chunks(self, blob_id: str, chunks: Iterable[bytes]) -> str: ...
+    async def put_async(self, blob_id: str, chunks: AsyncIterable[bytes]) -> str: ...
     def get(self, ref: str) -> bytes: ...
     def delete(self, blob_id: str) -> None: ...
+    async def delete_async(self, blob_id: str) -> None: ...
 
 
 _ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
@@ -69,8 +76,18 @@ class FileBlobStore:
             tmp.unlink(missing_ok=True)
         return f"file:{blob_id}"
 
+    async def put_async(self, blob_id: str, chunks: AsyncIterable[bytes]) -> str:
+        _check_id(blob_id)
+        data = bytearray()  # the file store is for one host and small uploads: write in one go, in a thread
+        async for chunk in chunks:
+            data += chunk
+        return await asyncio.to_thread(self.put_chunks, blob_id, [bytes(data)])
+
     def delete(self, blob_id: str) -> None:
         (self.directory / _check_id(blob_id)).unlink(missing_ok=True)
+
+    async def delete_async(self, blob_id: str) -> None:
+        await asyncio.to_thread(self.delete, blob_id)
 
     def get(self, ref: str) -> bytes:
         blob_id = _check_id(ref.split(":", 1)[1])
@@ -111,8 +128,29 @@ class CassandraBlobStore:
             _settle(pending.popleft())
         return f"cassandra:{blob_id}"
 
+    async def put_async(self, blob_id: str, chunks: AsyncIterable[bytes]) -> str:
+        """``put_chunks`` on the event loop: the same rows, at most ``in_flight`` writes outstanding."""
+        _check_id(blob_id)
+        pending: deque[asyncio.Future] = deque()
+        try:
+            idx = 0
+            async for piece in arechunk(chunks, self.chunk_bytes):
+                if len(pending) >= self.in_flight:
+                    await pending.popleft()
+                pending.append(cql_async.bridge(self.session.execute_async(self._insert, (blob_id, idx, piece))))
+                idx += 1
+            while pending:
+                await pending.popleft()
+        finally:
+            for fut in pending:  # a failed or cancelled put: nobody waits for the others' answers
+                fut.cancel()
+        return f"cassandra:{blob_id}"
+
     def delete(self, blob_id: str) -> None:
         self.session.execute(self._delete, (_check_id(blob_id),))
+
+    async def delete_async(self, blob_id: str) -> None:
+        await cql_async.execute(self.session, self._delete, (_check_id(blob_id),))
 
     def get(self, ref: str) -> bytes:
         blob_id = _check_id(ref.split(":", 1)[1])
@@ -143,6 +181,20 @@ def rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     buf = bytearray()
     emitted = False
     for chunk in chunks:
+        buf += chunk
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+            emitted = True
+    if buf or not emitted:
+        yield bytes(buf)
+
+
+async def arechunk(chunks: AsyncIterable[bytes], size: int) -> AsyncIterable[bytes]:
+    """``rechunk`` for an async iterable."""
+    buf = bytearray()
+    emitted = False
+    async for chunk in chunks:
         buf += chunk
         while len(buf) >= size:
             yield bytes(buf[:size])

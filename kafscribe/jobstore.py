@@ -37,6 +37,7 @@ from cassandra.query import BatchStatement, BatchType
 
 from schemas.events import JobOptions, Result, Segment, Upload
 
+from . import cql_async
 from .statuses import (  # noqa: F401 - re-exported: the statuses' home for most readers
     CANCELLED,
     COMPLETED,
@@ -90,6 +91,13 @@ class JobStore:
     # --- writes ------------------------------------------------------------
     def create(self, upload: Upload) -> None:
         """The job row of a new upload, ``queued``, and its place among the tenant's unfinished jobs."""
+        self.session.execute(self._create_batch(upload))
+
+    async def create_async(self, upload: Upload) -> None:
+        """``create`` for a coroutine (the ingress): awaited on the loop, no thread."""
+        await cql_async.execute(self.session, self._create_batch(upload))
+
+    def _create_batch(self, upload: Upload) -> BatchStatement:
         now = _now()
         batch = BatchStatement(batch_type=BatchType.LOGGED)  # both rows or neither: no quota slot leaks
         batch.add(
@@ -102,7 +110,7 @@ class JobStore:
         )
         batch.add(self._add_unfinished, (upload.tenant, upload.job_id, now))
         batch.add(self._add_listed, (upload.tenant, _day(now), now, upload.job_id))
-        self.session.execute(batch)
+        return batch
 
     def transition(
         self, job_id: str, status: str, *, worker_id: str = "", attempts: int = 0, error: str | None = None

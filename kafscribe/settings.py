@@ -110,6 +110,16 @@ class Settings:
     )
     retention_sweep_s: float = _doc("How often the ingress removes audio past KAFSCRIBE_AUDIO_RETENTION_S (0 = never).", 300.0)
     jobs_list_days: int = _doc("How many UTC days back `GET /v1/jobs` looks for a tenant's jobs.", 31)
+    # --- ingest
+    ingress_processes: int = _doc(
+        "Ingress processes serving HTTP_PORT on this host (SO_REUSEPORT; the kernel spreads connections);"
+        " 0 = one per CPU core.", 1,
+    )
+    ingress_memory_upload_bytes: int = _doc(
+        "Uploads up to this size are kept in memory (probed and stored without a temp file); larger ones"
+        " are spooled to a temp file. Memory bound: concurrent uploads x this.", 1024 * 1024,
+    )
+    ingress_linger_ms: int = _doc("How long the ingress's producer waits to batch Upload events (linger.ms).", 1)
 
     # --- auth and quotas ---------------------------------------------------
     auth_required: bool = _doc(

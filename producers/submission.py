@@ -7,6 +7,7 @@ event and the job row exists; bad input is refused with a clear reason.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import unicodedata
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafscribe import audio, blobstore, memory
+from kafscribe import audio, audio_probe, blobstore, memory
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.jobstore import FAILED, JobStore
 from kafscribe.languages import LANGUAGES
@@ -142,25 +143,38 @@ class Submitter:
         self, path: Path, options: JobOptions, *, filename: str = "", tenant: str = "default",
         trace_id: str = "", job_id: str | None = None,
     ) -> Upload:
-        """Accept the audio at ``path``; returns the published ``Upload``.
+        """``submit_async`` for callers without an event loop (the direct producer, tests)."""
+        return asyncio.run(
+            self.submit_async(path, options, filename=filename, tenant=tenant, trace_id=trace_id, job_id=job_id)
+        )
 
-        The audio is streamed to the blob store and hashed on the way, never
-        read whole. A blob never outlives a refusal: if the job row or the
-        publish fails, the blob is deleted before ``Unavailable`` is raised.
+    async def submit_async(
+        self, audio_source: Path | bytes, options: JobOptions, *, filename: str = "", tenant: str = "default",
+        trace_id: str = "", job_id: str | None = None,
+    ) -> Upload:
+        """Accept the audio (a file, or the bytes of a small upload); returns the published ``Upload``.
+
+        Nothing here blocks the event loop: the probe gives the loop back while
+        it decodes, the blob, the job row and the event are awaited (driver and
+        delivery callbacks), never run in a thread. A file is streamed to the
+        blob store and hashed on the way, never read whole. A blob never
+        outlives a refusal: if the job row or the publish fails, the blob is
+        deleted before ``Unavailable`` is raised.
         """
-        filename = check_text("filename", filename or path.name, MAX_FILENAME_CHARS)
+        is_file = isinstance(audio_source, Path)
+        filename = check_text("filename", filename or (audio_source.name if is_file else ""), MAX_FILENAME_CHARS)
         check_text("tenant", tenant, MAX_TENANT_CHARS)
         if trace_id:
             check_trace_id(trace_id)
         if job_id is not None:
-            self._check_unused(job_id)
-        size = path.stat().st_size
+            await self._check_unused(job_id)
+        size = audio_source.stat().st_size if is_file else len(audio_source)
         if size == 0:
             raise SubmissionError(415, "the file is empty")
         if size > self.settings.max_upload_bytes:
             raise SubmissionError(413, f"file is {size} bytes; the limit is {self.settings.max_upload_bytes}")
         try:
-            info = audio.probe(path)
+            info = await audio_probe.measure_async(audio_source, self.settings.max_audio_s)
         except audio.AudioTooLong as exc:
             raise SubmissionError(413, str(exc)) from exc
         except audio.AudioError as exc:
@@ -169,17 +183,16 @@ class Submitter:
         digest = hashlib.sha256()
         sizes = [0]
 
-        def chunks():
-            with open(path, "rb") as f:
-                while chunk := f.read(READ_CHUNK_BYTES):
-                    digest.update(chunk)
-                    sizes[0] += len(chunk)
-                    yield chunk
+        async def chunks():
+            async for chunk in _read_chunks(audio_source):
+                digest.update(chunk)
+                sizes[0] += len(chunk)
+                yield chunk
 
         try:
-            blob_ref = self.blobs.put_chunks(job_id, chunks())
+            blob_ref = await self.blobs.put_async(job_id, chunks())
         except Exception as exc:  # noqa: BLE001 - Cassandra/file errors all mean "not accepted"
-            self._forget_blob(job_id)
+            await self._forget_blob(job_id)
             raise Unavailable(f"blob store unavailable: {type(exc).__name__}: {exc}") from exc
         upload = Upload(
             job_id=job_id, tenant=tenant, trace_id=trace_id or uuid.uuid4().hex,
@@ -187,37 +200,37 @@ class Submitter:
             audio_duration=info.duration, filename=filename, options=options,
         )
         try:
-            self.jobs.create(upload)
+            await self.jobs.create_async(upload)
         except Exception as exc:  # noqa: BLE001 - Cassandra errors all mean "not accepted"
-            self._forget_blob(job_id)
+            await self._forget_blob(job_id)
             raise Unavailable(f"job store unavailable: {type(exc).__name__}: {exc}") from exc
         try:
-            self.publisher.publish(
+            await self.publisher.publish_async(
                 self.settings.topic("uploads"), upload.job_id.encode(), upload.encode(),
                 partition=self.choose_partition(upload),
             )
         except PublishError as exc:
-            try:
-                self.jobs.transition(job_id, FAILED, error=f"not queued: {exc}")
+            try:  # a failure path: a thread is fine here
+                await asyncio.to_thread(self.jobs.transition, job_id, FAILED, error=f"not queued: {exc}")
             except Exception:  # noqa: BLE001 - best effort; the client gets 503 either way
                 pass
-            self._forget_blob(job_id)
+            await self._forget_blob(job_id)
             raise Unavailable(str(exc)) from exc
         return upload
 
-    def _check_unused(self, job_id: str) -> None:
+    async def _check_unused(self, job_id: str) -> None:
         """A job id given by the caller must be new: reusing one would overwrite that job's blob and row."""
         try:
-            existing = self.jobs.get(job_id)
+            existing = await asyncio.to_thread(self.jobs.get, job_id)  # direct producers only, not the door
         except Exception as exc:  # noqa: BLE001 - Cassandra errors all mean "not accepted"
             raise Unavailable(f"job store unavailable: {type(exc).__name__}: {exc}") from exc
         if existing is not None:
             raise SubmissionError(409, f"job {job_id} exists; a job id is used once")
 
-    def _forget_blob(self, job_id: str) -> None:
+    async def _forget_blob(self, job_id: str) -> None:
         """Delete the blob of a job that was not accepted (best effort: the store may be what failed)."""
         try:
-            self.blobs.delete(job_id)
+            await self.blobs.delete_async(job_id)
         except Exception as exc:  # noqa: BLE001
             log.warning("could not delete the blob of refused job %s: %s", job_id, exc)
 
@@ -232,3 +245,17 @@ class Submitter:
         partition, worker_id = choice
         self.view.reserve(worker_id, need)
         return partition
+
+
+async def _read_chunks(audio_source: Path | bytes):
+    """The audio in pieces of ``READ_CHUNK_BYTES``: bytes as they are, a file read in a thread (large uploads only)."""
+    if not isinstance(audio_source, Path):
+        for start in range(0, len(audio_source), READ_CHUNK_BYTES):
+            yield audio_source[start:start + READ_CHUNK_BYTES]
+        return
+    f = await asyncio.to_thread(open, audio_source, "rb")
+    try:
+        while chunk := await asyncio.to_thread(f.read, READ_CHUNK_BYTES):
+            yield chunk
+    finally:
+        f.close()

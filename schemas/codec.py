@@ -12,7 +12,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -69,12 +69,18 @@ def schema(event_type: str) -> Any:
     return _registry()[0][event_type]
 
 
+@cache
+def _current_fingerprint(event_type: str) -> bytes:
+    """The wire fingerprint of ``event_type``'s current schema (computed once: ~1 ms of CPU each time)."""
+    return schema_fingerprint(schema(event_type))
+
+
 def encode(event_type: str, record: dict[str, Any]) -> bytes:
     """Single-object encode ``record`` with the current schema of ``event_type``."""
     parsed = schema(event_type)
     buf = io.BytesIO()
     buf.write(MAGIC)
-    buf.write(schema_fingerprint(parsed))
+    buf.write(_current_fingerprint(event_type))
     fastavro.schemaless_writer(buf, parsed, record)
     return buf.getvalue()
 

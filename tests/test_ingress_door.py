@@ -153,8 +153,11 @@ DISCONNECT_AT = {  # where the client goes away: bytes of the body sent before t
 }
 
 
+@pytest.mark.parametrize("spooled", [True, False], ids=["spooled", "in-memory"])
 @pytest.mark.parametrize("where", DISCONNECT_AT, ids=list(DISCONNECT_AT))
-def test_client_disconnecting_mid_upload_leaves_no_temp_file(where, tmpdir_of_ingress):
+def test_client_disconnecting_mid_upload_leaves_no_temp_file(where, spooled, tmpdir_of_ingress):
+    # spooled: files above KAFSCRIBE_INGRESS_MEMORY_UPLOAD_BYTES go to a temp file; smaller ones never touch disk
+    settings = Settings(max_upload_bytes=LIMIT, ingress_memory_upload_bytes=0 if spooled else len(FILE))
     payload = body(FIELD, FILE)
     cut = DISCONNECT_AT[where]
 
@@ -174,9 +177,11 @@ def test_client_disconnecting_mid_upload_leaves_no_temp_file(where, tmpdir_of_in
             await asyncio.sleep(0.02)
         return seen
 
-    seen = run_with_server(scenario)
-    if where != "in-a-text-field":  # the file part had started: its temp file existed
+    seen = run_with_server(scenario, settings)
+    if where != "in-a-text-field" and spooled:  # the file part had started: its temp file existed
         assert len(seen) == 1 and next(iter(seen)).startswith("kafscribe-upload-")
+    else:
+        assert seen == set()
     assert os.listdir(tmpdir_of_ingress) == []
 
 

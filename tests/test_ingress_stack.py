@@ -32,10 +32,15 @@ pytestmark = pytest.mark.stack
 
 @pytest.fixture(scope="module")
 def door(stack_settings, tmp_path_factory):
-    """An ingress alone (no workers) with its own TMPDIR and its own file blob directory."""
+    """An ingress alone (no workers) with its own TMPDIR and its own file blob directory.
+
+    Every file part is spooled to a temp file (KAFSCRIBE_INGRESS_MEMORY_UPLOAD_BYTES=0): the temp-file rules
+    are what this module checks (tests/test_ingest.py covers uploads kept in memory).
+    """
     tmpdir = tmp_path_factory.mktemp("ingress-tmpdir")
     blob_dir = tmp_path_factory.mktemp("ingress-blobs")
-    settings = fresh_settings(stack_settings, max_upload_bytes=LIMIT, blob_store="file", blob_dir=blob_dir)
+    settings = fresh_settings(stack_settings, max_upload_bytes=LIMIT, blob_store="file", blob_dir=blob_dir,
+                              ingress_memory_upload_bytes=0)
     pipe = make_pipeline(settings, tmp_path_factory, "ingress-door")
     pipe.start("ingress", TMPDIR=str(tmpdir))
     pipe.tmpdir, pipe.blob_dir = tmpdir, blob_dir

@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import multiprocessing
+import os
+import signal
+import time
 
 from aiohttp import web
 
@@ -102,7 +107,91 @@ async def _sweep_forever(app: web.Application) -> None:
 
 
 def serve(settings: Settings) -> int:
+    """Run the ingress: one process, or ``KAFSCRIBE_INGRESS_PROCESSES`` sharing the port (SO_REUSEPORT)."""
     logs.setup(settings.log_level)
-    log.info("ingress listening on %s:%s", settings.http_host, settings.http_port)
-    web.run_app(build_app(settings), host=settings.http_host, port=settings.http_port, print=None)
-    return 0
+    count = settings.ingress_processes if settings.ingress_processes > 0 else (os.cpu_count() or 1)
+    if count == 1:
+        log.info("ingress listening on %s:%s", settings.http_host, settings.http_port)
+        web.run_app(build_app(settings), host=settings.http_host, port=settings.http_port, print=None)
+        return 0
+    return IngressGroup(settings, count).run()
+
+
+def _serve_child(settings: Settings, parent: int) -> None:
+    """One of several ingress processes: its own loop, Cassandra session and producer; the port is shared."""
+    _die_with_parent(parent)
+    logs.setup(settings.log_level)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the group's parent decides when to stop (SIGTERM)
+    web.run_app(build_app(settings), host=settings.http_host, port=settings.http_port, print=None,
+                reuse_port=True, handle_signals=True)
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: get SIGTERM when the group's parent dies, even by SIGKILL (no orphan keeps the port)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+class IngressGroup:
+    """``count`` ingress processes on one port; a crashed one is restarted, a failed start stops the group.
+
+    A failed start is an exit with an error status within ``STARTUP_S`` (port taken, bad settings);
+    a process killed by a signal is replaced whenever it dies.
+
+    The kernel spreads new connections over the processes (SO_REUSEPORT). SIGTERM
+    or SIGINT stops them all (each finishes its requests in progress first).
+    """
+
+    STARTUP_S = 10.0
+    RESTART_GAP_S = 1.0
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stopping = False
+
+    def _start(self):
+        proc = self._ctx.Process(target=_serve_child, args=(self.settings, os.getpid()), name="kafscribe-ingress")
+        proc.start()
+        proc.started_at = time.monotonic()
+        return proc
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop)
+        procs = [self._start() for _ in range(self.count)]
+        log.info("ingress: %d processes listening on %s:%s (pids %s)", self.count, self.settings.http_host,
+                 self.settings.http_port, ", ".join(str(p.pid) for p in procs))
+        code = 0
+        while not self._stopping:
+            time.sleep(0.2)
+            for i, proc in enumerate(procs):
+                if proc.is_alive() or self._stopping:
+                    continue
+                if proc.exitcode > 0 and time.monotonic() - proc.started_at < self.STARTUP_S:  # not a kill: an error
+                    log.error("ingress process %s exited with %s at start; stopping the group", proc.pid, proc.exitcode)
+                    self._stopping, code = True, 1
+                    break
+                ran = time.monotonic() - proc.started_at
+                if ran < self.RESTART_GAP_S:  # one that dies at once is not restarted in a tight loop
+                    time.sleep(self.RESTART_GAP_S - ran)
+                log.warning("ingress process %s exited with %s; starting another", proc.pid, proc.exitcode)
+                procs[i] = self._start()
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        return code
+
+    def _stop(self, signum, frame) -> None:
+        self._stopping = True

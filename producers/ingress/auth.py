@@ -70,6 +70,14 @@ class Gate:
         self._cache: dict[str, tuple[float, apikeys.ApiKey | None]] = {}
         self._lock = threading.Lock()
 
+    def cached(self, key: str) -> apikeys.ApiKey | None | bool:
+        """The cached answer for ``key`` (an ApiKey, or None for a refused key); ``False`` if not cached.
+
+        Non-blocking: a hit needs no thread (most requests, within ``KAFSCRIBE_AUTH_CACHE_S``).
+        """
+        hit = self._cache.get(key)
+        return hit[1] if hit is not None and hit[0] > time.monotonic() else False
+
     def lookup(self, key: str) -> apikeys.ApiKey | None:
         """The active key ``key`` or None; blocking (run it in a thread). Raises ``Unavailable``."""
         now = time.monotonic()
@@ -136,7 +144,9 @@ async def _identify(request: web.Request) -> Caller:
     key = None
     if apikeys.key_id_of(token) is not None:  # a malformed key costs no lookup
         try:
-            key = await asyncio.to_thread(gate(request).lookup, token)
+            key = gate(request).cached(token)
+            if key is False:
+                key = await asyncio.to_thread(gate(request).lookup, token)
         except Unavailable as exc:
             raise _refuse(web.HTTPServiceUnavailable, str(exc), **{"Retry-After": str(settings.retry_after_s)}) from exc
     if key is None:

@@ -28,7 +28,12 @@ class Backends:
         self._lock = threading.Lock()
         self._next_try = 0.0
 
+    def connected(self) -> bool:
+        """True once the Cassandra session is open: ``submitter()`` then returns at once (no I/O)."""
+        return self._submitter is not None
+
     def submitter(self) -> Submitter:
+        """The submitter over a (re)connected Cassandra session; blocking while it connects."""
         with self._lock:
             if self._submitter is None:
                 if time.monotonic() < self._next_try:

@@ -1,10 +1,14 @@
-"""Reading ``POST /v1/jobs`` bodies: one ``file`` part to a temp file, small known text fields.
+"""Reading ``POST /v1/jobs`` bodies: one ``file`` part (in memory, or a temp file), small known text fields.
 
 Everything is refused as it arrives, before it is read whole: an unknown or
 repeated field name, a second ``file`` part, a text field over
 ``MAX_FIELD_BYTES``, an unknown charset, an encoded part, a bad filename. The
 temp file is removed on every path out of here except success, where the
 caller owns it (and removes it, see ``routes/jobs.py``).
+
+A file part up to ``KAFSCRIBE_INGRESS_MEMORY_UPLOAD_BYTES`` stays in memory
+(no temp file, no disk write on the event loop); a larger one is spooled to
+a temp file as it arrives, written in a thread.
 """
 
 from __future__ import annotations
@@ -34,9 +38,15 @@ log = logging.getLogger("kafscribe.ingress")
 
 @dataclass
 class Received:
-    path: Path
+    path: Path | None  # the temp file of a large upload
+    data: bytes | None  # a small upload, kept in memory
     filename: str
     fields: dict[str, str]
+
+    @property
+    def audio(self) -> Path | bytes:
+        """What the submitter reads: the bytes or the temp file."""
+        return self.path if self.path is not None else self.data  # type: ignore[return-value]
 
 
 async def read_upload(
@@ -82,7 +92,8 @@ async def _read_parts(
             if received is not None:
                 raise SubmissionError(422, "send one 'file' part; this request has a second one")
             filename = check_text("filename", part.filename or "upload", MAX_FILENAME_CHARS)
-            received = Received(await _save_file(part, settings, temp), filename, fields)
+            path, data = await _save_file(part, settings, temp)
+            received = Received(path, data, filename, fields)
         elif name in allowed:
             value = await _read_field(part, name)
             if name in fields and name not in repeatable:
@@ -106,18 +117,35 @@ def _check_plain(part: BodyPartReader, name: str) -> None:
         raise SubmissionError(422, f"part {ascii(name)[:80]}: encoded parts are not accepted; send the bytes as they are")
 
 
-async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path]) -> Path:
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
-    path = Path(tmp)
-    temp.append(path)
+async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path]) -> tuple[Path | None, bytes | None]:
+    """The file part: its bytes if small, else the temp file it was spooled to (0: always spooled)."""
+    buffer = bytearray()
     size = 0
-    with open(fd, "wb") as out:
+    out = None
+
+    def spool():
+        fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}-")
+        temp.append(Path(tmp))
+        return open(fd, "wb")  # noqa: SIM115 - closed below
+
+    if settings.ingress_memory_upload_bytes <= 0:
+        out = spool()
+    try:
         while chunk := await part.read_chunk(1 << 20):
             size += len(chunk)
             if size > settings.max_upload_bytes:
                 raise SubmissionError(413, f"file exceeds the limit of {settings.max_upload_bytes} bytes")
+            if out is None:
+                buffer += chunk
+                if len(buffer) <= settings.ingress_memory_upload_bytes:
+                    continue
+                out = spool()
+                chunk, buffer = bytes(buffer), bytearray()
             await asyncio.to_thread(out.write, chunk)  # a slow disk must not stall the event loop
-    return path
+    finally:
+        if out is not None:
+            out.close()
+    return (temp[-1], None) if out is not None else (None, bytes(buffer))
 
 
 async def _read_field(part: BodyPartReader, name: str) -> str:

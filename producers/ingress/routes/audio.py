@@ -33,12 +33,11 @@ from kafscribe.jobstore import CANCELLED, COMPLETED, FAILED
 from kafscribe.settings import Settings
 
 from ...submission import SubmissionError, Unavailable, _languages, check_trace_id, parse_options
-from .. import auth
 from ..backends import Backends
 from ..links import job_links
 from ..upload import read_upload
 from .events import stream_openai_segments
-from .jobs import _submit_then_remove
+from .jobs import submit
 
 log = logging.getLogger("kafscribe.ingress.openai")
 
@@ -148,13 +147,10 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
         trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))
         received = await read_upload(request, settings, allowed=allowed,
                                      repeatable=frozenset({"timestamp_granularities[]"}))
-        path, filename = received.path, received.filename
+        path = received.path
         asked = await asyncio.to_thread(parse_request, received.fields, settings, task)
-        owned, path = path, None
-        upload = await asyncio.to_thread(
-            _submit_then_remove, backends, owned, asked["options"], filename=filename,
-            tenant=auth.caller(request).tenant, trace_id=trace_id,
-        )
+        path = None  # from here on the submission removes it
+        upload = await submit(request, received, asked["options"], trace_id)
     except BadRequest as exc:
         return openai_error(400, exc.message, param=exc.param, code=exc.code)
     except SubmissionError as exc:

@@ -19,12 +19,12 @@ from kafscribe.jobstore import COMPLETED, STATUSES, TERMINAL
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
 
-from ...submission import SubmissionError, Unavailable, check_trace_id, parse_options
+from ...submission import SubmissionError, Submitter, Unavailable, check_trace_id, parse_options
 from .. import auth
 from ..backends import Backends
 from ..links import job_links
 from ..responses import error, json_response, unavailable
-from ..upload import read_upload
+from ..upload import Received, read_upload
 from . import events
 
 log = logging.getLogger("kafscribe.ingress")
@@ -32,18 +32,17 @@ log = logging.getLogger("kafscribe.ingress")
 
 async def create_job(request: web.Request) -> web.Response:
     settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
     path = None  # the temp file while this handler owns it
     try:
         trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))
         received = await read_upload(request, settings)
-        path, filename = received.path, received.filename
-        options = await asyncio.to_thread(parse_options, received.fields, settings)  # resolves callback_url's host
-        tenant = auth.caller(request).tenant
-        owned, path = path, None  # the thread removes it, even if this handler is cancelled meanwhile
-        upload = await asyncio.to_thread(
-            _submit_then_remove, backends, owned, options, filename=filename, tenant=tenant, trace_id=trace_id
-        )
+        path = received.path
+        if received.fields.get("callback_url"):
+            options = await asyncio.to_thread(parse_options, received.fields, settings)  # resolves its host
+        else:
+            options = parse_options(received.fields, settings)
+        path = None  # from here on the submission removes it, even if this handler is cancelled meanwhile
+        upload = await submit(request, received, options, trace_id)
     except SubmissionError as exc:
         return error(exc.status, exc.reason)
     except ConnectionError as exc:  # the client went away mid-upload; nobody reads this answer
@@ -65,11 +64,33 @@ async def create_job(request: web.Request) -> web.Response:
     )
 
 
-def _submit_then_remove(backends: Backends, path: Path, options: JobOptions, **kwargs: str) -> Upload:
+async def submit(request: web.Request, received: Received, options: JobOptions, trace_id: str) -> Upload:
+    """Store, record and publish ``received`` for the caller's tenant (``POST /v1/jobs`` and ``/v1/audio/*``).
+
+    Shielded: a client that goes away mid-submission must not leave a blob
+    without its row or event. The temp file (if any) is removed when it ends.
+    """
+    backends: Backends = request.app["backends"]
     try:
-        return backends.submitter().submit(path, options, **kwargs)
+        submitter = backends.submitter() if backends.connected() else await asyncio.to_thread(backends.submitter)
+    except BaseException:
+        if received.path is not None:
+            received.path.unlink(missing_ok=True)
+        raise
+    return await asyncio.shield(asyncio.ensure_future(_submit_then_remove(
+        submitter, received.audio, received.path, options, filename=received.filename,
+        tenant=auth.caller(request).tenant, trace_id=trace_id,
+    )))
+
+
+async def _submit_then_remove(
+    submitter: Submitter, audio: Path | bytes, path: Path | None, options: JobOptions, **kwargs: str
+) -> Upload:
+    try:
+        return await submitter.submit_async(audio, options, **kwargs)
     finally:
-        path.unlink(missing_ok=True)
+        if path is not None:
+            path.unlink(missing_ok=True)
 
 
 def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:
