@@ -149,8 +149,8 @@ def test_cli_submit_writes_each_result_beside_its_input(pipe, clips, tmp_path):
 
 
 def test_cancel_of_a_running_job_sticks_through_the_pipeline(pipe, clips, tmp_path):
-    """DELETE while transcribing: `cancelled` at once, and it stays so after the stages finish their work
-    (the sink stores no result for it); then a second DELETE removes it."""
+    """DELETE while transcribing: `cancelled` at once, the transcriber stops it at its next check and
+    nothing reaches the sink; it stays cancelled; then a second DELETE removes it."""
     longer = tmp_path / "longer.wav"  # ~75 s: seconds of transcribing to cancel in, even on a quiet machine
     subprocess.run(["ffmpeg", "-nostdin", "-v", "error", "-y", "-stream_loop", "2", "-i", str(clips["long"]),
                     "-c", "copy", str(longer)], check=True)
@@ -158,8 +158,10 @@ def test_cancel_of_a_running_job_sticks_through_the_pipeline(pipe, clips, tmp_pa
     pipe.wait_job(job_id, statuses=("transcribing",), timeout_s=240)
     status, body, _ = pipe.http._request("DELETE", f"/v1/jobs/{job_id}")
     assert status == 202 and json.loads(body)["status"] == "cancelled"
-    wait_until(lambda: job_id in (pipe.log_dir / "sink.log").read_text(), timeout_s=300,
-               what="the sink saw the job's result")
+    wait_until(lambda: any(job_id in line and "job cancelled" in line
+                           for line in (pipe.log_dir / "transcriber.log").read_text().splitlines()),
+               timeout_s=300, what="the transcriber to stop the cancelled job")
+    assert job_id not in (pipe.log_dir / "sink.log").read_text()
     job = pipe.http.job(job_id)
     assert job["status"] == "cancelled" and "result" not in job
     assert pipe.http._request("DELETE", f"/v1/jobs/{job_id}")[0] == 200 and pipe.http.job(job_id) is None
