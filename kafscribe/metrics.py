@@ -47,3 +47,13 @@ IDLE_PARTITION_LAG = Gauge(
 SERVICE_RESTARTS = Counter(
     "kafscribe_service_restarts_total", "Services restarted by the `kafscribe services` supervisor", ["service"]
 )
+
+# Where a job's time goes (issue 10): queue_wait, status, admission, blob_read, decode, prefetch_wait,
+# engine (the stage's own phases) and commit (the consume loop's transaction).
+JOB_PHASE_SECONDS = Histogram(
+    "kafscribe_job_phase_seconds", "Seconds one job spent in a phase of its stage", ["stage", "phase"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+PREFETCHES = Counter(
+    "kafscribe_prefetches_total", "Next-job preparations while a job runs, by outcome", ["stage", "outcome"]
+)

@@ -330,12 +330,16 @@ def test_a_job_whose_partition_was_revoked_is_not_committed():
     stage = FakeStage()
     stage.release.clear()
     runner, consumer, made = make_runner([FakeProducer()], stage=stage)
+    consumer.queue = [upload_message(offset=8, job_id="job-2")]
     done = threading.Thread(target=runner._process, args=(upload_message(),))
     done.start()
-    while not stage.handled:
+    deadline = time.monotonic() + 5
+    while not (stage.handled and runner._kept) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert consumer.paused == {0, 1}, "partitions paused while the job runs"
+    assert [m.offset() for m in runner._kept] == [8], "the next message is fetched and kept while the job runs"
+    assert consumer.paused == {0, 1}, "then the partitions are paused"
     runner._on_revoke(consumer, [TopicPartition(TOPIC, 0)])
+    assert not runner._kept, "a revoked partition's kept message is left to the next owner"
     stage.release.set()
     done.join(5)
     assert "begin_transaction" not in made[0].names()
