@@ -470,6 +470,9 @@ class StageRunner(ConcurrentMode):
         self._lost_in_flight = False
         # Messages fetched while a job ran: handled next, in the order fetched, never fetched again.
         self._kept: deque[Message] = deque()
+        # Per partition, the offset after the last message taken (kept or handled): an older one is a
+        # repeat (never handled twice). Forgotten wherever the partition is rewound, moved or re-assigned.
+        self._taken: dict[tuple[str, int], int] = {}
         self._fetch_paused = False  # the one-at-a-time mode paused its partitions (for a job)
         self._prefetch: _Prefetch | None = None  # the stage's preparation of _kept[0], running meanwhile
         self._prefetch_pool: ThreadPoolExecutor | None = None
@@ -539,7 +542,19 @@ class StageRunner(ConcurrentMode):
             self._set_fetching(True)
         msg = self.consumer.poll(0.5)
         self._tick()
+        if msg is not None and not msg.error() and not self._take(msg):
+            return None
         return msg
+
+    def _take(self, msg: Message) -> bool:
+        """Note ``msg`` as taken; False if it is a repeat of one taken already (it is skipped)."""
+        key = (msg.topic(), msg.partition())
+        if msg.offset() < self._taken.get(key, -1):
+            log.warning("skipping offset %d of partition %d: already taken", msg.offset(), msg.partition(),
+                        extra={"stage": self.stage.name})
+            return False
+        self._taken[key] = msg.offset() + 1
+        return True
 
     def close(self) -> None:
         try:  # leaves the group: partitions move at once (bounded: it needs the broker)
@@ -748,6 +763,8 @@ class StageRunner(ConcurrentMode):
     def _drop_kept(self, keys: set[tuple[str, int]] | None) -> int:
         """Forget kept messages of partitions ``keys`` (None: all): they will be fetched again from
         wherever the partition is read next. A prefetch of a dropped message is discarded."""
+        for key in list(self._taken) if keys is None else keys:
+            self._taken.pop(key, None)
         if not self._kept:
             return 0
         kept = [m for m in self._kept if keys is not None and (m.topic(), m.partition()) not in keys]
@@ -763,9 +780,8 @@ class StageRunner(ConcurrentMode):
         key = (msg.topic(), msg.partition())
         if key not in self._owned:
             return  # its partition moved meanwhile: the next owner reads it
-        if any((m.topic(), m.partition()) == key and m.offset() >= msg.offset() for m in self._kept):
-            return  # a repeat of one already kept
-        self._kept.append(msg)
+        if self._take(msg):
+            self._kept.append(msg)
 
     def _set_fetching(self, on: bool) -> None:
         """Resume (or pause) every assigned partition for the one-at-a-time mode."""

@@ -333,7 +333,7 @@ def test_a_job_whose_partition_was_revoked_is_not_committed():
     consumer.queue = [upload_message(offset=8, job_id="job-2")]
     done = threading.Thread(target=runner._process, args=(upload_message(),))
     done.start()
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while not (stage.handled and runner._kept) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [m.offset() for m in runner._kept] == [8], "the next message is fetched and kept while the job runs"

@@ -109,12 +109,14 @@ def test_the_next_job_is_prefetched_while_one_runs_and_handed_to_it():
     consumer = CountingConsumer()
     for job in "abc":
         consumer.append(0, event(job).encode())
-    stage = PrefetchStage(free=("b", "c"))
+    stage = PrefetchStage(free=("c",))
     runner, thread, producer = run(consumer, stage)
     try:
         until(lambda: stage.prefetched == ["b"], what="b prepared while a runs")
         assert stage.finished == [], "a is still running"
         stage.gates["a"].set()
+        until(lambda: stage.prefetched == ["b", "c"], what="c prepared while b runs")
+        stage.gates["b"].set()
         until(lambda: len(producer.transactions) == 3, what="three commits")
     finally:
         stop(runner, thread)
@@ -183,3 +185,20 @@ def test_messages_of_a_partition_assigned_during_a_job_are_taken_after_it():
         stop(runner, thread)
     assert producer.outputs() == ["a", "z"] and stage.handed["z"] == "audio of z"
     assert runner._owned == {(TOPIC, 0), (TOPIC, 1), (TOPIC, 2)}
+
+
+def test_a_message_delivered_again_without_a_rewind_is_not_handled_twice():
+    consumer = CountingConsumer(partitions=1)
+    for job in "ab":
+        consumer.append(0, event(job).encode())
+    stage = GateStage(concurrency=1, free=("a", "b"))
+    runner, thread, producer = run(consumer, stage)
+    try:
+        until(lambda: len(producer.transactions) == 2, what="a and b committed")
+        with consumer.lock:
+            consumer.position[(TOPIC, 0)] = 0  # the client hands out offsets 0 and 1 again, unasked
+        until(lambda: consumer.deliveries[(0, 1)] == 2, what="both delivered again")
+        time.sleep(0.3)
+    finally:
+        stop(runner, thread)
+    assert stage.handled == ["a", "b"] and producer.outputs() == ["a", "b"]
