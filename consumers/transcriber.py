@@ -125,9 +125,11 @@ class Transcriber:
             int(psutil.virtual_memory().available), gpu[0] if gpu else None,
         )
 
-    def idle_capacity(self) -> int:
-        """The most this worker could offer a job: measured between jobs, so its RSS is its idle RSS."""
-        gc.collect()
+    def idle_capacity(self, collect: bool = True) -> int:
+        """The most this worker could offer a job: measured between jobs, so its RSS is its idle RSS
+        (``collect``: after a garbage collection, which frees what the last job left)."""
+        if collect:
+            gc.collect()
         gpu = memory.gpu_memory()
         return memory.idle_capacity_bytes(
             self.settings.memory_budget_bytes, memory.process_rss(), int(psutil.virtual_memory().total),
@@ -149,7 +151,9 @@ class Transcriber:
         """
         model = event.options.model or self.settings.model
         need = max(0, memory.estimate_job_bytes(event.audio_duration, model) - resident)
-        capacity = self.idle_capacity()
+        capacity = self.idle_capacity(collect=False)  # a collection costs; only needed near the limit
+        if need > capacity:
+            capacity = self.idle_capacity()
         if need > capacity:
             return (f"the job needs about {need / MIB:.0f} MiB ({event.audio_duration:.0f} s of audio, model"
                     f" {model!r}) but this worker can never offer more than {capacity / MIB:.0f} MiB"
