@@ -12,7 +12,7 @@ threads each), one after the other in this one run:
 2. pipeline: ``kafscribe services up`` with that setting, on a fresh topic prefix and its own state
    directory and ports (``--http-port``; metrics off), against the running stack. Once its N
    transcribers are live and warmed up, 8 submitters (``--submitters``) send the clips from a shared
-   queue: submit, wait until ``completed``, take the next.
+   queue: submit, wait until ``completed`` (asking every 0.25 s), take the next.
 
 Prints, per setting: wall time, audio-seconds per second, the ratio pipeline / bare, submit->completed
 latency p50/p95, where each job's time went (the transcriber's phases and every stage's commit, from
@@ -45,7 +45,7 @@ from kafscribe.settings import Settings
 
 from .clips import make_clips
 
-TRANSCRIBER_PHASES = ("queue_wait", "status", "admission", "prefetch_wait", "blob_read", "decode", "engine")
+POLL_S = 0.25  # how often a submitter asks for its job's status (each ask is an HTTP request + a Cassandra read)
 
 
 def durations(n: int, low: float = 5.0, high: float = 40.0) -> list[float]:
@@ -198,7 +198,7 @@ def submit_all(http, clips: list[Path], submitters: int) -> tuple[float, dict[in
                 job_id = http.submit(path)["job_id"]
                 job_ids.append(job_id)
                 while (job := http.job(job_id))["status"] not in ("completed", "failed"):
-                    time.sleep(0.05)
+                    time.sleep(POLL_S)
                 latencies.append(time.monotonic() - t0)
                 if job["status"] != "completed":
                     errors.append(f"{path.name}: {job.get('error')}")
@@ -301,6 +301,7 @@ def report(name: str, processes: int, threads: int, audio_s: float, bare: Run, p
         values = pipe.phases[key]
         lines.append(f"    {key:<32} {sum(values) / len(values):8.3f} {sum(values):9.2f}   ({len(values)} jobs)")
     total_p, total_b = sum(pipe.cpu.values()), sum(bare.cpu.values())
+    lines.append(f"  CPU ratio: {total_p / total_b:.2f} (pipeline CPU-seconds / bare; less sensitive to a busy host)")
     lines.append(f"  CPU-seconds: pipeline {total_p:.1f} (" + ", ".join(
         f"{k} {v:.1f}" for k, v in sorted(pipe.cpu.items(), key=lambda kv: -kv[1])) + ")")
     lines.append(f"               bare {total_b:.1f} (" + ", ".join(f"{k} {v:.1f}" for k, v in bare.cpu.items()) + ")")
