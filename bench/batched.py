@@ -7,14 +7,15 @@ The clip is composed of espeak-ng sentences separated by short pauses (what a
 VAD cuts at); the reference is the text that was spoken. Both runs use the
 same engine settings (``KAFSCRIBE_*``: model, beam, threads, device); the
 batched one is the engine's ``KAFSCRIBE_ENGINE_BATCH_SIZE`` option. Recall is
-the share of the reference's words found in order in the transcript
-(difflib's longest matching blocks over lower-cased words).
+the share of the reference's words found in order in the transcript: the
+longest common subsequence of lower-cased words over the reference's length
+(a greedy matcher such as difflib's misaligns text that repeats, as this clip's
+sentences do). Transcripts are written beside the clip.
 """
 
 from __future__ import annotations
 
 import argparse
-import difflib
 import re
 import subprocess
 import tempfile
@@ -82,9 +83,17 @@ def words(text: str) -> list[str]:
 
 
 def recall(reference: str, hypothesis: str) -> float:
+    """Longest common subsequence of the words, over the reference's word count."""
     ref, hyp = words(reference), words(hypothesis)
-    matched = sum(b.size for b in difflib.SequenceMatcher(None, ref, hyp, autojunk=False).get_matching_blocks())
-    return matched / len(ref) if ref else 0.0
+    if not ref:
+        return 0.0
+    previous = [0] * (len(hyp) + 1)
+    for r in ref:
+        current = [0]
+        for j, h in enumerate(hyp):
+            current.append(previous[j] + 1 if r == h else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1] / len(ref)
 
 
 def timed(settings: Settings, samples: np.ndarray) -> tuple[float, str]:
@@ -111,10 +120,12 @@ def main(argv: list[str] | None = None) -> None:
     print(f"clip {duration:.0f} s ({len(words(reference))} words spoken); engine {base.engine}, model {base.model}, "
           f"beam {base.beam_size}, device {base.device}, threads {base.cpu_threads or 'auto'}", flush=True)
     seq_s, seq_text = timed(base.with_(engine_batch_size=0), samples)
+    path.with_suffix(".sequential.txt").write_text(seq_text)
     print(f"sequential      : {seq_s:7.1f} s  RTF {seq_s / duration:.3f}  word recall {recall(reference, seq_text):.3f}",
           flush=True)
     for size in [int(s) for s in args.batch_sizes.split(",") if s]:
         s, text = timed(base.with_(engine_batch_size=size, engine_batch_min_audio_s=0.0), samples)
+        path.with_suffix(f".batched{size}.txt").write_text(text)
         print(f"batched (size {size:2d}): {s:7.1f} s  RTF {s / duration:.3f}  word recall {recall(reference, text):.3f}"
               f"  speed-up {seq_s / s:.2f}x", flush=True)
 
