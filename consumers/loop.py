@@ -5,9 +5,15 @@ One event at a time per worker process:
 1. ``poll()`` an event. Bytes that are not a kafscribe event go to the DLQ
    (with the reason) and their offset is committed: a bad message never
    blocks a partition or kills a worker.
-2. Pause every owned partition and run the stage's handler in a thread,
-   while this thread keeps calling ``poll()``: the worker stays in the group
-   (heartbeats, ``max.poll.interval.ms``) however long the job takes.
+2. Run the stage's handler in a thread, while this thread keeps calling
+   ``poll()``: the worker stays in the group (heartbeats,
+   ``max.poll.interval.ms``) however long the job takes. Meanwhile one more
+   message is fetched and kept (then every owned partition is paused); it is
+   handled as soon as this one is committed -- never rewound and fetched
+   again -- and a stage with a ``prefetch(event, message)`` method prepares
+   it in another thread (the transcriber reads and decodes its audio), handed
+   to ``handle`` as ``prefetched`` (a Future). Kept messages and their
+   prefetch are dropped whenever their partition is revoked, lost or rewound.
 3. In one Kafka transaction: produce the handler's output events and commit
    the input offset (``send_offsets_to_transaction`` with the group
    metadata). Downstream stages read ``read_committed``, so they see the
@@ -110,6 +116,14 @@ class LeaveGroup(Exception):
     The job's offset stays uncommitted; the worker unsubscribes, keeps reporting
     its status, and subscribes again once ``stage.can_resume()`` says so.
     """
+
+
+@dataclass
+class _Prefetch:
+    """The stage's preparation (``stage.prefetch``) of the next kept message; None: nothing to prepare."""
+
+    msg: Message
+    future: Future | None
 
 
 # === concurrent mode (opt-in: ``stage.concurrency = N``) ==========================================
@@ -221,15 +235,17 @@ class ConcurrentMode:
     def concurrency(self) -> int:
         return max(1, int(getattr(self.stage, "concurrency", 1) or 1))
 
-    def _run_concurrent(self) -> None:
+    def _init_concurrent(self) -> None:
         self._cc_work = InOrderCommits()
         self._cc_running: set[Future] = set()
         self._cc_held: dict[PartitionKey, float] = {}  # partition -> epoch time it may resume
         self._cc_rewind: dict[PartitionKey, int] = {}  # partition -> offset to read again on resume
         self._cc_full = False
+
+    def _run_concurrent(self) -> None:
         topics = [self.settings.topic(t) for t in getattr(self.stage, "input_topics", (self.stage.input_topic,))]
         self.consumer.subscribe(
-            topics, on_assign=self._cc_on_assign, on_revoke=self._cc_on_revoke, on_lost=self._cc_on_lost
+            topics, on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost
         )
         pool = ThreadPoolExecutor(self.concurrency, thread_name_prefix=f"{self.stage.name}-job")
         log.info("stage started (%d at once)", self.concurrency,
@@ -280,35 +296,13 @@ class ConcurrentMode:
         elif self._cc_held:
             self.consumer.pause([TopicPartition(*k) for k in self._cc_held])
 
-    # --- rebalance callbacks of the concurrent mode --------------------------------
-    def _cc_on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
-        metrics.REBALANCES.labels(self.stage.name, "assign").inc()
-        log.info("assigned %s", [(p.topic, p.partition) for p in partitions], extra={"stage": self.stage.name})
-        for tp in partitions:
-            self._cc_forget((tp.topic, tp.partition))
-        consumer.incremental_assign(partitions)
-        self._owned = self._owned | {(p.topic, p.partition) for p in partitions}  # rebound: read by other threads
-        # librdkafka keeps a partition's pause flag across revoke and re-assign: set it explicitly.
-        if self._cc_full or self._holding or self._stop.is_set():
-            consumer.pause(partitions)
-        else:
-            consumer.resume(partitions)
-
-    def _cc_on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
-        metrics.REBALANCES.labels(self.stage.name, "revoke").inc()
-        self._cc_give_up(partitions, "revoked")
-
-    def _cc_on_lost(self, consumer, partitions: list[TopicPartition]) -> None:
-        metrics.REBALANCES.labels(self.stage.name, "lost").inc()
-        self._cc_give_up(partitions, "lost")
-
-    def _cc_give_up(self, partitions: list[TopicPartition], why: str) -> None:
-        self._owned = self._owned - {(p.topic, p.partition) for p in partitions}
+    # --- what the concurrent mode forgets of partitions that move (called by the rebalance callbacks) ----
+    def _cc_give_up(self, partitions: list[TopicPartition]) -> int:
+        """Forget the partitions' pending messages; returns how many were left to the next owner."""
         dropped = sum(len(self._cc_forget((tp.topic, tp.partition))) for tp in partitions)
-        log.info("%s %s (%d uncommitted messages left to the next owner)", why,
-                 [(p.topic, p.partition) for p in partitions], dropped, extra={"stage": self.stage.name})
         if dropped:
             metrics.JOBS.labels(self.stage.name, "abandoned").inc(dropped)
+        return dropped
 
     def _cc_forget(self, key: PartitionKey) -> list[_Slot]:
         self._cc_held.pop(key, None)
@@ -474,6 +468,15 @@ class StageRunner(ConcurrentMode):
         self._stop = threading.Event()
         self._in_flight: TopicPartition | None = None
         self._lost_in_flight = False
+        # Messages fetched while a job ran: handled next, in the order fetched, never fetched again.
+        self._kept: deque[Message] = deque()
+        # Per partition, the offset after the last message taken (kept or handled): an older one is a
+        # repeat (never handled twice). Forgotten wherever the partition is rewound, moved or re-assigned.
+        self._taken: dict[tuple[str, int], int] = {}
+        self._fetch_paused = False  # the one-at-a-time mode paused its partitions (for a job)
+        self._prefetch: _Prefetch | None = None  # the stage's preparation of _kept[0], running meanwhile
+        self._prefetch_pool: ThreadPoolExecutor | None = None
+        self._init_concurrent()
         self._owned: set[tuple[str, int]] = set()  # kept by the rebalance callbacks
         self._holding = False  # partitions held paused while the producer is recovered
         self._resync: set[tuple[str, int]] = set()  # partitions to rewind to their committed offset
@@ -497,9 +500,11 @@ class StageRunner(ConcurrentMode):
         return self._stop.is_set()
 
     def assignment(self) -> list[int]:
-        """Partitions owned now, as the rebalance callbacks told us (safe from any thread: librdkafka's
-        own ``assignment()`` was seen to block for minutes while the consumer sat out of its group)."""
-        return sorted(p for _, p in self._owned)
+        """Partitions of the stage's main input topic owned now, as the rebalance callbacks told us (safe
+        from any thread: librdkafka's own ``assignment()`` was seen to block for minutes while the consumer
+        sat out of its group). A stage reading several topics (the callback retry tiers) reports its first
+        topic's: WorkerStatus.partitions names partitions of one topic."""
+        return sorted(p for t, p in self._owned if t == self.topic)
 
     def _subscribe(self) -> None:
         self.consumer.subscribe(
@@ -516,8 +521,7 @@ class StageRunner(ConcurrentMode):
                 if self.producer is None or self._resync or self._producer_suspect:
                     self._recover()
                     continue
-                msg = self.consumer.poll(0.5)
-                self._tick()
+                msg = self._next_message()
                 if msg is None:
                     self._check_idle()
                     continue
@@ -526,7 +530,33 @@ class StageRunner(ConcurrentMode):
                     continue
                 self._process(msg)
         finally:
+            self._discard_prefetch()
+            if self._prefetch_pool is not None:
+                self._prefetch_pool.shutdown(wait=False, cancel_futures=True)
             self.close()
+
+    def _next_message(self) -> Message | None:
+        """The oldest message kept from the last job's run, else a fresh ``poll()``."""
+        if self._kept:
+            self._tick()
+            return self._kept.popleft()
+        if self._fetch_paused and not self._holding:
+            self._set_fetching(True)
+        msg = self.consumer.poll(0.5)
+        self._tick()
+        if msg is not None and not msg.error() and not self._take(msg):
+            return None
+        return msg
+
+    def _take(self, msg: Message) -> bool:
+        """Note ``msg`` as taken; False if it is a repeat of one taken already (it is skipped)."""
+        key = (msg.topic(), msg.partition())
+        if msg.offset() < self._taken.get(key, -1):
+            log.warning("skipping offset %d of partition %d: already taken", msg.offset(), msg.partition(),
+                        extra={"stage": self.stage.name})
+            return False
+        self._taken[key] = msg.offset() + 1
+        return True
 
     def close(self) -> None:
         try:  # leaves the group: partitions move at once (bounded: it needs the broker)
@@ -614,6 +644,7 @@ class StageRunner(ConcurrentMode):
 
     def _rewind_to_committed(self) -> None:
         """Seek each partition in ``_resync`` that we still own to the group's committed offset."""
+        self._drop_kept(set(self._resync))  # read again from the committed offset
         wanted = [TopicPartition(t, p) for t, p in sorted(self._resync) if (t, p) in self._owned]
         if wanted:
             committed = deadline.call(
@@ -690,17 +721,26 @@ class StageRunner(ConcurrentMode):
     def _busy(self) -> bool:
         return self._in_flight is not None or self._holding
 
-    # --- rebalance callbacks (called inside poll) --------------------------------
+    # --- rebalance callbacks (called inside poll), one set for both modes -------------
     def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:
         metrics.REBALANCES.labels(self.stage.name, "assign").inc()
-        log.info("assigned %s", [p.partition for p in partitions], extra={"stage": self.stage.name})
+        log.info("assigned %s", [(p.topic, p.partition) for p in partitions], extra={"stage": self.stage.name})
+        keys = {(p.topic, p.partition) for p in partitions}
+        self._drop_kept(keys)  # nothing kept from an earlier ownership: it is read from the committed offset
+        for key in keys:
+            self._cc_forget(key)
         consumer.incremental_assign(partitions)
-        self._owned = self._owned | {(p.topic, p.partition) for p in partitions}  # rebound: read by other threads
+        self._owned = self._owned | keys  # rebound: read by other threads
         # librdkafka keeps a partition's pause flag across revoke and re-assign: set it explicitly.
-        if self._busy():
+        if self._pause_new_partitions():
             consumer.pause(partitions)
         else:
             consumer.resume(partitions)
+
+    def _pause_new_partitions(self) -> bool:
+        if self._holding or self._stop.is_set():
+            return True
+        return self._cc_full if self.concurrency > 1 else self._in_flight is not None
 
     def _on_revoke(self, consumer, partitions: list[TopicPartition]) -> None:
         metrics.REBALANCES.labels(self.stage.name, "revoke").inc()
@@ -711,15 +751,90 @@ class StageRunner(ConcurrentMode):
         self._forget(partitions, "lost")
 
     def _forget(self, partitions: list[TopicPartition], why: str) -> None:
-        log.info("%s %s", why, [p.partition for p in partitions], extra={"stage": self.stage.name})
-        self._owned = self._owned - {(p.topic, p.partition) for p in partitions}
+        """Partitions moved away: nothing of theirs is committed here; the next owner reads them again."""
+        keys = {(p.topic, p.partition) for p in partitions}
+        self._owned = self._owned - keys
         cur = self._in_flight
-        if cur is not None and any((p.topic, p.partition) == (cur.topic, cur.partition) for p in partitions):
+        if cur is not None and (cur.topic, cur.partition) in keys:
             self._lost_in_flight = True
+        dropped = self._drop_kept(keys) + self._cc_give_up(partitions)
+        log.info("%s %s (%d uncommitted messages left to the next owner)", why, sorted(keys), dropped,
+                 extra={"stage": self.stage.name})
+
+    # --- messages kept between jobs, and the prefetch of the next one --------------------
+    def _drop_kept(self, keys: set[tuple[str, int]] | None) -> int:
+        """Forget kept messages of partitions ``keys`` (None: all): they will be fetched again from
+        wherever the partition is read next. A prefetch of a dropped message is discarded."""
+        for key in list(self._taken) if keys is None else keys:
+            self._taken.pop(key, None)
+        if not self._kept:
+            return 0
+        kept = [m for m in self._kept if keys is not None and (m.topic(), m.partition()) not in keys]
+        dropped = len(self._kept) - len(kept)
+        if dropped:
+            self._kept = deque(kept)
+            if self._prefetch is not None and (not kept or self._prefetch.msg is not kept[0]):
+                self._discard_prefetch()
+        return dropped
+
+    def _keep(self, msg: Message) -> None:
+        """A message fetched while a job runs: handled after it (unless its partition is rewound or moves)."""
+        key = (msg.topic(), msg.partition())
+        if key not in self._owned:
+            return  # its partition moved meanwhile: the next owner reads it
+        if self._take(msg):
+            self._kept.append(msg)
+
+    def _set_fetching(self, on: bool) -> None:
+        """Resume (or pause) every assigned partition for the one-at-a-time mode."""
+        try:
+            assignment = self.consumer.assignment()
+            (self.consumer.resume if on else self.consumer.pause)(assignment)
+        except (KafkaException, RuntimeError):
+            return
+        self._fetch_paused = not on
+
+    def _start_prefetch(self) -> None:
+        """Let the stage prepare the next kept message (``stage.prefetch``) while the current job runs.
+
+        Depth 1: only the head of ``_kept``. What it prepares is handed to ``stage.handle`` as
+        ``prefetched`` (a Future) and is dropped if the message is dropped (revoke, rewind).
+        """
+        prepare = getattr(self.stage, "prefetch", None)
+        if prepare is None or not self._kept or self._prefetch is not None or self._stop.is_set():
+            return
+        head = self._kept[0]
+        future: Future | None = None
+        try:
+            event = decode_event(head.value())
+        except DecodeError:
+            event = None
+        if event is not None and validation.check_event(self.settings, self.stage.input_topic, event) is None:
+            if self._prefetch_pool is None:
+                self._prefetch_pool = ThreadPoolExecutor(1, thread_name_prefix=f"{self.stage.name}-prefetch")
+            future = self._prefetch_pool.submit(prepare, event, head)
+        self._prefetch = _Prefetch(head, future)
+
+    def _take_prefetch(self, msg: Message) -> Future | None:
+        """The prefetch of ``msg`` if there is one (any other one is stale and discarded)."""
+        pre, self._prefetch = self._prefetch, None
+        if pre is None or pre.future is None:
+            return None
+        if pre.msg is msg:
+            return pre.future
+        pre.future.cancel()
+        return None
+
+    def _discard_prefetch(self) -> None:
+        pre, self._prefetch = self._prefetch, None
+        if pre is not None and pre.future is not None:
+            pre.future.cancel()  # if it already runs, its result is simply never used
+            metrics.PREFETCHES.labels(self.stage.name, "discarded").inc()
 
     # --- one message ------------------------------------------------------------------
     def _process(self, msg: Message) -> None:
         started = time.monotonic()
+        event: Event | None = None
         try:
             event = decode_event(msg.value())
         except DecodeError as exc:
@@ -730,7 +845,7 @@ class StageRunner(ConcurrentMode):
             if invalid is not None:
                 log.warning("invalid event refused: %s", invalid, extra=self._extra(msg, event))
             try:
-                outputs = (self._run_paused(msg, event) if invalid is None
+                outputs = (self._run_paused(msg, event, self._take_prefetch(msg)) if invalid is None
                            else self.stage.failure_outputs(event, invalid))
             except Abandoned as exc:
                 log.warning("job abandoned: %s", exc, extra=self._extra(msg, event))
@@ -750,16 +865,22 @@ class StageRunner(ConcurrentMode):
             else:
                 outcome = "ok" if invalid is None else "invalid"
         offsets = [TopicPartition(msg.topic(), msg.partition(), msg.offset() + 1)]
+        committing = time.monotonic()
         if self._commit(offsets, outputs, self._extra(msg)):
+            done = time.monotonic()
             self._outages = 0
             metrics.JOBS.labels(self.stage.name, outcome).inc()
-            metrics.STAGE_SECONDS.labels(self.stage.name).observe(time.monotonic() - started)
+            metrics.STAGE_SECONDS.labels(self.stage.name).observe(done - started)
+            metrics.JOB_PHASE_SECONDS.labels(self.stage.name, "commit").observe(done - committing)
             self._record_lag(msg)
+            log.info("committed", extra={**self._extra(msg, event), "phases": {
+                "handler": round(committing - started, 4), "commit": round(done - committing, 4)}})
         else:
             self._rewind(msg)
 
     def _rewind(self, msg: Message) -> None:
         """Read ``msg`` again (its offset was not committed), if this worker still owns its partition."""
+        self._drop_kept({(msg.topic(), msg.partition())})
         if any((tp.topic, tp.partition) == (msg.topic(), msg.partition()) for tp in self.consumer.assignment()):
             self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
@@ -769,6 +890,7 @@ class StageRunner(ConcurrentMode):
         delay = min(30.0, 0.5 * 2 ** min(self._outages, 6))
         log.warning("store unavailable, redoing in %.1fs: %s", delay, exc, extra=self._extra(msg))
         metrics.JOBS.labels(self.stage.name, "deferred").inc()
+        self._drop_kept({(msg.topic(), msg.partition())})
         self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
         self._hold(True)
         self._wait_polling(delay)
@@ -778,6 +900,7 @@ class StageRunner(ConcurrentMode):
         """Unsubscribe (partitions move to others) until the stage can take work again."""
         self.consumer.unsubscribe()
         self._owned = set()
+        self._drop_kept(None)
         can_resume = getattr(self.stage, "can_resume", lambda: True)
         while not self._stop.is_set() and not can_resume():
             self.consumer.poll(1.0)  # serves the revocation; nothing else arrives
@@ -786,32 +909,38 @@ class StageRunner(ConcurrentMode):
             log.info("rejoining the group", extra={"stage": self.stage.name, "worker_id": self.worker_id})
             self._subscribe()
 
-    def _run_paused(self, msg: Message, event: Event) -> list[Output]:
-        """Run the handler in a thread; keep polling (paused) so we stay in the group."""
-        owned = self.consumer.assignment()
-        self.consumer.pause(owned)
+    def _run_paused(self, msg: Message, event: Event, prefetched: Future | None = None) -> list[Output]:
+        """Run the handler in a thread; keep polling so we stay in the group.
+
+        While the job runs, the partitions are paused once one message is kept for after it
+        (depth 1; more may arrive before the pause takes effect, and are kept too): that
+        message is handled as soon as this one is committed, and the stage may prepare it
+        meanwhile (``stage.prefetch``). Kept messages are never fetched twice.
+        """
         self._in_flight = TopicPartition(msg.topic(), msg.partition(), msg.offset())
         self._lost_in_flight = False
         self.in_flight_count = 1
+        self._set_fetching(not self._kept)
+        self._start_prefetch()
         box: dict[str, object] = {}
+        kwargs = {} if prefetched is None else {"prefetched": prefetched}
 
         def work() -> None:
             try:
-                box["outputs"] = self.stage.handle(event, msg)
+                box["outputs"] = self.stage.handle(event, msg, **kwargs)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the poll thread
                 box["error"] = exc
 
         thread = threading.Thread(target=work, name=f"{self.stage.name}-job", daemon=True)
         thread.start()
-        rewind: dict[tuple[str, int], int] = {}
         stop_seen_at: float | None = None
         try:
             while thread.is_alive():
-                stray = self.consumer.poll(0.2)
-                if stray is not None and not stray.error():
-                    key = (stray.topic(), stray.partition())
-                    rewind[key] = min(rewind.get(key, stray.offset()), stray.offset())
-                self.consumer.pause(self.consumer.assignment())
+                fetched = self.consumer.poll(0.2)
+                if fetched is not None and not fetched.error():
+                    self._keep(fetched)
+                self._set_fetching(not self._kept and not self._stop.is_set())
+                self._start_prefetch()
                 self._tick()
                 if self._stop.is_set():
                     stop_seen_at = stop_seen_at or time.monotonic()
@@ -826,12 +955,8 @@ class StageRunner(ConcurrentMode):
         finally:
             self._in_flight = None
             self.in_flight_count = 0
-            assignment = self.consumer.assignment()
-            self.consumer.resume(assignment)
-            owned_now = {(tp.topic, tp.partition) for tp in assignment}
-            for (topic, partition), offset in rewind.items():
-                if (topic, partition) in owned_now:
-                    self.consumer.seek(TopicPartition(topic, partition, offset))
+            if not self._kept:
+                self._set_fetching(True)
 
     def _commit(self, offsets: list[TopicPartition], outputs: list[Output], extra: dict) -> bool:
         """Produce ``outputs`` and commit ``offsets`` (next offsets to read) atomically.

@@ -27,6 +27,15 @@ than ``KAFSCRIBE_MAX_AUDIO_S`` -- and the job has a time limit
 reuses the id of a finished job goes to the DLQ and the finished job is left
 as it was. Only models in ``Settings.allowed_model_names`` are ever loaded.
 
+Prefetch (issue 10): while a job runs, the consume loop hands the next
+kept ``Upload`` to ``prefetch``, which reads its blob and decodes it in a
+thread, so the next job starts at the engine. A prefetch is admitted like a
+job: only when the headroom covers the running job's estimate plus the
+prefetched audio (else it is skipped and done in the job, as before), and
+the job it serves subtracts what is already resident from its own estimate.
+It changes nothing in the job store; a failed or discarded prefetch is
+simply redone inside the job, with the usual retries and error reasons.
+
 Redo: every start counts an attempt in the job row; a job started more than
 ``KAFSCRIBE_MAX_ATTEMPTS`` times (its workers kept dying) fails, with its
 errors, and a copy of its ``Upload`` goes to the DLQ.
@@ -43,8 +52,10 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from dataclasses import replace
+from concurrent.futures import Future
+from dataclasses import dataclass, replace
 
+import numpy as np
 import psutil
 from confluent_kafka import Message
 
@@ -65,6 +76,24 @@ MIB = 2**20
 MAX_HANDOFFS = 3  # an Upload handed on this often (views can be stale) fails instead
 
 log = logging.getLogger("kafscribe.transcriber")
+
+
+@dataclass
+class Prefetched:
+    """A job's audio read and decoded ahead of time (``Transcriber.prefetch``)."""
+
+    samples: np.ndarray
+    read_s: float
+    decode_s: float
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.samples.nbytes)
+
+
+def prefetch_bytes(duration_s: float) -> int:
+    """Memory a prefetch holds while it waits: the float32 samples, plus the blob and PCM while decoding."""
+    return int(max(duration_s, 0.0) * memory.AUDIO_BYTES_PER_SECOND)
 
 
 class Transcriber:
@@ -103,9 +132,11 @@ class Transcriber:
             int(psutil.virtual_memory().available), gpu.free if gpu else None,
         )
 
-    def idle_capacity(self) -> int:
-        """The most this worker could offer a job: measured between jobs, so its RSS is its idle RSS."""
-        gc.collect()
+    def idle_capacity(self, collect: bool = True) -> int:
+        """The most this worker could offer a job: measured between jobs, so its RSS is its idle RSS
+        (``collect``: after a garbage collection, which frees what the last job left)."""
+        if collect:
+            gc.collect()
         gpu = memory.gpu_status(self.settings.device)
         return memory.idle_capacity_bytes(
             self.settings.memory_budget_bytes, memory.process_rss(), int(psutil.virtual_memory().total),
@@ -118,15 +149,18 @@ class Transcriber:
         self.throttled = not ok
         return ok
 
-    def admit(self, event: Upload) -> str | None:
+    def admit(self, event: Upload, resident: int = 0) -> str | None:
         """Wait until there is memory for ``event``; raise ``LeaveGroup`` if that takes too long.
 
-        Returns why the job can never run here (its estimate exceeds this worker's idle
-        capacity), or None once it may start.
+        ``resident``: bytes of the job already in this process (its prefetched samples), which
+        its estimate need not find free again. Returns why the job can never run here (its
+        estimate exceeds this worker's idle capacity), or None once it may start.
         """
         model = event.options.model or self.settings.model
-        need = memory.estimate_for(self.settings, event.audio_duration, model)
-        capacity = self.idle_capacity()
+        need = max(0, memory.estimate_for(self.settings, event.audio_duration, model) - resident)
+        capacity = self.idle_capacity(collect=False)  # a collection costs; only needed near the limit
+        if need > capacity:
+            capacity = self.idle_capacity()
         if need > capacity:
             return (f"the job needs about {need / MIB:.0f} MiB ({event.audio_duration:.0f} s of audio, model"
                     f" {model!r}) but this worker can never offer more than {capacity / MIB:.0f} MiB"
@@ -164,10 +198,47 @@ class Transcriber:
         moved = replace(event, attempt=event.attempt + 1, produced_at=now_ms())
         return [Output(self.settings.topic(self.input_topic), moved, partition=partition)]
 
+    # --- the next job's audio, while this one runs ----------------------------------------
+    def max_decode_s(self, event: Upload) -> float:
+        """Admission budgeted for the claimed duration: decode no more than that (+ rounding slack)."""
+        return min(self.settings.max_audio_s, event.audio_duration * 1.01 + 1.0)
+
+    def prefetch(self, event: Event, message: Message) -> Prefetched | None:
+        """Read and decode ``event``'s audio ahead of its job (called by the loop, in a thread).
+
+        None when there is no memory to spare for it now (the job does it itself, later);
+        exceptions are left to the job, which does the work again with its retries.
+        """
+        if not isinstance(event, Upload):
+            return None
+        held = prefetch_bytes(event.audio_duration)
+        if self.headroom() < self._last_need + held:
+            metrics.PREFETCHES.labels(self.name, "no_memory").inc()
+            return None
+        t0 = time.monotonic()
+        data = blobstore.read_verified(self.settings, self.session, event.blob_ref, event.audio_sha256)
+        t1 = time.monotonic()
+        samples = audio.decode(data, self.max_decode_s(event),
+                               timeout_s=self.settings.job_time_limit_s(event.audio_duration))
+        metrics.PREFETCHES.labels(self.name, "done").inc()
+        return Prefetched(samples, t1 - t0, time.monotonic() - t1)
+
+    @staticmethod
+    def _prefetched(prefetched: Future | None, timeout_s: float) -> Prefetched | None:
+        if prefetched is None:
+            return None
+        try:
+            return prefetched.result(timeout=max(0.0, timeout_s))
+        except Exception as exc:  # noqa: BLE001 - the job reads and decodes again, with its own error handling
+            log.info("prefetch not used: %r", exc)
+            return None
+
     # --- one job -------------------------------------------------------------------------
-    def handle(self, event: Event, message: Message) -> list[Output]:
+    def handle(self, event: Event, message: Message, prefetched: Future | None = None) -> list[Output]:
         if not isinstance(event, Upload):
             raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
+        began = time.monotonic()
+        phases = {"queue_wait": max(0.0, (now_ms() - event.produced_at) / 1000)} if event.produced_at else {}
         finished = self.jobs.finished_status(event.job_id)
         if finished == "cancelled" or (finished is None and job_cancelled(self.jobs, event.job_id)):
             return self.skip_cancelled(event)
@@ -175,10 +246,15 @@ class Transcriber:
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
             log.warning(reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
             return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
-        too_big = self.admit(event)
+        ready = prefetched.result() if prefetched is not None and prefetched.done() and \
+            prefetched.exception() is None else None
+        t = time.monotonic()
+        too_big = self.admit(event, resident=ready.nbytes if ready is not None else 0)
+        phases["admission"] = time.monotonic() - t
         if too_big is not None:
             return self.hand_off_or_fail(event, too_big)
         attempt = self.jobs.start_attempt(event.job_id, TRANSCRIBING, self.worker_id)
+        phases["status"] = time.monotonic() - began - phases["admission"]
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "attempt": attempt}
         if attempt > 1:
             metrics.REDONE_JOBS.labels(self.name).inc()
@@ -190,24 +266,38 @@ class Transcriber:
         started = time.monotonic()
         limit_s = self.settings.job_time_limit_s(event.audio_duration)
         deadline = started + limit_s
-        # Admission budgeted for the claimed duration: decode no more than that (+ rounding slack).
-        max_audio_s = min(self.settings.max_audio_s, event.audio_duration * 1.01 + 1.0)
+        max_audio_s = self.max_decode_s(event)
         try:
             engine = self.engine_for(event.options.model)
-            data = with_retries(
-                lambda: blobstore.read_verified(self.settings, self.session, event.blob_ref, event.audio_sha256),
-                stage=self.name, attempts=self.settings.transient_retries,
-            )
-            try:
-                samples = audio.decode(data, max_audio_s, timeout_s=deadline - time.monotonic())
-            except audio.AudioTooLong as exc:
-                raise PermanentFailure(
-                    f"the audio decodes to more than {max_audio_s:.1f} s, longer than the Upload's"
-                    f" audio_duration ({event.audio_duration:.1f} s) or the limit"
-                    f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
-                ) from exc
-            del data
+            t = time.monotonic()
+            ready = self._prefetched(prefetched, deadline - t)
+            if ready is not None:
+                phases.update(prefetch_wait=time.monotonic() - t, blob_read=0.0, decode=0.0,
+                              prefetched_read=ready.read_s, prefetched_decode=ready.decode_s)
+                samples = ready.samples
+            else:
+                t = time.monotonic()
+                data = with_retries(
+                    lambda: blobstore.read_verified(self.settings, self.session, event.blob_ref,
+                                                    event.audio_sha256),
+                    stage=self.name, attempts=self.settings.transient_retries,
+                )
+                phases["blob_read"] = time.monotonic() - t
+                t = time.monotonic()
+                try:
+                    samples = audio.decode(data, max_audio_s, timeout_s=deadline - time.monotonic())
+                except audio.AudioTooLong as exc:
+                    raise PermanentFailure(
+                        f"the audio decodes to more than {max_audio_s:.1f} s, longer than the Upload's"
+                        f" audio_duration ({event.audio_duration:.1f} s) or the limit"
+                        f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
+                    ) from exc
+                phases["decode"] = time.monotonic() - t
+                del data
+            del ready
+            t = time.monotonic()
             out = self.run_engine(engine, samples, event, attempt, deadline)
+            phases["engine"] = time.monotonic() - t
         except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
             if isinstance(exc.__cause__, Cancelled):
                 return self.skip_cancelled(event, attempt)
@@ -230,7 +320,11 @@ class Transcriber:
             text=out.text, segments=out.segments, engine=engine.name, model=engine.model_name,
             worker_id=self.worker_id, processing_seconds=seconds,
         )
-        log.info("transcribed in %.1fs (%s)", seconds, out.language, extra=extra)
+        for phase, value in phases.items():
+            if not phase.startswith("prefetched_"):
+                metrics.JOB_PHASE_SECONDS.labels(self.name, phase).observe(value)
+        log.info("transcribed in %.1fs (%s)", seconds, out.language,
+                 extra={**extra, "phases": {k: round(v, 4) for k, v in phases.items()}})
         return [Output(self.settings.topic("transcripts"), transcript)]
 
     # --- progress and cancellation (kafscribe.progress; the job store moves the status) -------

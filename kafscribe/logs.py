@@ -7,7 +7,7 @@ import logging
 import sys
 import time
 
-_EXTRA = ("job_id", "trace_id", "stage", "worker_id", "topic", "partition", "offset", "attempt")
+_EXTRA = ("job_id", "trace_id", "stage", "worker_id", "topic", "partition", "offset", "attempt", "phases")
 
 
 class JsonFormatter(logging.Formatter):

@@ -57,3 +57,12 @@ WEBHOOK_DELIVERIES = Counter(
 JOB_ESTIMATE_BYTES = Gauge(
     "kafscribe_job_estimate_bytes", "Memory estimate of the last job a transcriber admitted", ["stage"]
 )
+# Where a job's time goes (issue 10): queue_wait, status, admission, blob_read, decode, prefetch_wait,
+# engine (the stage's own phases) and commit (the consume loop's transaction).
+JOB_PHASE_SECONDS = Histogram(
+    "kafscribe_job_phase_seconds", "Seconds one job spent in a phase of its stage", ["stage", "phase"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+PREFETCHES = Counter(
+    "kafscribe_prefetches_total", "Next-job preparations while a job runs, by outcome", ["stage", "outcome"]
+)

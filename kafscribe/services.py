@@ -13,6 +13,12 @@ exported as ``kafscribe_service_restarts_total{service}`` on
 ``KAFSCRIBE_SUPERVISOR_METRICS_PORT``. ``down`` stops the supervisor
 (SIGTERM): it stops the services with SIGTERM (workers finish or hand back
 their job), then SIGKILL after a timeout.
+
+Transcribers: ``transcriber`` stands for as many instances as
+``kafscribe.sizing.plan`` gives (``KAFSCRIBE_TRANSCRIBERS``, default
+``auto``): ``transcriber``, ``transcriber-2``, ... each with its engine
+threads (``KAFSCRIBE_CPU_THREADS``), its GPU on CUDA, and its own metrics
+port (the first one's + 10 per instance).
 """
 
 from __future__ import annotations
@@ -31,7 +37,7 @@ from pathlib import Path
 from infra import prometheus_server
 from infra.process import ServerProcess
 
-from . import metrics
+from . import metrics, sizing
 from .settings import Settings
 
 DEFAULT_SERVICES = ("ingress", "transcriber", "translator", "sink", "notifier", "lag")
@@ -68,7 +74,22 @@ class Supervisor:
         self.names = list(names)
         self.env = env
         self.log = log
+        self.plan: sizing.Plan | None = None
+        if sizing.TRANSCRIBER in self.names:
+            self.plan = sizing.plan(settings)
+            at = self.names.index(sizing.TRANSCRIBER)
+            self.names[at:at + 1] = sizing.instance_names(self.plan.transcribers)
+            log(f"transcribers: {self.plan.transcribers} x {self.plan.threads} thread(s) ({self.plan.why})")
         self.state = {name: ServiceState() for name in self.names}
+
+    def service_env(self, name: str) -> dict[str, str]:
+        """What ``name`` runs with beyond the supervisor's environment (a transcriber's threads, GPU, port)."""
+        if self.plan is None or name.split("-")[0] != sizing.TRANSCRIBER:
+            return {}
+        from consumers.worker import DEFAULT_METRICS_PORTS
+
+        first_port = self.settings.metrics_port or DEFAULT_METRICS_PORTS[sizing.TRANSCRIBER]
+        return sizing.instance_env(name, self.plan, self.settings, first_port)
 
     def step(self) -> None:
         now = time.monotonic()
@@ -96,7 +117,8 @@ class Supervisor:
             stage = name.split("-")[0]
             argv = [sys.executable, "-m", "kafscribe.cli", "serve", stage, proc.tag]
             try:
-                st.pid = proc.start(argv, env={**os.environ, **(self.env or {}), **metrics_env(name, self.settings)})
+                env = {**os.environ, **(self.env or {}), **metrics_env(name, self.settings), **self.service_env(name)}
+                st.pid = proc.start(argv, env=env)
             except RuntimeError as exc:  # exited at once: try again after the backoff
                 st.quick_exits += 1
                 st.next_start = now + min(self.settings.restart_backoff_max_s, 2.0 ** (st.quick_exits - 1))

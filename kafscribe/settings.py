@@ -146,8 +146,21 @@ class Settings:
         " reports and admits by) or `auto` (`cuda` when the driver reports a GPU).", "cpu",
     )
     compute_type: str = _doc("faster-whisper compute type (`default` = int8 on CPU, float16 on CUDA).", "default")
-    cpu_threads: int = _doc("Threads an engine may use on CPU (0 = library default).", 0)
+    cpu_threads: int = _doc(
+        "Threads an engine may use on CPU (0 = auto: the usable cores divided among the host's transcribers;"
+        " `kafscribe services` sets it per transcriber).", 0
+    )
     beam_size: int = _doc("Beam size for decoding.", 5)
+    # --- perf
+    transcribers: str = _doc(
+        "Transcriber processes `kafscribe services up` starts: a number, or `auto` (CPU: one per usable core,"
+        " one thread each, as far as host memory allows; CUDA: one per GPU).", "auto"
+    )
+    engine_batch_size: int = _doc(
+        "faster-whisper only: >0 transcribes audio of at least KAFSCRIBE_ENGINE_BATCH_MIN_AUDIO_S with the"
+        " batched pipeline (Silero VAD cuts speech into windows decoded this many at a time); 0 = sequential.", 0
+    )
+    engine_batch_min_audio_s: float = _doc("Shortest audio the batched pipeline is used for (see above).", 60.0)
     session_timeout_ms: int = _doc("Consumer group session timeout: a silent worker is dead after this.", 30000)
     heartbeat_ms: int = _doc("Consumer group heartbeat interval.", 5000)
     max_poll_interval_ms: int = _doc("Longest gap between polls (workers keep polling while busy).", 300000)

@@ -330,12 +330,16 @@ def test_a_job_whose_partition_was_revoked_is_not_committed():
     stage = FakeStage()
     stage.release.clear()
     runner, consumer, made = make_runner([FakeProducer()], stage=stage)
+    consumer.queue = [upload_message(offset=8, job_id="job-2")]
     done = threading.Thread(target=runner._process, args=(upload_message(),))
     done.start()
-    while not stage.handled:
+    deadline = time.monotonic() + 30
+    while not (stage.handled and runner._kept) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert consumer.paused == {0, 1}, "partitions paused while the job runs"
+    assert [m.offset() for m in runner._kept] == [8], "the next message is fetched and kept while the job runs"
+    assert consumer.paused == {0, 1}, "then the partitions are paused"
     runner._on_revoke(consumer, [TopicPartition(TOPIC, 0)])
+    assert not runner._kept, "a revoked partition's kept message is left to the next owner"
     stage.release.set()
     done.join(5)
     assert "begin_transaction" not in made[0].names()
@@ -418,3 +422,14 @@ def test_watchdog_fires_for_a_stuck_loop_and_healthz_says_so():
     finally:
         dog.stop()
         server.shutdown()
+
+
+def test_status_partitions_are_the_main_topics_only():
+    """A stage reading several topics (the callback retry tiers) owns partition 0 of each: its
+    WorkerStatus names its main topic's partitions, each once (the ingress refuses repeats)."""
+    runner, consumer, _ = make_runner([])
+    before = runner.assignment()
+    runner._on_assign(consumer, [TopicPartition(TOPIC, 7), TopicPartition("t.callbacks.retry.5s", 0),
+                                 TopicPartition("t.callbacks.retry.5s", 7)])
+    assert {("t.callbacks.retry.5s", 0), ("t.callbacks.retry.5s", 7)} <= runner._owned  # owned and handled ...
+    assert runner.assignment() == sorted({*before, 7})  # ... but reported: the main topic's, once each

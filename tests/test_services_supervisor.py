@@ -26,7 +26,8 @@ def rows(settings) -> dict[str, services.ServiceRow]:
 def test_a_killed_worker_is_restarted_and_its_jobs_complete(stack_settings, session, clips, tmp_path):
     settings = fresh_settings(stack_settings, engine="faster-whisper", model="tiny.en", session_timeout_ms=6000,
                               state_dir=tmp_path / "state", http_port=free_port(),
-                              supervisor_metrics_port=free_port(), status_interval_s=1.0)
+                              supervisor_metrics_port=free_port(), status_interval_s=1.0,
+                              transcribers="1")  # the one transcriber is the one killed
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
     env.update(settings.to_env())
     api_key, _ = KeyStore(session).create("default", admin=True, label="tests")
