@@ -48,6 +48,17 @@ def test_cassandra_down_while_checking_a_key_is_503_not_401():
     assert status == 401
 
 
+@pytest.mark.parametrize(("method", "path"), [("GET", "/v1/jobs/x"), ("GET", "/v1/jobs"),
+                                            ("DELETE", "/v1/jobs/x"), ("GET", "/v1/jobs/x/transcript")])
+def test_cassandra_down_behind_a_job_route_is_503_with_retry_after(method, path):
+    """Nothing listens on the Cassandra port: every job route answers 503 + Retry-After, never 500."""
+    settings = Settings(cassandra_port=free_port(), kafka_bootstrap=f"127.0.0.1:{free_port()}", retry_after_s=7,
+                        auth_required=False, http_host="127.0.0.1")
+    status, data, headers = asyncio.run(_call(settings, method, path))
+    assert status == 503 and headers["Retry-After"] == "7", data
+    assert data["error"].startswith("Cassandra unavailable: ") and data["error"].count("Cassandra unavailable") == 1
+
+
 @pytest.mark.parametrize(
     ("public_url", "host", "base"),
     [

@@ -37,7 +37,7 @@ from kafscribe.settings import Settings
 
 from .. import auth
 from ..backends import Backends
-from ..responses import error
+from ..responses import cassandra_outage, error
 
 log = logging.getLogger("kafscribe.ingress")
 
@@ -106,10 +106,7 @@ async def job_events(request: web.Request, job_id: str) -> AsyncIterator[tuple[s
             if not cassandra_session.is_outage(exc):
                 raise
             if first:
-                raise web.HTTPServiceUnavailable(
-                    text=json.dumps({"error": f"Cassandra unavailable: {exc}", "status": 503}),
-                    content_type="application/json", headers={"Retry-After": str(settings.retry_after_s)},
-                ) from exc
+                raise cassandra_outage(request, exc) from exc
             log.warning("events of %s: Cassandra unavailable (%s); retrying", job_id, exc)
             yield "poll", {}  # keep-alives go on (and a gone client is noticed) during the outage
             await asyncio.sleep(settings.events_poll_s)

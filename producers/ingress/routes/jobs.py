@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
-from kafscribe import cassandra_session, formats, metrics, retention
+from kafscribe import formats, metrics, retention
 from kafscribe.callback_guard import mask_url
 from kafscribe.jobstore import COMPLETED, STATUSES, TERMINAL
 from kafscribe.settings import Settings
@@ -23,7 +23,7 @@ from ...submission import SubmissionError, Submitter, Unavailable, check_trace_i
 from .. import auth
 from ..backends import Backends
 from ..links import job_links
-from ..responses import error, json_response, unavailable
+from ..responses import error, in_store, json_response, unavailable
 from ..upload import Received, read_upload
 from . import events
 
@@ -132,21 +132,10 @@ async def load_job(request: web.Request) -> tuple[dict, dict | None]:
 
     def load():
         jobs = backends.jobs()
-        try:
-            job = jobs.get(job_id, tenant=scope)  # another tenant's job reads as missing
-            return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
-        except Exception as exc:
-            if cassandra_session.is_outage(exc):
-                raise Unavailable(f"Cassandra unavailable: {exc}") from exc
-            raise
+        job = jobs.get(job_id, tenant=scope)  # another tenant's job reads as missing
+        return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
 
-    try:
-        job, result = await asyncio.to_thread(load)
-    except Unavailable as exc:
-        raise web.HTTPServiceUnavailable(
-            text=json.dumps({"error": str(exc)}), content_type="application/json",
-            headers={"Retry-After": str(request.app["settings"].retry_after_s)},
-        ) from exc
+    job, result = await in_store(request, load)
     if job is None:
         raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id}"}), content_type="application/json")
     return job, result
@@ -203,13 +192,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     return created, job_id
 
 
-def _outage(request: web.Request, exc: Exception) -> web.HTTPServiceUnavailable:
-    return web.HTTPServiceUnavailable(
-        text=json.dumps({"error": f"Cassandra unavailable: {exc}", "status": 503}), content_type="application/json",
-        headers={"Retry-After": str(request.app["settings"].retry_after_s)},
-    )
-
-
 async def list_jobs(request: web.Request) -> web.Response:
     """The caller's tenant's jobs, newest first: ``limit``, ``cursor`` (from ``next_cursor``), ``status``."""
     settings: Settings = request.app["settings"]
@@ -231,20 +213,10 @@ async def list_jobs(request: web.Request) -> web.Response:
     tenant = auth.caller(request).tenant
 
     def load():
-        try:
-            return backends.jobs().list_jobs(tenant, limit=limit, before=before, status=status,
-                                             days=settings.jobs_list_days)
-        except Unavailable:
-            raise
-        except Exception as exc:
-            if cassandra_session.is_outage(exc):
-                raise Unavailable(str(exc)) from exc
-            raise
+        return backends.jobs().list_jobs(tenant, limit=limit, before=before, status=status,
+                                         days=settings.jobs_list_days)
 
-    try:
-        jobs, position = await asyncio.to_thread(load)
-    except Unavailable as exc:
-        raise _outage(request, exc) from exc
+    jobs, position = await in_store(request, load)
     views = []
     for job in jobs:
         view = job_view(job, None)
@@ -267,23 +239,13 @@ async def delete_job(request: web.Request) -> web.Response:
     job_id = job["job_id"]
 
     def act() -> str:
-        try:
-            store = backends.jobs()
-            if job["status"] in TERMINAL:
-                retention.delete_job(settings, backends.submitter().session, store, job)
-                return "deleted"
-            return "cancelled" if store.cancel(job_id) else "finished"
-        except Unavailable:
-            raise
-        except Exception as exc:
-            if cassandra_session.is_outage(exc):
-                raise Unavailable(str(exc)) from exc
-            raise
+        store = backends.jobs()
+        if job["status"] in TERMINAL:
+            retention.delete_job(settings, backends.submitter().session, store, job)
+            return "deleted"
+        return "cancelled" if store.cancel(job_id) else "finished"
 
-    try:
-        outcome = await asyncio.to_thread(act)
-    except Unavailable as exc:
-        raise _outage(request, exc) from exc
+    outcome = await in_store(request, act)
     if outcome == "deleted":
         log.info("job deleted", extra={"job_id": job_id, "trace_id": job["trace_id"]})
         return json_response({"job_id": job_id, "deleted": True})
