@@ -168,6 +168,19 @@ def follow(jobs: dict[Path, str], get, timeout_s: float) -> dict[str, dict[str, 
     return done
 
 
+def _each_job(ids: list[str], call, render) -> int:
+    """``call`` the API for each job id and print ``render(job_id, answer)``; 1 if any job was missing."""
+    missing = 0
+    for job_id in ids:
+        answer = call(job_id)
+        if answer is None:
+            missing += 1
+            _err(f"no job {job_id}")
+        else:
+            print(render(job_id, answer))
+    return 1 if missing else 0
+
+
 def jobs_command(args: argparse.Namespace, settings: Settings) -> int:
     from producers.client import HttpError
 
@@ -179,25 +192,10 @@ def jobs_command(args: argparse.Namespace, settings: Settings) -> int:
             _err(f"jobs {args.action} needs a job id")
             return 2
         if args.action == "show":
-            missing = 0
-            for job_id in args.ids:
-                job = http.job(job_id)
-                if job is None:
-                    missing += 1
-                    _err(f"no job {job_id}")
-                else:
-                    print(json.dumps(job, indent=2, default=str))
-            return 1 if missing else 0
+            return _each_job(args.ids, http.job, lambda _id, job: json.dumps(job, indent=2, default=str))
         if args.action == "rm":
-            missing = 0
-            for job_id in args.ids:
-                answer = http.delete(job_id)
-                if answer is None:
-                    missing += 1
-                    _err(f"no job {job_id}")
-                else:
-                    print(f"{job_id}\t{'deleted' if answer.get('deleted') else answer.get('status')}")
-            return 1 if missing else 0
+            return _each_job(args.ids, http.delete,
+                             lambda job_id, a: f"{job_id}\t{'deleted' if a.get('deleted') else a.get('status')}")
         # watch
         if http.job(args.ids[0]) is None:
             _err(f"no job {args.ids[0]}")
