@@ -35,6 +35,7 @@ class BlobError(RuntimeError):
 class BlobStore(Protocol):
     scheme: str
 
+    def ref(self, blob_id: str) -> str: ...
     def put(self, blob_id: str, data: bytes) -> str: ...
     def put_chunks(self, blob_id: str, chunks: Iterable[bytes]) -> str: ...
     async def put_async(self, blob_id: str, chunks: AsyncIterable[bytes]) -> str: ...
@@ -59,6 +60,10 @@ class FileBlobStore:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
+    def ref(self, blob_id: str) -> str:
+        """The reference ``put`` returns for ``blob_id``, known before the blob is written."""
+        return f"{self.scheme}:{_check_id(blob_id)}"
+
     def put(self, blob_id: str, data: bytes) -> str:
         return self.put_chunks(blob_id, [data])
 
@@ -74,7 +79,7 @@ class FileBlobStore:
             tmp.rename(path)
         finally:
             tmp.unlink(missing_ok=True)
-        return f"file:{blob_id}"
+        return self.ref(blob_id)
 
     async def put_async(self, blob_id: str, chunks: AsyncIterable[bytes]) -> str:
         _check_id(blob_id)
@@ -114,6 +119,10 @@ class CassandraBlobStore:
         self._select = session.prepare("SELECT idx, data FROM audio_chunks WHERE blob_id = ?")
         self._delete = session.prepare("DELETE FROM audio_chunks WHERE blob_id = ?")
 
+    def ref(self, blob_id: str) -> str:
+        """The reference ``put`` returns for ``blob_id``, known before the blob is written."""
+        return f"{self.scheme}:{_check_id(blob_id)}"
+
     def put(self, blob_id: str, data: bytes) -> str:
         return self.put_chunks(blob_id, [data])
 
@@ -126,7 +135,7 @@ class CassandraBlobStore:
             pending.append(self.session.execute_async(self._insert, (blob_id, idx, piece)))
         while pending:
             _settle(pending.popleft())
-        return f"cassandra:{blob_id}"
+        return self.ref(blob_id)
 
     async def put_async(self, blob_id: str, chunks: AsyncIterable[bytes]) -> str:
         """``put_chunks`` on the event loop: the same rows, at most ``in_flight`` writes outstanding."""
@@ -144,7 +153,7 @@ class CassandraBlobStore:
         finally:
             for fut in pending:  # a failed or cancelled put: nobody waits for the others' answers
                 fut.cancel()
-        return f"cassandra:{blob_id}"
+        return self.ref(blob_id)
 
     def delete(self, blob_id: str) -> None:
         self.session.execute(self._delete, (_check_id(blob_id),))

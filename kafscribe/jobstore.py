@@ -26,6 +26,7 @@ queued for removal (``audio_expiry``, swept by ``kafscribe.retention``).
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import types
@@ -256,8 +257,16 @@ class JobStore:
         lost bookkeeping write cannot hold a tenant at its quota for ever.
         """
         ids = [r.job_id for r in self.session.execute(self._unfinished, (tenant, limit))]
-        if len(ids) < limit:
-            return ids
+        return ids if len(ids) < limit else self._live_unfinished(tenant, ids)
+
+    async def unfinished_jobs_async(self, tenant: str, limit: int) -> list[str]:
+        """``unfinished_jobs`` for the ingress: the count is awaited on the loop; only a tenant at its
+        limit (rare) has its entries checked against the job rows, in a thread."""
+        rows = await cql_async.execute(self.session, self._unfinished, (tenant, limit))
+        ids = [r.job_id for r in rows]
+        return ids if len(ids) < limit else await asyncio.to_thread(self._live_unfinished, tenant, ids)
+
+    def _live_unfinished(self, tenant: str, ids: list[str]) -> list[str]:
         live = []
         futures = [(job_id, self.session.execute_async(self._status, (job_id,))) for job_id in ids]
         for job_id, fut in futures:

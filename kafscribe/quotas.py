@@ -31,13 +31,22 @@ def check_unfinished(jobs: JobStore, tenant: str, settings: Settings) -> None:
     overshoot the limit by the number in flight at that moment.
     """
     limit = settings.tenant_max_unfinished
-    if limit <= 0:
-        return
-    if len(jobs.unfinished_jobs(tenant, limit)) >= limit:
-        raise LimitExceeded(
-            f"tenant {tenant!r} has {limit} unfinished jobs, its quota; retry when some have finished",
-            settings.quota_retry_after_s,
-        )
+    if limit > 0 and len(jobs.unfinished_jobs(tenant, limit)) >= limit:
+        raise _over_quota(tenant, settings)
+
+
+async def check_unfinished_async(jobs: JobStore, tenant: str, settings: Settings) -> None:
+    """``check_unfinished`` for the ingress: no thread in the hot path."""
+    limit = settings.tenant_max_unfinished
+    if limit > 0 and len(await jobs.unfinished_jobs_async(tenant, limit)) >= limit:
+        raise _over_quota(tenant, settings)
+
+
+def _over_quota(tenant: str, settings: Settings) -> LimitExceeded:
+    return LimitExceeded(
+        f"tenant {tenant!r} has {settings.tenant_max_unfinished} unfinished jobs, its quota; retry when some"
+        " have finished", settings.quota_retry_after_s,
+    )
 
 
 class RedeliverLimiter:

@@ -180,11 +180,36 @@ class Submitter:
         except audio.AudioError as exc:
             raise SubmissionError(415, str(exc)) from exc
         job_id = job_id or uuid.uuid4().hex
+        if is_file:
+            upload = await self._store_file(audio_source, job_id, info.duration, options, filename, tenant, trace_id)
+        else:
+            upload = await self._store_bytes(audio_source, job_id, info.duration, options, filename, tenant, trace_id)
+        try:
+            await self.publisher.publish_async(
+                self.settings.topic("uploads"), upload.job_id.encode(), upload.encode(),
+                partition=self.choose_partition(upload),
+            )
+        except PublishError as exc:
+            await self._refuse_row(job_id, f"not queued: {exc}")
+            await self._forget_blob(job_id)
+            raise Unavailable(str(exc)) from exc
+        return upload
+
+    def _upload(self, job_id: str, blob_ref: str, sha256: str, size: int, duration: float, options: JobOptions,
+                filename: str, tenant: str, trace_id: str) -> Upload:
+        return Upload(
+            job_id=job_id, tenant=tenant, trace_id=trace_id or uuid.uuid4().hex, blob_ref=blob_ref,
+            audio_sha256=sha256, audio_bytes=size, audio_duration=duration, filename=filename, options=options,
+        )
+
+    async def _store_file(self, path: Path, job_id: str, duration: float, options: JobOptions, filename: str,
+                          tenant: str, trace_id: str) -> Upload:
+        """A file upload: streamed to the blob store and hashed on the way, then the job row."""
         digest = hashlib.sha256()
         sizes = [0]
 
         async def chunks():
-            async for chunk in _read_chunks(audio_source):
+            async for chunk in _read_chunks(path):
                 digest.update(chunk)
                 sizes[0] += len(chunk)
                 yield chunk
@@ -194,29 +219,42 @@ class Submitter:
         except Exception as exc:  # noqa: BLE001 - Cassandra/file errors all mean "not accepted"
             await self._forget_blob(job_id)
             raise Unavailable(f"blob store unavailable: {type(exc).__name__}: {exc}") from exc
-        upload = Upload(
-            job_id=job_id, tenant=tenant, trace_id=trace_id or uuid.uuid4().hex,
-            blob_ref=blob_ref, audio_sha256=digest.hexdigest(), audio_bytes=sizes[0],
-            audio_duration=info.duration, filename=filename, options=options,
-        )
+        upload = self._upload(job_id, blob_ref, digest.hexdigest(), sizes[0], duration, options, filename, tenant,
+                              trace_id)
         try:
             await self.jobs.create_async(upload)
         except Exception as exc:  # noqa: BLE001 - Cassandra errors all mean "not accepted"
             await self._forget_blob(job_id)
             raise Unavailable(f"job store unavailable: {type(exc).__name__}: {exc}") from exc
-        try:
-            await self.publisher.publish_async(
-                self.settings.topic("uploads"), upload.job_id.encode(), upload.encode(),
-                partition=self.choose_partition(upload),
-            )
-        except PublishError as exc:
-            try:  # a failure path: a thread is fine here
-                await asyncio.to_thread(self.jobs.transition, job_id, FAILED, error=f"not queued: {exc}")
-            except Exception:  # noqa: BLE001 - best effort; the client gets 503 either way
-                pass
-            await self._forget_blob(job_id)
-            raise Unavailable(str(exc)) from exc
         return upload
+
+    async def _store_bytes(self, data: bytes, job_id: str, duration: float, options: JobOptions, filename: str,
+                           tenant: str, trace_id: str) -> Upload:
+        """A small upload held in memory: its hash is known up front, so the blob and the job row are
+        written at the same time (one round trip less before the 202). Either failing refuses the
+        upload: the blob is deleted and a row already written is marked failed, as for a failed publish."""
+        upload = self._upload(job_id, self.blobs.ref(job_id), hashlib.sha256(data).hexdigest(), len(data), duration,
+                              options, filename, tenant, trace_id)
+
+        async def one_chunk():
+            yield data
+
+        blob, row = await asyncio.gather(self.blobs.put_async(job_id, one_chunk()), self.jobs.create_async(upload),
+                                         return_exceptions=True)
+        if not isinstance(blob, BaseException) and not isinstance(row, BaseException):
+            return upload
+        failed, what = (blob, "blob store") if isinstance(blob, BaseException) else (row, "job store")
+        if not isinstance(row, BaseException):
+            await self._refuse_row(job_id, f"not queued: the {what} failed")
+        await self._forget_blob(job_id)
+        raise Unavailable(f"{what} unavailable: {type(failed).__name__}: {failed}") from failed
+
+    async def _refuse_row(self, job_id: str, reason: str) -> None:
+        """Mark the row of a job that was not accepted as failed (best effort; a thread: a failure path)."""
+        try:
+            await asyncio.to_thread(self.jobs.transition, job_id, FAILED, error=reason)
+        except Exception:  # noqa: BLE001 - best effort; the client gets 503 either way
+            pass
 
     async def _check_unused(self, job_id: str) -> None:
         """A job id given by the caller must be new: reusing one would overwrite that job's blob and row."""

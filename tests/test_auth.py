@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import subprocess
@@ -116,6 +117,27 @@ def test_quota_check_refuses_at_the_limit(session):
     assert err.value.retry_after_s == 7
     quotas.check_unfinished(jobs, _tenant(), settings)  # other tenants are not affected
     quotas.check_unfinished(jobs, tenant, settings.with_(tenant_max_unfinished=0))  # 0 = no limit
+
+
+def test_async_quota_check_matches_the_sync_one(session):
+    """The ingress's check (awaited on the loop, no thread) refuses at the same point and prunes the same."""
+    jobs = JobStore(session)
+    tenant = _tenant()
+    settings = Settings(tenant_max_unfinished=2, quota_retry_after_s=5)
+
+    async def check(s: Settings = settings) -> None:
+        await quotas.check_unfinished_async(jobs, tenant, s)
+
+    asyncio.run(check())
+    jobs.create(_upload(tenant))
+    session.execute("INSERT INTO tenant_unfinished_jobs (tenant, job_id) VALUES (%s, %s)", (tenant, "ghost"))
+    asyncio.run(check())  # at the limit: the ghost entry is pruned, one live job is under 2
+    assert asyncio.run(jobs.unfinished_jobs_async(tenant, 10)) == jobs.unfinished_jobs(tenant, 10)
+    jobs.create(_upload(tenant))
+    with pytest.raises(quotas.LimitExceeded) as err:
+        asyncio.run(check())
+    assert err.value.retry_after_s == 5
+    asyncio.run(check(settings.with_(tenant_max_unfinished=0)))  # 0 = no limit
 
 
 def test_redelivery_slot_once_per_interval(session):

@@ -197,8 +197,15 @@ def test_peak_memory_does_not_grow_with_field_or_file_size(stack_settings, tmp_p
         pipe.stop()
 
 
+def _source(clips, kind: str):
+    """The same clip as a file (streamed: blob, then row) or as bytes (small uploads: blob and row at once)."""
+    return clips["en_mp3"] if kind == "file" else clips["en_mp3"].read_bytes()
+
+
+@pytest.mark.parametrize("source", ["file", "bytes"])
 @pytest.mark.parametrize("scheme", ["cassandra", "file"])
-def test_failed_publish_deletes_the_blob_and_fails_the_job(stack_settings, session, clips, tmp_path, scheme):
+def test_failed_publish_deletes_the_blob_and_fails_the_job(stack_settings, session, clips, tmp_path, scheme,
+                                                           source):
     # topics of this prefix do not exist (auto-creation is off): the broker never acknowledges
     settings = stack_settings.with_(topic_prefix=f"absent{uuid.uuid4().hex[:8]}.", blob_store=scheme,
                                     blob_dir=tmp_path)
@@ -207,7 +214,7 @@ def test_failed_publish_deletes_the_blob_and_fails_the_job(stack_settings, sessi
         submitter = Submitter(settings, session, publisher)
         job_id = uuid.uuid4().hex
         with pytest.raises(Unavailable):
-            submitter.submit(clips["en_mp3"], parse_options({}, settings), job_id=job_id)
+            submitter.submit(_source(clips, source), parse_options({}, settings), job_id=job_id)
     finally:
         publisher.close()
     job = JobStore(session).get(job_id)
@@ -216,23 +223,41 @@ def test_failed_publish_deletes_the_blob_and_fails_the_job(stack_settings, sessi
         submitter.blobs.get(f"{scheme}:{job_id}")
 
 
-def test_failed_job_row_deletes_the_blob(stack_settings, clips):
-    """A scratch keyspace whose jobs table is dropped after the submitter prepared it: the row write fails."""
+@pytest.fixture
+def scratch(stack_settings):
+    """A scratch keyspace (blobs in Cassandra) whose tables a test may drop after the submitter prepared them."""
     keyspace = f"kafscribe_scratch_{uuid.uuid4().hex[:8]}"
     settings = stack_settings.with_(cassandra_keyspace=keyspace, blob_store="cassandra")
     bootstrap.ensure_schema(settings)
     session = cassandra_session.connect(settings, keyspace=keyspace)
     publisher = Publisher(fresh_settings(stack_settings), delivery_timeout_s=5.0)
     try:
-        submitter = Submitter(settings, session, publisher)
-        session.execute(f"DROP TABLE {keyspace}.jobs", timeout=60)
-        with pytest.raises(Unavailable, match="job store unavailable"):
-            submitter.submit(clips["en_mp3"], parse_options({}, settings))
-        assert list(session.execute("SELECT blob_id FROM audio_chunks")) == []  # the keyspace is this test's
+        yield settings, session, Submitter(settings, session, publisher)
     finally:
         publisher.close()
         session.execute(f"DROP KEYSPACE IF EXISTS {keyspace}", timeout=60)
         session.cluster.shutdown()
+
+
+@pytest.mark.parametrize("source", ["file", "bytes"])
+def test_failed_job_row_deletes_the_blob(scratch, clips, source):
+    settings, session, submitter = scratch
+    session.execute(f"DROP TABLE {settings.cassandra_keyspace}.jobs", timeout=60)
+    with pytest.raises(Unavailable, match="job store unavailable"):
+        submitter.submit(_source(clips, source), parse_options({}, settings))
+    assert list(session.execute("SELECT blob_id FROM audio_chunks")) == []  # the keyspace is this test's
+
+
+def test_failed_blob_write_of_a_small_upload_fails_its_row(scratch, clips):
+    """Blob and row are written at once for bytes: a failed blob write leaves the row failed, never queued."""
+    settings, session, submitter = scratch
+    session.execute(f"DROP TABLE {settings.cassandra_keyspace}.audio_chunks", timeout=60)
+    job_id = uuid.uuid4().hex
+    with pytest.raises(Unavailable, match="blob store unavailable"):
+        submitter.submit(_source(clips, "bytes"), parse_options({}, settings), job_id=job_id)
+    job = JobStore(session).get(job_id)
+    assert job["status"] == FAILED and "not queued: the blob store failed" in job["error"]
+    assert JobStore(session).unfinished_jobs("default", 10) == []  # no quota slot held
 
 
 def test_direct_submit_refuses_bad_text_before_storing_anything(stack_settings, session, clips, tmp_path):

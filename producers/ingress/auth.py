@@ -174,7 +174,8 @@ async def _check_quota(request: web.Request, who: Caller) -> None:
     if settings.tenant_max_unfinished <= 0:
         return
     try:
-        await asyncio.to_thread(lambda: quotas.check_unfinished(backends.jobs(), who.tenant, settings))
+        jobs = backends.jobs() if backends.connected() else await asyncio.to_thread(backends.jobs)
+        await quotas.check_unfinished_async(jobs, who.tenant, settings)
     except quotas.LimitExceeded as exc:
         raise _refuse(web.HTTPTooManyRequests, exc.reason, **{"Retry-After": str(exc.retry_after_s)}) from exc
     except Exception as exc:
