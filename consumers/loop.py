@@ -69,6 +69,7 @@ from .retry import is_infrastructure_outage
 log = logging.getLogger("kafscribe.loop")
 
 IDLE_CHECK_S = 10.0  # how often an idle worker looks for lag on partitions it owns
+BACKLOG_TIMEOUT_S = 2.0  # longest a status tick waits for the broker's watermarks
 
 
 @dataclass
@@ -505,6 +506,19 @@ class StageRunner(ConcurrentMode):
         sat out of its group). A stage reading several topics (the callback retry tiers) reports its first
         topic's: WorkerStatus.partitions names partitions of one topic."""
         return sorted(p for t, p in self._owned if t == self.topic)
+
+    def backlog(self) -> int:
+        """Messages waiting in the owned partitions of the main topic: kept (fetched, not started) plus not
+        yet fetched, from the broker's high watermarks (so paused partitions count too). The ingress routes
+        to the shortest queue by it. Bounded by ``BACKLOG_TIMEOUT_S``; 0 when the broker cannot tell."""
+        owned = [TopicPartition(t, p) for t, p in sorted(self._owned) if t == self.topic]
+        if not owned:
+            return 0
+        try:
+            lags = deadline.call(lambda: self._lags(owned), BACKLOG_TIMEOUT_S, "backlog")
+        except (KafkaException, RuntimeError, deadline.Overrun):
+            return 0
+        return sum(lags.values()) + sum(1 for m in list(self._kept) if m.topic() == self.topic)
 
     def _subscribe(self) -> None:
         self.consumer.subscribe(

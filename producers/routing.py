@@ -1,4 +1,4 @@
-"""Which partition a new upload goes to: the live transcriber with the most memory to spare.
+"""Which partition a new upload goes to: the live transcriber with the shortest queue that has the memory.
 
 Pure functions over the latest ``WorkerStatus`` of each worker, so the rule is
 easy to read and to test:
@@ -7,13 +7,20 @@ easy to read and to test:
    ``worker_stale_s`` and not from the future, not ``stopped``) and own
    partitions of the uploads topic (others are dropped: a partition that
    does not exist would make every upload fail).
-2. Prefer those whose headroom (minus what the ingress already routed to
-   them since their last status) covers the job's estimate and that are not
-   ``throttled``; if none does, every live candidate (the job waits in the
-   chosen worker's admission rather than nowhere).
-3. Most headroom wins, compared in 256 MiB steps so near-equal workers tie;
-   ties go to the fewest in-flight jobs, then to chance.
-4. The partition is one of the winner's, at random.
+2. Memory decides who may take it: prefer those whose headroom (minus what
+   the ingress already routed to them since their last status) covers the
+   job's estimate and that are not ``throttled``; if none does, every live
+   candidate (the job waits in the chosen worker's admission rather than
+   nowhere).
+3. Among those, the shortest queue wins: jobs running (``in_flight``) plus
+   waiting in its partitions (``backlog``) plus routed to it by this ingress
+   since its last status. Why the queue and not the memory first: a
+   transcriber runs one job at a time, so more memory does not finish a job
+   sooner, while a longer queue does finish it later (measured: routing by
+   headroom alone left one of two transcribers idle for 73 s while the other
+   still had two jobs queued).
+4. Ties go to the most headroom, in 256 MiB steps so near-equal workers tie,
+   then to chance. The partition is one of the winner's, at random.
 
 No candidate -> ``None``: the producer's key hashing decides.
 """
@@ -68,11 +75,15 @@ def classify(
 
 def choose_partition(
     workers: list[WorkerState], need_bytes: int, reserved: dict[str, int] | None = None,
-    rng: random.Random | None = None,
+    rng: random.Random | None = None, routed: dict[str, int] | None = None,
 ) -> tuple[int, str] | None:
-    """(partition, worker_id) for a job needing ``need_bytes``, or None for key hashing."""
+    """(partition, worker_id) for a job needing ``need_bytes``, or None for key hashing.
+
+    ``reserved`` and ``routed``: bytes and jobs this ingress sent to each worker since its last status.
+    """
     rng = rng or random.Random()
     reserved = reserved or {}
+    routed = routed or {}
     live = [w for w in workers if w.liveness == "live" and w.status.stage == "transcriber" and w.status.partitions]
     if not live:
         return None
@@ -80,8 +91,12 @@ def choose_partition(
     def spare(w: WorkerState) -> int:
         return w.headroom - reserved.get(w.status.worker_id, 0)
 
+    def rank(w: WorkerState) -> tuple[int, int]:
+        queue = w.status.in_flight + max(0, w.status.backlog) + routed.get(w.status.worker_id, 0)
+        return -queue, spare(w) // HEADROOM_STEP
+
     fitting = [w for w in live if spare(w) >= need_bytes and w.status.state != "throttled"]
     pool = fitting or live
-    best_key = max((spare(w) // HEADROOM_STEP, -w.status.in_flight) for w in pool)
-    best = rng.choice([w for w in pool if (spare(w) // HEADROOM_STEP, -w.status.in_flight) == best_key])
+    best_key = max(rank(w) for w in pool)
+    best = rng.choice([w for w in pool if rank(w) == best_key])
     return rng.choice(best.status.partitions), best.status.worker_id

@@ -273,11 +273,13 @@ class Submitter:
             log.warning("could not delete the blob of refused job %s: %s", job_id, exc)
 
     def choose_partition(self, upload: Upload) -> int | None:
-        """Partition of the live transcriber with the most headroom; None lets the key hash decide."""
+        """Partition of the live transcriber with the shortest queue that has the memory (``routing``); None
+        lets the key hash decide."""
         if self.view is None:
             return None
         need = memory.estimate_for(self.settings, upload.audio_duration, upload.options.model)
-        choice = routing.choose_partition(self.view.workers(), need, dict(self.view.reserved))
+        choice = routing.choose_partition(self.view.workers(), need, dict(self.view.reserved),
+                                          routed=dict(self.view.routed))
         if choice is None:
             return None
         partition, worker_id = choice

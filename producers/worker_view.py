@@ -34,6 +34,7 @@ class WorkerView:
         self._latest: dict[str, WorkerStatus] = {}
         self.uploads_partitions = settings.uploads_partitions  # replaced by the topic's real count
         self.reserved: dict[str, int] = {}  # bytes routed to a worker since its last status
+        self.routed: dict[str, int] = {}  # jobs routed to a worker since its last status
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="worker-view", daemon=True)
@@ -71,6 +72,7 @@ class WorkerView:
                     with self._lock:
                         self._latest[status.worker_id] = status
                         self.reserved.pop(status.worker_id, None)
+                        self.routed.pop(status.worker_id, None)
         finally:
             consumer.close()
 
@@ -82,6 +84,7 @@ class WorkerView:
     def reserve(self, worker_id: str, need_bytes: int) -> None:
         with self._lock:
             self.reserved[worker_id] = self.reserved.get(worker_id, 0) + need_bytes
+            self.routed[worker_id] = self.routed.get(worker_id, 0) + 1
 
     def close(self) -> None:
         self._closed.set()

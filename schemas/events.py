@@ -168,6 +168,7 @@ class WorkerStatus(Event):
     in_flight: int = 0
     partitions: list[int] = field(default_factory=list)
     model: str = ""
+    backlog: int = 0
     EVENT_TYPE: typing.ClassVar[str] = "WorkerStatus"
 
 

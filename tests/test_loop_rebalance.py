@@ -183,3 +183,27 @@ def test_a_worker_evicted_by_max_poll_interval_rejoins_and_takes_work(stack_sett
     finally:
         runner.stop()
         thread.join(30)
+
+
+def test_a_busy_worker_reports_its_backlog_for_routing(loop_settings):
+    """WorkerStatus.backlog: what waits in the worker's partitions (kept or not fetched yet) while a job
+    runs with them paused; the ingress routes to the shortest queue by it."""
+    settings = loop_settings
+    stage = BlockingStage(settings)
+    runner = StageRunner(settings, stage, "queued")
+    thread = start(runner)
+    try:
+        wait_until(lambda: runner.assignment() == [0, 1, 2, 3], timeout_s=60, what="the runner owns every partition")
+        assert runner.backlog() == 0
+        produce(settings, "slow-1", 0)
+        wait_until(lambda: stage.started == ["slow-1"], timeout_s=30, what="the slow job runs")
+        for i, partition in enumerate((0, 0, 1, 2)):
+            produce(settings, f"waiting-{i}", partition)
+        wait_until(lambda: runner.backlog() == 4, timeout_s=30, what="four jobs waiting behind the running one")
+        stage.release.set()
+        wait_until(lambda: len(completed(settings)) == 5, timeout_s=60, what="all five completed")
+        wait_until(lambda: runner.backlog() == 0, timeout_s=30, what="nothing waiting")
+    finally:
+        stage.release.set()
+        runner.stop()
+        thread.join(30)

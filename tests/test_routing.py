@@ -15,11 +15,11 @@ NOW = 1_800_000_000_000
 
 
 def status(worker_id, *, budget=None, rss=1 * GIB, available=8 * GIB, partitions=(0,), state="running",
-           in_flight=0, age_s=1.0, stage="transcriber", gpu_free=None) -> WorkerStatus:
+           in_flight=0, age_s=1.0, stage="transcriber", gpu_free=None, backlog=0) -> WorkerStatus:
     return WorkerStatus(
         job_id="", worker_id=worker_id, host="h", pid=1, stage=stage, state=state, rss_bytes=rss,
         host_mem_available=available, host_mem_total=16 * GIB, memory_budget=budget, gpu_mem_free=gpu_free,
-        in_flight=in_flight, partitions=list(partitions), produced_at=NOW - int(age_s * 1000),
+        in_flight=in_flight, partitions=list(partitions), produced_at=NOW - int(age_s * 1000), backlog=backlog,
     )
 
 
@@ -126,6 +126,37 @@ def test_reservations_spread_a_burst_across_equal_workers():
         reserved[worker] = reserved.get(worker, 0) + 600 * 1024**2
         chosen.append(worker)
     assert sorted(chosen) == ["a", "a", "b", "b"]
+
+
+def test_the_shortest_queue_that_fits_wins_over_more_headroom():
+    workers = classify([
+        status("roomy-but-queued", budget=9 * GIB, partitions=(0,), in_flight=1, backlog=2),
+        status("short-queue", budget=3 * GIB, partitions=(1,), in_flight=1, backlog=0),
+        status("empty-but-too-small", budget=GIB + 100 * 1024**2, partitions=(2,)),
+    ], NOW, 30)
+    assert choose_partition(workers, 500 * 1024**2) == (1, "short-queue")
+    # equal queues: the most headroom
+    even = classify([status("a", budget=9 * GIB, partitions=(0,), backlog=1),
+                     status("b", budget=3 * GIB, partitions=(1,), in_flight=1)], NOW, 30)
+    assert choose_partition(even, 500 * 1024**2) == (0, "a")
+
+
+def test_jobs_routed_since_the_last_status_count_as_queued():
+    """Eight submitters against two equal workers whose statuses do not change meanwhile: 4 and 4."""
+    workers = classify([status("a", partitions=(0,)), status("b", partitions=(1,))], NOW, 30)
+    routed: dict[str, int] = {}
+    rng = random.Random(3)
+    for _ in range(8):
+        _, worker = choose_partition(workers, 100 * 1024**2, rng=rng, routed=routed)
+        routed[worker] = routed.get(worker, 0) + 1
+    assert routed == {"a": 4, "b": 4}
+    # a worker that reports a longer backlog gets fewer
+    workers = classify([status("a", partitions=(0,), backlog=3), status("b", partitions=(1,))], NOW, 30)
+    routed = {}
+    for _ in range(5):
+        _, worker = choose_partition(workers, 100 * 1024**2, rng=rng, routed=routed)
+        routed[worker] = routed.get(worker, 0) + 1
+    assert routed == {"a": 1, "b": 4}
 
 
 def test_no_live_transcriber_means_key_hashing():

@@ -17,7 +17,7 @@ async def list_workers(request: web.Request) -> web.Response:
         workers.append({
             "worker_id": s.worker_id, "stage": s.stage, "state": w.liveness, "activity": s.state,
             "host": s.host, "pid": s.pid, "last_seen": s.produced_at, "model": s.model,
-            "in_flight": s.in_flight, "partitions": s.partitions,
+            "in_flight": s.in_flight, "backlog": s.backlog, "partitions": s.partitions,
             "memory": {"rss": s.rss_bytes, "host_available": s.host_mem_available, "host_total": s.host_mem_total,
                        "gpu_free": s.gpu_mem_free, "gpu_total": s.gpu_mem_total, "gpu_used": s.gpu_mem_used,
                        "gpu_device": s.gpu_device, "budget": s.memory_budget,
