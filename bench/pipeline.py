@@ -89,11 +89,10 @@ def _bare_worker(settings: Settings, warm: str, todo, results, ready, go) -> Non
     ready.put(os.getpid())
     go.wait()
     cpu0 = cpu_seconds(os.getpid())
-    while True:
-        try:
-            index, path = todo.get_nowait()
-        except queue.Empty:
-            break
+    # a blocking get and one None per worker at the end: get_nowait() raises Empty whenever another
+    # process holds the queue's read lock, which once ended one of two workers at the start of every run
+    while (item := todo.get(timeout=60)) is not None:
+        index, path = item
         out = engine.transcribe(audio.decode(Path(path).read_bytes()), language=None, task="transcribe")
         results.put(("clip", index, time.time(), out.text))
     results.put(("cpu", os.getpid(), cpu_seconds(os.getpid()) - cpu0, 0.0))
@@ -114,6 +113,8 @@ def run_bare(settings: Settings, processes: int, clips: list[Path], warm: Path) 
     todo, results, ready, go = ctx.Queue(), ctx.Queue(), ctx.Queue(), ctx.Event()
     for i, path in enumerate(clips):
         todo.put((i, str(path)))
+    for _ in range(processes):
+        todo.put(None)  # one end marker per worker
     procs = [ctx.Process(target=_bare_worker, args=(settings, str(warm), todo, results, ready, go))
              for _ in range(processes)]
     for p in procs:
@@ -134,6 +135,8 @@ def run_bare(settings: Settings, processes: int, clips: list[Path], warm: Path) 
             cpu[f"bare worker {len(cpu) + 1}"] = value
     for p in procs:
         p.join(30)
+    if len(cpu) < processes or any(p.exitcode for p in procs):
+        raise RuntimeError(f"a bare worker failed: exit codes {[p.exitcode for p in procs]}")
     return Run(last - start, texts, cpu=cpu)
 
 
