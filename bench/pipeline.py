@@ -12,7 +12,11 @@ threads each), one after the other in this one run:
 2. pipeline: ``kafscribe services up`` with that setting, on a fresh topic prefix and its own state
    directory and ports (``--http-port``; metrics off), against the running stack. Once its N
    transcribers are live and warmed up, 8 submitters (``--submitters``) send the clips from a shared
-   queue: submit, wait until ``completed`` (asking every 0.25 s), take the next.
+   queue, each as one synchronous request, the way a client of a synchronous Whisper service works:
+   ``POST /v1/audio/transcriptions`` through the official ``openai`` client (the ingress answers once
+   the job is done, woken by its outcome on ``finished``), then the next clip. ``--wait poll`` submits to
+   ``/v1/jobs`` and asks for the status every 0.25 s instead (each ask an HTTP request and a Cassandra
+   read: the bench's own load, measured before the synchronous endpoint existed).
 
 Prints, per setting: wall time, audio-seconds per second, the ratio pipeline / bare, submit->completed
 latency p50/p95, where each job's time went (the transcriber's phases and every stage's commit, from
@@ -145,7 +149,7 @@ def bench_settings(base: Settings, transcribers: str, threads: int, http_port: i
     return base.with_(
         topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", state_dir=state_dir, http_port=http_port,
         metrics_port=-1, supervisor_metrics_port=-1, transcribers=transcribers, cpu_threads=threads,
-        public_url="", worker_id="", log_level="INFO",
+        public_url="", worker_id="", log_level="INFO", openai_wait_s=3600.0,
     )
 
 
@@ -180,8 +184,18 @@ def wait_for_transcribers(settings: Settings, count: int, timeout_s: float = 300
         view.close()
 
 
-def submit_all(http, clips: list[Path], submitters: int) -> tuple[float, dict[int, str], list[float], list[str]]:
-    """``submitters`` threads take clips from a shared queue: submit, wait for completed, next."""
+def openai_transcribe(client, path: Path) -> tuple[str, str]:
+    """One synchronous transcription through the official client: (job id, text)."""
+    with open(path, "rb") as f:
+        raw = client.audio.transcriptions.with_raw_response.create(model="whisper-1", file=f,
+                                                                   response_format="json")
+    return raw.headers["x-job-id"], raw.parse().text
+
+
+def submit_all(http, clips: list[Path], submitters: int,
+               wait: str = "openai") -> tuple[float, dict[int, str], list[float], list[str]]:
+    """``submitters`` threads take clips from a shared queue: transcribe (``wait``: one synchronous
+    OpenAI-compatible request, or submit and poll the job), next."""
     todo: queue.Queue = queue.Queue()
     for item in enumerate(clips):
         todo.put(item)
@@ -191,6 +205,11 @@ def submit_all(http, clips: list[Path], submitters: int) -> tuple[float, dict[in
     errors: list[str] = []
 
     def submitter() -> None:
+        client = None
+        if wait == "openai":
+            from openai import OpenAI
+
+            client = OpenAI(base_url=http.base_url + "/v1", api_key=http.api_key, timeout=3600, max_retries=0)
         while True:
             try:
                 index, path = todo.get_nowait()
@@ -198,6 +217,11 @@ def submit_all(http, clips: list[Path], submitters: int) -> tuple[float, dict[in
                 return
             t0 = time.monotonic()
             try:
+                if client is not None:
+                    job_id, texts[index] = openai_transcribe(client, path)
+                    job_ids.append(job_id)
+                    latencies.append(time.monotonic() - t0)
+                    continue
                 job_id = http.submit(path)["job_id"]
                 job_ids.append(job_id)
                 while (job := http.job(job_id))["status"] not in ("completed", "failed"):
@@ -250,7 +274,7 @@ def job_phases(log_dir: Path, job_ids: set[str]) -> tuple[dict[str, list[float]]
 
 
 def run_pipeline(base: Settings, transcribers: str, threads: int, processes: int, clips: list[Path],
-                 warm: Path, submitters: int, http_port: int, state_dir: Path) -> Run:
+                 warm: Path, submitters: int, http_port: int, state_dir: Path, wait: str = "openai") -> Run:
     from infra import bootstrap
     from kafscribe import cassandra_session, services
     from kafscribe.apikeys import KeyStore
@@ -271,10 +295,10 @@ def run_pipeline(base: Settings, transcribers: str, threads: int, processes: int
     services.up(settings, log=lambda line: print(f"  [services] {line}"), env=env)
     try:
         wait_for_transcribers(settings, processes)
-        submit_all(http, [warm] * (2 * processes), 2 * processes)  # every transcriber warmed up
+        submit_all(http, [warm] * (2 * processes), 2 * processes, wait)  # every transcriber warmed up
         pids = service_pids(settings, base.state_dir)
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
-        wall, texts, latencies, job_ids = submit_all(http, clips, submitters)
+        wall, texts, latencies, job_ids = submit_all(http, clips, submitters, wait)
         time.sleep(1.5)  # the notifier's last commits (a job is `completed` before its webhook)
         cpu = {name: cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     finally:
@@ -321,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min-s", type=float, default=5.0)
     parser.add_argument("--max-s", type=float, default=40.0)
     parser.add_argument("--submitters", type=int, default=8)
+    parser.add_argument("--wait", choices=["openai", "poll"], default="openai",
+                        help="openai: one synchronous POST /v1/audio/transcriptions per clip (default); "
+                             "poll: POST /v1/jobs, then GET the job every 0.25 s")
     parser.add_argument("--settings", default="auto,2x1", help="comma-separated: auto or NxT (default: auto,2x1)")
     parser.add_argument("--http-port", type=int, default=28000)
     parser.add_argument("--dir", type=Path, default=Path(tempfile.gettempdir()) / "kafscribe-bench")
@@ -345,7 +372,7 @@ def main(argv: list[str] | None = None) -> None:
         bare = run_bare(engine_settings, processes, clips, warm)
         print(f"-- {setting}: pipeline ({bare.wall:.1f} s bare)", flush=True)
         pipe = run_pipeline(base, transcribers, threads, processes, clips, warm, args.submitters, args.http_port,
-                            args.state_dir or args.dir / "state" / setting)
+                            args.state_dir or args.dir / "state" / setting, args.wait)
         lines = report(setting, processes, threads, audio_s, bare, pipe)
         print("\n".join(lines), flush=True)
         out += lines

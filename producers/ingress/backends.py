@@ -1,4 +1,5 @@
-"""The ingress's handles on Cassandra (job store, callback store) and Kafka (publisher, worker view)."""
+"""The ingress's handles on Cassandra (job store, callback store) and Kafka (publisher, worker view,
+outcomes watch)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from kafscribe.callbackstore import CallbackStore
 from kafscribe.jobstore import JobStore
 from kafscribe.settings import Settings
 
+from ..completions import Completions
 from ..publisher import Publisher
 from ..submission import Submitter, Unavailable
 from ..worker_view import WorkerView
@@ -22,6 +24,7 @@ class Backends:
         self.settings = settings
         self.publisher = Publisher(settings)
         self.view = WorkerView(settings)
+        self.completions = Completions(settings)  # outcomes on `finished`, for requests that wait
         self._session = None
         self._submitter: Submitter | None = None
         self._callbacks: CallbackStore | None = None
@@ -60,6 +63,7 @@ class Backends:
 
     def close(self) -> None:
         self.view.close()
+        self.completions.close()
         self.publisher.close()
         if self._session is not None:
             self._session.cluster.shutdown()

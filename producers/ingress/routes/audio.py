@@ -47,7 +47,7 @@ GRANULARITIES = ("word", "segment")
 FIELDS = ("model", "language", "prompt", "response_format", "temperature", "timestamp_granularities[]",
           "timestamp_granularities", "stream")
 TRANSLATION_FIELDS = ("model", "prompt", "response_format", "temperature")
-POLL_FIRST_S, POLL_MAX_S = 0.1, 1.0
+FALLBACK_S = 2.0  # a waiting request reads the job store at least this often
 
 
 ERROR_TYPES = {401: "invalid_request_error", 403: "invalid_request_error", 404: "invalid_request_error",
@@ -192,9 +192,12 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
 
 
 async def _wait(backends: Backends, job_id: str, wait_s: float) -> tuple[dict | None, dict | None]:
-    """Poll the job store until the job ends or ``wait_s`` passes: (job, result or None)."""
+    """Until the job ends or ``wait_s`` passes: (job, result or None).
+
+    The job store is read first, then again when the job's outcome appears on ``finished``
+    (``producers.completions``: no polling while it runs) or every ``FALLBACK_S`` (a cancel has no event).
+    """
     deadline = time.monotonic() + wait_s
-    pause = POLL_FIRST_S
 
     def read():
         jobs = backends.jobs()
@@ -202,19 +205,23 @@ async def _wait(backends: Backends, job_id: str, wait_s: float) -> tuple[dict | 
         return job, (jobs.get_result(job_id) if job and job["status"] == COMPLETED else None)
 
     job = None
-    while True:
-        try:
-            job, result = await asyncio.to_thread(read)
-        except Exception as exc:  # noqa: BLE001 - Cassandra hiccup while waiting: the job is safe, keep waiting
-            log.warning("reading job %s while waiting: %s", job_id, exc)
-            job, result = job, None
-        if job is not None and job["status"] in (COMPLETED, FAILED, CANCELLED):
-            return job, result
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return job, None
-        await asyncio.sleep(min(pause, left))
-        pause = min(pause * 1.5, POLL_MAX_S)
+    with backends.completions.watching(job_id) as seen:
+        while True:
+            try:
+                job, result = await asyncio.to_thread(read)
+            except Exception as exc:  # noqa: BLE001 - Cassandra hiccup while waiting: the job is safe, keep waiting
+                log.warning("reading job %s while waiting: %s", job_id, exc)
+                job, result = job, None
+            if job is not None and job["status"] in (COMPLETED, FAILED, CANCELLED):
+                return job, result
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return job, None
+            try:
+                await asyncio.wait_for(seen.wait(), min(left, FALLBACK_S))
+            except TimeoutError:
+                pass
+            seen.clear()
 
 
 def render(fmt: str, task: str, result: dict[str, Any], granularities: list[str], job_id: str) -> web.Response:
