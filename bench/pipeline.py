@@ -149,7 +149,7 @@ def bench_settings(base: Settings, transcribers: str, threads: int, http_port: i
     return base.with_(
         topic_prefix=f"bench{uuid.uuid4().hex[:8]}.", state_dir=state_dir, http_port=http_port,
         metrics_port=-1, supervisor_metrics_port=-1, transcribers=transcribers, cpu_threads=threads,
-        public_url="", worker_id="", log_level="INFO", openai_wait_s=3600.0,
+        public_url="", worker_id="", log_level="INFO", openai_wait_s=3600.0, prometheus_port=-1,
     )
 
 

@@ -80,8 +80,7 @@ class Completions:
 
     def _follow(self) -> None:
         # a group id is required by librdkafka, but nothing is committed: every process reads from the end
-        consumer = kafka_clients.consumer(self.settings, f"ingress-finished-{uuid.uuid4().hex}",
-                                          **{"fetch.wait.max.ms": 500})
+        consumer = kafka_clients.consumer(self.settings, f"ingress-finished-{uuid.uuid4().hex}")
         try:
             while not self._closed.is_set():
                 if not self.following.is_set():
