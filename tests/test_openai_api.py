@@ -253,3 +253,18 @@ def test_a_direct_upload_with_a_10kb_prompt_fails_with_the_reason(pipe, name_cli
     with open(name_clip, "rb") as f:
         after = client(pipe).audio.transcriptions.create(file=f, model="whisper-1", response_format="text")
     assert "every day" in after.lower()
+
+
+def test_cli_submit_with_prompt_and_temperature(pipe, name_clip):
+    """`kafscribe submit --prompt --temperature --wait`: the options go over HTTP; the transcript on stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "submit", str(name_clip), "--prompt", PROMPT, "--temperature", "0",
+         "--wait", "--url", pipe.url, "--api-key", pipe.api_key, "--timeout", "300"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert NAME in done.stdout, done.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "submit", str(name_clip), "--temperature", "7", "--url", pipe.url],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "must be a number from 0 to 1" in refused.stderr
