@@ -277,3 +277,35 @@ def test_verbose_json_reports_each_segments_temperature():
     ]}
     body = json.loads(render("verbose_json", "transcribe", result, ["segment"], "j").text)
     assert [s["temperature"] for s in body["segments"]] == [0.4, 0.0]
+
+
+def test_the_whisper_translator_gets_the_jobs_temperature_not_its_prompt(tmp_path):
+    """The translator stage's second Whisper pass (``translate_to=en``): the spoken-language prompt stays out."""
+    import hashlib
+
+    from kafscribe import blobstore
+    from kafscribe.engines import TranscriptionOutput
+    from kafscribe.translation.whisper_backend import WhisperTranslator
+    from tests.audio_clips import silence_flac
+
+    settings = Settings(model="base", blob_store="file", blob_dir=tmp_path / "blobs")
+    data = silence_flac(tmp_path / "s.flac", 1.0).read_bytes()
+    ref = blobstore.open_store(settings).put("j", data)
+    calls = []
+
+    class Engine:
+        multilingual, model_name = True, "base"
+
+        def transcribe(self, audio, **kwargs):
+            calls.append(kwargs)
+            return TranscriptionOutput(language="en", language_probability=1.0, duration=1.0, text="", segments=[])
+
+    translator = WhisperTranslator(settings, None)
+    translator._engine = Engine()
+    transcript = Transcript(job_id="j", blob_ref=ref, audio_sha256=hashlib.sha256(data).hexdigest(),
+                            audio_bytes=len(data), audio_duration=1.0, language="es", language_probability=1.0,
+                            duration=1.0, text="", segments=[], engine="e", model="base", worker_id="w",
+                            processing_seconds=0.1,
+                            options=JobOptions(prompt="Hola, Karlos.", temperature=0.3, translate_to="en"))
+    translator.translate(transcript, "en")
+    assert calls == [{"language": "es", "task": "translate", "temperature": 0.3}]
