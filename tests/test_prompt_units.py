@@ -309,3 +309,38 @@ def test_the_whisper_translator_gets_the_jobs_temperature_not_its_prompt(tmp_pat
                             options=JobOptions(prompt="Hola, Karlos.", temperature=0.3, translate_to="en"))
     translator.translate(transcript, "en")
     assert calls == [{"language": "es", "task": "translate", "temperature": 0.3}]
+
+
+def test_the_door_reads_a_multi_line_prompt_and_refuses_other_control_characters():
+    asyncio.run(_multi_line())
+
+
+async def _multi_line() -> None:
+    from aiohttp import FormData, web
+
+    from producers.ingress.upload import read_upload
+
+    async def echo(request):
+        try:
+            received = await read_upload(request, SETTINGS)
+        except SubmissionError as exc:
+            return web.json_response({"error": exc.reason}, status=exc.status)
+        return web.json_response(received.fields)
+
+    app = web.Application()
+    app.router.add_post("/", echo)
+
+    def form(**fields: str) -> FormData:
+        data = FormData()
+        for name, value in fields.items():
+            data.add_field(name, value)
+        data.add_field("file", b"x", filename="a.wav")
+        return data
+
+    async with TestClient(TestServer(app)) as http:
+        r = await http.post("/", data=form(prompt="Kafscribe,\nCassandra,\tKafka.\r\n"))
+        assert r.status == 200 and (await r.json())["prompt"] == "Kafscribe,\nCassandra,\tKafka."
+        r = await http.post("/", data=form(prompt="a\x00b"))
+        assert r.status == 422 and "control character" in (await r.json())["error"]
+        r = await http.post("/", data=form(language="e\nn"))  # only the prompt may span lines
+        assert r.status == 422 and "control character" in (await r.json())["error"]
