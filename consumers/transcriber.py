@@ -337,7 +337,8 @@ class Transcriber:
                 lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
                                           deadline=deadline, word_timestamps=event.options.word_timestamps,
                                           vad_filter=event.options.vad_filter, on_segment=self.segment_hook(progress),
-                                          should_continue=self.cancel_check(event.job_id)),
+                                          should_continue=self.cancel_check(event.job_id),
+                                          prompt=event.options.prompt, temperature=event.options.temperature),
                 stage=self.name, attempts=self.settings.transient_retries,
             )
             progress.fraction(1.0, force=True)

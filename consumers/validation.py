@@ -21,6 +21,7 @@ import math
 import re
 from collections.abc import Iterable
 
+from kafscribe import decoding
 from kafscribe.languages import CODES
 from kafscribe.settings import Settings
 from schemas.events import (
@@ -126,7 +127,8 @@ def _check_audio(settings: Settings, event: Upload | Transcript) -> str | None:
 
 
 def check_options(settings: Settings, options: JobOptions) -> str | None:
-    """The job options a producer chose: task, languages, and a model the operator allows."""
+    """The job options a producer chose: task, languages, a model the operator allows, the decoder's prompt
+    (at most ``decoding.MAX_PROMPT_CHARS``) and temperature (0..1)."""
     if options.task not in TASKS:
         return f"task {_show(options.task)} must be one of {', '.join(TASKS)}"
     codes = languages()
@@ -138,7 +140,7 @@ def check_options(settings: Settings, options: JobOptions) -> str | None:
     if options.model is not None and options.model not in allowed:
         return (f"model {_show(options.model)} is not allowed here (KAFSCRIBE_ALLOWED_MODELS:"
                 f" {', '.join(sorted(allowed))})")
-    return None
+    return decoding.prompt_problem(options.prompt) or decoding.temperature_problem(options.temperature)
 
 
 def _check_transcript(settings: Settings, event: Transcript) -> str | None:
@@ -166,6 +168,8 @@ def _check_segments(segments: Iterable, end_s: float) -> str | None:
     for s in segments:
         if not (finite(s.start, 0, end_s) and finite(s.end, 0, end_s)):  # order is the engine's business
             return f"segment {s.id} has times {_show(s.start)}-{_show(s.end)} outside the audio"
+        if s.temperature is not None and not finite(s.temperature, 0.0, 10.0):
+            return f"segment {s.id} has temperature {_show(s.temperature)}"
     return None
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import decoding
 from .settings import Settings
 from .statuses import STATUSES, TERMINAL
 
@@ -38,6 +39,25 @@ def audio_files(paths: list[str]) -> list[Path]:
             raise FileNotFoundError(f"{raw}: no such file or directory")
     seen: set[Path] = set()
     return [p for p in out if not (p.resolve() in seen or seen.add(p.resolve()))]
+
+
+def prompt_arg(value: str) -> str:
+    """``--prompt``: refused by argparse (exit 2, the reason) when no job could take it."""
+    problem = decoding.prompt_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return value
+
+
+def temperature_arg(value: str) -> float:
+    """``--temperature``: a number from 0 to 1, else argparse's usage error."""
+    try:
+        parsed = decoding.parse_temperature(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+    if parsed is None:
+        raise argparse.ArgumentTypeError("temperature must be a number from 0 to 1")
+    return parsed
 
 
 def output_path(audio: Path, fmt: str, lang: str | None = None) -> Path:
@@ -88,7 +108,8 @@ def submit(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     wait = args.wait or bool(args.format)
     options: dict[str, Any] = {"language": args.language, "task": args.task, "translate_to": args.translate_to,
-                               "callback_url": args.callback, "model": args.model}
+                               "callback_url": args.callback, "model": args.model, "prompt": args.prompt,
+                               "temperature": args.temperature}
     for flag in ("word_timestamps", "vad_filter"):
         if getattr(args, flag):
             options[flag] = True if args.direct else "true"
@@ -246,6 +267,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--model")
     p.add_argument("--word-timestamps", action="store_true", help="words with their times in the result")
     p.add_argument("--vad-filter", action="store_true", help="skip silence before transcribing")
+    p.add_argument("--prompt", type=prompt_arg,
+                   help=f"Whisper's initial prompt: names, spellings, style (at most {decoding.MAX_PROMPT_CHARS} chars)")
+    p.add_argument("--temperature", type=temperature_arg,
+                   help="the one decoding temperature, 0-1 (default: 0 with fallback to hotter ones)")
     p.add_argument("--wait", action="store_true",
                    help="follow the jobs (a progress bar per file); one file: print its transcript")
     p.add_argument("--format", choices=["json", "txt", "srt", "vtt"],

@@ -82,8 +82,8 @@ class JobStore:
             " translated_text, engine, model, completed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
         )
         self._insert_segment = p(
-            "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob, words)"
-            " VALUES (?,?,?,?,?,?,?,?,?)"
+            "INSERT INTO segments (job_id, track, idx, start_s, end_s, text, avg_logprob, no_speech_prob, words,"
+            " temperature) VALUES (?,?,?,?,?,?,?,?,?,?)"
         )
         self._get_result = p("SELECT * FROM results WHERE job_id = ?")
         self._get_segments = p("SELECT * FROM segments WHERE job_id = ?")
@@ -180,7 +180,8 @@ class JobStore:
     def _segment_async(self, job_id: str, track: str, s: Segment):
         return self.session.execute_async(
             self._insert_segment,
-            (job_id, track, s.id, s.start, s.end, s.text, s.avg_logprob, s.no_speech_prob, words_json(s)),
+            (job_id, track, s.id, s.start, s.end, s.text, s.avg_logprob, s.no_speech_prob, words_json(s),
+             s.temperature),
         )
 
     # --- reads -------------------------------------------------------------
@@ -431,7 +432,8 @@ def _hour(at: datetime) -> str:
 def _segment_view(s) -> dict[str, Any]:
     """A ``segments`` row as the API shows it."""
     return {"id": s.idx, "start": s.start_s, "end": s.end_s, "text": s.text, "avg_logprob": s.avg_logprob,
-            "no_speech_prob": s.no_speech_prob, "words": json.loads(s.words) if s.words else []}
+            "no_speech_prob": s.no_speech_prob, "words": json.loads(s.words) if s.words else [],
+            "temperature": getattr(s, "temperature", None)}
 
 
 def words_json(segment: Segment) -> str | None:

@@ -30,9 +30,14 @@ def submit(
     path: str | Path, *, language: str | None = None, task: str = "transcribe",
     translate_to: str | None = None, callback_url: str | None = None, model: str | None = None,
     tenant: str = "default", settings: Settings | None = None, word_timestamps: bool = False,
-    vad_filter: bool = False,
+    vad_filter: bool = False, prompt: str | None = None, temperature: float | None = None,
 ) -> str:
-    """Submit ``path`` straight to Kafka; returns the job id once the broker has the event."""
+    """Submit ``path`` straight to Kafka; returns the job id once the broker has the event.
+
+    Options are checked as at the door (``SubmissionError`` with the reason): ``prompt`` is Whisper's
+    initial prompt (at most ``kafscribe.decoding.MAX_PROMPT_CHARS``), ``temperature`` 0..1 (None: the
+    engine's fallback schedule).
+    """
     from kafscribe import cassandra_session  # the Cassandra driver and Kafka only here: HTTP users start fast
 
     from .publisher import Publisher
@@ -41,7 +46,8 @@ def submit(
     settings = settings or Settings.from_env()
     raw = {"language": language, "task": task, "translate_to": translate_to,
            "callback_url": callback_url, "model": model,
-           "word_timestamps": str(word_timestamps).lower(), "vad_filter": str(vad_filter).lower()}
+           "word_timestamps": str(word_timestamps).lower(), "vad_filter": str(vad_filter).lower(),
+           "prompt": prompt, "temperature": None if temperature is None else repr(float(temperature))}
     options = parse_options({k: v for k, v in raw.items() if v is not None}, settings)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     publisher = Publisher(settings)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafscribe import audio, audio_probe, blobstore, memory
+from kafscribe import audio, audio_probe, blobstore, decoding, memory
 from kafscribe.callback_guard import CallbackRefused, check_url
 from kafscribe.jobstore import FAILED, JobStore
 from kafscribe.languages import LANGUAGES
@@ -31,7 +31,7 @@ log = logging.getLogger("kafscribe.submission")
 
 TASKS = ("transcribe", "translate")
 OPTION_FIELDS = ("language", "task", "translate_to", "callback_url", "model", "callback_include_transcript",
-                 "word_timestamps", "vad_filter")
+                 "word_timestamps", "vad_filter", "prompt", "temperature")
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
 MAX_FILENAME_CHARS = 255
 MAX_TRACE_ID_CHARS = 128
@@ -52,8 +52,9 @@ class Unavailable(Exception):
     """Kafka or Cassandra is down: nothing was accepted; try again later (503)."""
 
 
-def check_text(name: str, value: str, max_chars: int) -> str:
-    """``value`` if it is valid UTF-8 text without control characters and at most ``max_chars``; else 422.
+def check_text(name: str, value: str, max_chars: int, allowed_controls: str = "") -> str:
+    """``value`` if it is valid UTF-8 text without control characters (but ``allowed_controls``) and at most
+    ``max_chars``; else 422.
 
     Header and multipart values arrive with invalid UTF-8 bytes as lone
     surrogates (``surrogateescape``); they would fail later, in Cassandra or
@@ -66,7 +67,7 @@ def check_text(name: str, value: str, max_chars: int) -> str:
     if len(value) > max_chars:
         raise SubmissionError(422, f"{name} is {len(value)} characters; the limit is {max_chars}")
     for i, char in enumerate(value):
-        if unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+        if char not in allowed_controls and unicodedata.category(char) in ("Cc", "Zl", "Zp"):
             raise SubmissionError(422, f"{name} contains a control character ({char!r} at {i})")
     return value
 
@@ -117,6 +118,14 @@ def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
     opts.callback_include_transcript = include in ("1", "true", "yes")
     opts.word_timestamps = parse_flag(raw, "word_timestamps")
     opts.vad_filter = parse_flag(raw, "vad_filter")
+    opts.prompt = (raw.get("prompt") or "").strip() or None
+    problem = decoding.prompt_problem(opts.prompt)
+    if problem:
+        raise SubmissionError(422, problem)
+    try:
+        opts.temperature = decoding.parse_temperature(raw.get("temperature") or "")
+    except ValueError as exc:
+        raise SubmissionError(422, str(exc)) from exc
     return opts
 
 

@@ -34,6 +34,8 @@ class JobOptions:
     callback_include_transcript: bool = False
     word_timestamps: bool = False
     vad_filter: bool = False
+    prompt: str | None = None
+    temperature: float | None = None
 
 
 @dataclass
@@ -53,6 +55,7 @@ class Segment:
     avg_logprob: float = 0.0
     no_speech_prob: float = 0.0
     words: list[Word] = field(default_factory=list)
+    temperature: float | None = None  # what the engine decoded it with (None: not reported)
 
 
 @dataclass

@@ -319,3 +319,84 @@ def test_events_route_in_process_tenants_and_a_finished_job(isolated, session):
     assert [d["text"] for n, d in events if n == "segment"] == [" part 0", " part 1", " part 2"]
     assert events[1][1]["words"] == [{"word": " part0", "start": 0.0, "end": 1.0, "probability": 0.5}]
     assert events[-1][1]["status"] == "completed" and events[-1][1]["text"] == "part 0 part 1 part 2"
+
+
+def test_event_ids_are_cursors_that_read_back():
+    from producers.ingress.routes.events import Cursor
+
+    for cursor in (Cursor(), Cursor(3, "transcribing", 0.4242), Cursor(12, "completed", 1.0)):
+        assert Cursor.decode(cursor.encode()) == cursor
+    assert Cursor().encode() == "-1/-/-1"
+    for bad in ("", "7", "x/transcribing/0.5", "3/dancing/0.5", "3/queued/2", "-5/queued/0", "1/queued/0.1/9"):
+        with pytest.raises(ValueError):
+            Cursor.decode(bad)
+
+
+@pytest.mark.stack
+def test_events_resume_after_last_event_id_with_only_newer_events(isolated, session):
+    """A client that reconnects with the id of the last event it got: later segments, no repeated status or
+    progress; after the final status 204; an id this server never wrote 422."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from kafscribe.apikeys import KeyStore
+    from producers.ingress import build_app
+    from schemas.events import Result, Upload
+
+    key = KeyStore(session).create("events-resume", label="tests")[0]
+    auth = {"Authorization": f"Bearer {key}"}
+    jobs = JobStore(session)
+    job_id = f"ev-{uuid.uuid4().hex[:12]}"
+    jobs.create(Upload(job_id=job_id, tenant="events-resume", blob_ref="file:x", audio_sha256="0", audio_bytes=1,
+                       audio_duration=5.0))
+    jobs.start_attempt(job_id, "transcribing", "w1")
+    segs = [Segment(id=i, start=i, end=i + 1.0, text=f" part {i}") for i in range(5)]
+    for s in segs[:3]:
+        jobs.record_live_segment(job_id, s).result()
+    jobs.record_progress(job_id, 1, 0.6).result()
+
+    def parse(block: bytes) -> dict[str, str]:
+        fields = dict(line.split(": ", 1) for line in block.decode().strip().split("\n"))
+        return {**fields, "data": json.loads(fields["data"])}
+
+    async def read_events(client, headers, count=None) -> list[dict]:
+        resp = await client.get(f"/v1/jobs/{job_id}/events", headers=headers)
+        assert resp.status == 200, await resp.text()
+        out = []
+        while count is None or len(out) < count:
+            block = await resp.content.readuntil(b"\n\n") if count else None
+            if block is None:
+                out += [parse(b) for b in (await resp.read()).split(b"\n\n") if b.strip() and not b.startswith(b":")]
+                break
+            if not block.startswith(b":"):
+                out.append(parse(block))
+        resp.close()
+        return out
+
+    async def run():
+        async with TestClient(TestServer(build_app(isolated.with_(events_poll_s=0.05)))) as client:
+            first = await read_events(client, auth, count=4)  # status, progress, segments 0 and 1
+            assert [(e["event"], e["data"].get("id")) for e in first] == [
+                ("status", None), ("progress", None), ("segment", 0), ("segment", 1)]
+            assert all("id" in e for e in first)
+            resume = {**auth, "Last-Event-ID": first[-1]["id"]}
+            again = await read_events(client, resume, count=1)
+            assert (again[0]["event"], again[0]["data"]["id"]) == ("segment", 2)  # no status, progress, 0 or 1
+            jobs.record_live_segment(job_id, segs[3]).result()
+            jobs.record_progress(job_id, 1, 0.8).result()
+            later = await read_events(client, {**auth, "Last-Event-ID": again[0]["id"]}, count=2)
+            assert [(e["event"], e["data"].get("id"), e["data"].get("fraction")) for e in later] == [
+                ("progress", None, 0.8), ("segment", 3, None)]
+            jobs.save_result(Result(job_id=job_id, tenant="events-resume", status="completed", language="en",
+                                    duration=5.0, text="part 0 part 1 part 2 part 3 part 4", segments=segs))
+            rest = await read_events(client, {**auth, "Last-Event-ID": later[-1]["id"]})
+            assert [(e["event"], e["data"].get("id")) for e in rest] == [
+                ("progress", None), ("segment", 4), ("status", None)]
+            assert rest[-1]["data"]["status"] == "completed" and rest[-1]["data"]["text"].endswith("part 4")
+            done = await client.get(f"/v1/jobs/{job_id}/events", headers={**auth, "Last-Event-ID": rest[-1]["id"]})
+            assert done.status == 204
+            whole = await read_events(client, auth)  # without the header: the whole job again
+            assert [e["data"]["id"] for e in whole if e["event"] == "segment"] == [0, 1, 2, 3, 4]
+            bad = await client.get(f"/v1/jobs/{job_id}/events", headers={**auth, "Last-Event-ID": "nonsense"})
+            assert bad.status == 422
+
+    asyncio.run(run())

@@ -165,3 +165,106 @@ def test_cancel_of_a_running_job_sticks_through_the_pipeline(pipe, clips, tmp_pa
     job = pipe.http.job(job_id)
     assert job["status"] == "cancelled" and "result" not in job
     assert pipe.http._request("DELETE", f"/v1/jobs/{job_id}")[0] == 200 and pipe.http.job(job_id) is None
+
+
+# --- prompt and temperature (kafscribe/decoding.py) --------------------------------------------------
+# espeak-ng says the name; tiny.en writes "Caffcribe". Tried on 6 sentences x 3 prompts, both engines, 1 and 2
+# threads (README, "Prompt and temperature"): this sentence and prompt spelled it every time.
+NAME_SENTENCE = "We use Kafscribe every day."
+NAME = "Kafscribe"
+PROMPT = "Glossary: Kafscribe."
+
+
+@pytest.fixture(scope="module")
+def name_clip(tmp_path_factory):
+    from tests.audio_clips import speak
+
+    return speak(NAME_SENTENCE, tmp_path_factory.mktemp("prompt") / "name.wav")
+
+
+def test_a_prompt_spells_a_spoken_name_and_the_temperature_is_the_one_used(pipe, name_clip):
+    """Without a prompt tiny.en misspells the name; with it as the prompt the transcript spells it so. The
+    temperature asked for is what every segment reports; both options are stored and shown with the job."""
+    oa = client(pipe)
+    with open(name_clip, "rb") as f:
+        plain = oa.audio.transcriptions.create(file=f, model="whisper-1", response_format="verbose_json")
+    assert NAME.lower() not in plain.text.lower() and "every day" in plain.text.lower(), plain.text
+    assert all(s.temperature in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0) for s in plain.segments)  # the fallback schedule
+    with open(name_clip, "rb") as f:
+        raw = oa.audio.transcriptions.with_raw_response.create(
+            file=f, model="whisper-1", response_format="verbose_json", prompt=PROMPT, temperature=0.0)
+    primed = raw.parse()
+    assert NAME in primed.text and "every day" in primed.text.lower(), primed.text
+    assert primed.segments and all(s.temperature == 0.0 for s in primed.segments)
+    job = pipe.http.job(raw.headers["x-job-id"])
+    assert (job["options"]["prompt"], job["options"]["temperature"]) == (PROMPT, 0.0)
+    assert all(s["temperature"] == 0.0 for s in job["result"]["segments"])
+    with open(name_clip, "rb") as f:
+        raw = oa.audio.transcriptions.with_raw_response.create(
+            file=f, model="whisper-1", response_format="verbose_json", temperature=0.4)
+    warm = raw.parse()  # sampled: the text may vary, the temperature may not
+    assert warm.segments and all(s.temperature == 0.4 for s in warm.segments)
+    assert pipe.http.job(raw.headers["x-job-id"])["options"]["temperature"] == 0.4
+
+
+def test_bad_prompt_or_temperature_is_400_in_openai_shape_and_submits_nothing(pipe, name_clip):
+    tenant = f"oa-{uuid.uuid4().hex[:8]}"
+    key = pipe.key(tenant)
+    oa = client(pipe, key=key)
+    for fields, param, message in (({"temperature": 1.5}, "temperature", "must be a number from 0 to 1"),
+                                   ({"temperature": -0.1}, "temperature", "must be a number from 0 to 1"),
+                                   ({"prompt": "x" * 1000}, "prompt", "the limit is 896")):
+        with open(name_clip, "rb") as f, pytest.raises(openai.BadRequestError) as err:
+            oa.audio.transcriptions.create(file=f, model="whisper-1", **fields)
+        assert err.value.param == param and message in err.value.message, err.value.message
+        assert (err.value.type, err.value.code) == ("invalid_request_error", "invalid_value")
+    with open(name_clip, "rb") as f, pytest.raises(openai.BadRequestError) as err:
+        oa.audio.translations.create(file=f, model="whisper-1", temperature=3)
+    assert err.value.param == "temperature"
+    listed = pipe.client(key)._request("GET", "/v1/jobs", None, {})
+    assert json.loads(listed[1])["jobs"] == []  # nothing was submitted
+
+
+def test_a_direct_upload_with_a_10kb_prompt_fails_with_the_reason(pipe, name_clip):
+    """A direct producer skips the door: the transcriber's check fails the job with the reason, and the
+    partition goes on (a good job after it completes)."""
+    import hashlib
+
+    from kafscribe import blobstore, cassandra_session, kafka_clients
+    from kafscribe.jobstore import JobStore
+    from schemas.events import JobOptions, Upload
+
+    settings = pipe.settings
+    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    try:
+        data = name_clip.read_bytes()
+        job_id = f"prompt-{uuid.uuid4().hex[:10]}"
+        ref = blobstore.open_store(settings, session).put(job_id, data)
+        upload = Upload(job_id=job_id, blob_ref=ref, audio_sha256=hashlib.sha256(data).hexdigest(),
+                        audio_bytes=len(data), audio_duration=3.0, options=JobOptions(prompt="Kafscribe " * 1024))
+        JobStore(session).create(upload)  # what a direct producer does (README, "Events")
+        producer = kafka_clients.producer(settings)
+        producer.produce(settings.topic("uploads"), key=job_id.encode(), value=upload.encode())
+        assert producer.flush(30) == 0
+    finally:
+        session.cluster.shutdown()
+    job = pipe.wait_job(job_id)
+    assert job["status"] == "failed" and "prompt is 10240 characters; the limit is 896" in job["error"], job
+    with open(name_clip, "rb") as f:
+        after = client(pipe).audio.transcriptions.create(file=f, model="whisper-1", response_format="text")
+    assert "every day" in after.lower()
+
+
+def test_cli_submit_with_prompt_and_temperature(pipe, name_clip):
+    """`kafscribe submit --prompt --temperature --wait`: the options go over HTTP; the transcript on stdout."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "submit", str(name_clip), "--prompt", PROMPT, "--temperature", "0",
+         "--wait", "--url", pipe.url, "--api-key", pipe.api_key, "--timeout", "300"],
+        env=env, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert NAME in done.stdout, done.stdout
+    refused = subprocess.run(
+        [sys.executable, "-m", "kafscribe.cli", "submit", str(name_clip), "--temperature", "7", "--url", pipe.url],
+        env=env, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "must be a number from 0 to 1" in refused.stderr

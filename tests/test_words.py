@@ -1,4 +1,5 @@
-"""Word timestamps and VAD: both engines on real tiny.en weights, then through the real pipeline."""
+"""Word timestamps and VAD (and the prompt and temperature options): both engines on real tiny.en weights, then
+through the real pipeline."""
 
 from __future__ import annotations
 
@@ -140,3 +141,16 @@ def test_flags_are_strict_yes_or_no():
     with pytest.raises(SubmissionError) as err:
         parse_options({"vad_filter": "perhaps"}, settings)
     assert err.value.status == 422 and "vad_filter" in err.value.reason
+
+
+def test_prompt_and_temperature_reach_the_engine(engine, tmp_path):
+    """A spoken name tiny.en misspells is spelled with a prompt that names it (the case measured in the README,
+    "Prompt and temperature"); each segment reports the one temperature given."""
+    clip = audio.decode(speak("We use Kafscribe every day.", tmp_path / "name.wav").read_bytes())
+    plain = engine.transcribe(clip, language=None, task="transcribe")
+    assert "kafscribe" not in plain.text.lower() and "every day" in plain.text.lower(), plain.text
+    primed = engine.transcribe(clip, language=None, task="transcribe", prompt="Glossary: Kafscribe.", temperature=0.0)
+    assert "Kafscribe" in primed.text, primed.text
+    assert primed.segments and all(s.temperature == 0.0 for s in primed.segments)
+    warm = engine.transcribe(clip, language=None, task="transcribe", temperature=0.4)
+    assert warm.segments and all(s.temperature == 0.4 for s in warm.segments)

@@ -64,9 +64,14 @@ class Engine(Protocol):
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
         word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
-        should_continue: ShouldContinue | None = None,
+        should_continue: ShouldContinue | None = None, prompt: str | None = None,
+        temperature: float | None = None,
     ) -> TranscriptionOutput:
         """Transcribe; past ``deadline`` (a ``time.monotonic()`` value) raise ``TimeLimitExceeded``.
+
+        ``prompt``: Whisper's initial prompt (None: none). ``temperature``: the one
+        temperature to decode with (None: the engine's fallback schedule); each
+        segment reports the temperature it was decoded with (``kafscribe.decoding``).
 
         ``word_timestamps``: each segment carries its words with times and probabilities.
         ``vad_filter``: only the stretches the Silero VAD hears as speech are decoded;

@@ -14,6 +14,7 @@ import numpy as np
 
 from schemas.events import Segment
 
+from ..decoding import engine_kwargs
 from ..settings import Settings
 from ..sizing import usable_cores
 from .base import (
@@ -67,8 +68,10 @@ class FasterWhisperEngine:
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
         word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
-        should_continue: ShouldContinue | None = None,
+        should_continue: ShouldContinue | None = None, prompt: str | None = None,
+        temperature: float | None = None,
     ) -> TranscriptionOutput:
+        decoding = engine_kwargs(prompt, temperature)  # initial_prompt=, and temperature= when given
         if not self.multilingual:
             language, task = "en", "transcribe"
         check_deadline(deadline)
@@ -78,12 +81,12 @@ class FasterWhisperEngine:
             # the batched pipeline cuts the audio at VAD speech stretches itself (vad_filter is its default)
             segments_iter, info = self._batched.transcribe(
                 audio, language=language, task=task, beam_size=self.beam_size, batch_size=self.batch_size,
-                word_timestamps=word_timestamps, vad_filter=True,
+                word_timestamps=word_timestamps, vad_filter=True, **decoding,
             )
         else:
             segments_iter, info = self._model.transcribe(
                 audio, language=language, task=task, beam_size=self.beam_size,
-                word_timestamps=word_timestamps, vad_filter=vad_filter,
+                word_timestamps=word_timestamps, vad_filter=vad_filter, **decoding,
             )
         segments = []
         for i, s in enumerate(segments_iter):  # a generator: each step decodes a window
@@ -93,6 +96,7 @@ class FasterWhisperEngine:
                 id=i, start=float(s.start), end=float(s.end), text=s.text,
                 avg_logprob=float(s.avg_logprob), no_speech_prob=float(s.no_speech_prob),
                 words=[word(w.word, w.start, w.end, w.probability) for w in s.words or ()],
+                temperature=None if s.temperature is None else float(s.temperature),
             ))
             if on_segment is not None:
                 on_segment(segments[-1], min(1.0, float(s.end) / info.duration) if info.duration else 1.0)

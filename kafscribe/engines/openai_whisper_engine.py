@@ -18,6 +18,7 @@ import numpy as np
 
 from schemas.events import Segment
 
+from ..decoding import engine_kwargs
 from ..models import offline
 from ..settings import Settings
 from . import vad
@@ -68,7 +69,8 @@ class OpenAIWhisperEngine:
     def transcribe(
         self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
         word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
-        should_continue: ShouldContinue | None = None,
+        should_continue: ShouldContinue | None = None, prompt: str | None = None,
+        temperature: float | None = None,
     ) -> TranscriptionOutput:
         import torch
         import whisper
@@ -130,6 +132,7 @@ class OpenAIWhisperEngine:
                     verbose=None,
                     word_timestamps=word_timestamps,
                     clip_timestamps=clips,
+                    **engine_kwargs(prompt, temperature),  # initial_prompt=, and temperature= when given
                 )
         finally:
             del model.decode  # back to the class's method
@@ -149,6 +152,7 @@ def _segment(s: dict[str, Any]) -> Segment:
         id=int(s["id"]), start=float(s["start"]), end=float(s["end"]), text=s["text"],
         avg_logprob=float(s["avg_logprob"]), no_speech_prob=float(s["no_speech_prob"]),
         words=[word(w["word"], w["start"], w["end"], w["probability"]) for w in s.get("words") or ()],
+        temperature=None if s.get("temperature") is None else float(s["temperature"]),
     )
 
 

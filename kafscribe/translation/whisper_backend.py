@@ -30,7 +30,10 @@ class WhisperTranslator:
         if not self.engine.multilingual:
             raise TranslationError(f"model {self.engine.model_name!r} is English-only and cannot translate")
         data = blobstore.read_verified(self.settings, self.session, transcript.blob_ref, transcript.audio_sha256)
-        out = self.engine.transcribe(audio.decode(data), language=transcript.language, task="translate")
+        # The job's temperature, not its prompt: that is in the spoken language and would pull the English
+        # back towards it (README, "Prompt and temperature").
+        out = self.engine.transcribe(audio.decode(data), language=transcript.language, task="translate",
+                                     temperature=transcript.options.temperature)
         return Translation(
             source_language=transcript.language, target_language="en", backend=self.name,
             text=out.text, segments=out.segments,

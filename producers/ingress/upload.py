@@ -24,6 +24,7 @@ from pathlib import Path
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from kafscribe.decoding import PROMPT_CONTROLS
 from kafscribe.settings import Settings
 
 from ..submission import MAX_FILENAME_CHARS, OPTION_FIELDS, SubmissionError, check_text
@@ -163,7 +164,8 @@ async def _read_field(part: BodyPartReader, name: str) -> str:
         value = codec.decode(bytes(data))[0]
     except (UnicodeDecodeError, ValueError) as exc:
         raise SubmissionError(422, f"field {name!r} is not valid {codec.name}: {exc}") from exc
-    return check_text(f"field {name!r}", value.strip(), MAX_FIELD_BYTES)
+    controls = PROMPT_CONTROLS if name == "prompt" else ""  # a prompt may span lines
+    return check_text(f"field {name!r}", value.strip(), MAX_FIELD_BYTES, controls)
 
 
 

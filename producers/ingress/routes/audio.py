@@ -14,8 +14,11 @@ clients retry 5xx answers, and a retry would submit the audio again.
 
 Model names: ``whisper-1`` is the service's default model
 (``KAFSCRIBE_MODEL``); any other name must be one of the allowed models.
-``prompt`` and ``temperature`` are checked and accepted for compatibility, but
-decoding uses the service's own settings (beam search, no prompt).
+``prompt`` (at most 896 characters) becomes the job's Whisper initial prompt and
+``temperature`` (0..1) its one decoding temperature (absent: the engine's
+fallback schedule, 0.0 then hotter where a window decodes badly); both are
+stored with the job's options (``kafscribe.decoding``). verbose_json's
+per-segment ``temperature`` is the one the engine decoded that segment with.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 from aiohttp import web
 
 from kafscribe import formats, metrics
+from kafscribe.decoding import MAX_PROMPT_CHARS
 from kafscribe.jobstore import CANCELLED, COMPLETED, FAILED
 from kafscribe.settings import Settings
 
@@ -104,23 +108,17 @@ def parse_request(fields: dict[str, str], settings: Settings, task: str) -> dict
                          "timestamp_granularities")
     if grains and response_format != "verbose_json":
         raise BadRequest("timestamp_granularities needs response_format=verbose_json", "timestamp_granularities")
-    temperature = (fields.get("temperature") or "").strip()
-    if temperature:
-        try:
-            value = float(temperature)
-        except ValueError:
-            value = -1.0
-        if not 0.0 <= value <= 1.0:
-            raise BadRequest("temperature must be a number from 0 to 1", "temperature")
     stream = (fields.get("stream") or "false").strip().lower()
     if stream not in ("true", "false", "1", "0"):
         raise BadRequest("stream must be true or false", "stream")
     raw = {"task": task, "model": "" if model == OPENAI_MODEL else model, "language": fields.get("language", ""),
-           "word_timestamps": "true" if "word" in grains else "false"}
+           "word_timestamps": "true" if "word" in grains else "false", "prompt": fields.get("prompt", ""),
+           "temperature": fields.get("temperature", "")}
     try:
         options = parse_options(raw, settings)
     except SubmissionError as exc:
-        param = next((n for n in ("model", "language") if exc.reason.startswith(f"{n}=")), None)
+        param = next((n for n in ("model", "language", "prompt", "temperature")
+                      if exc.reason.startswith((f"{n}=", f"{n} "))), None)
         message = exc.reason
         if param == "model":
             message += f" (or {OPENAI_MODEL}, the default model)"
@@ -155,7 +153,8 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
         return openai_error(400, exc.message, param=exc.param, code=exc.code)
     except SubmissionError as exc:
         status = 413 if exc.status == 413 else 400
-        param = "file" if exc.status in (413, 415) or "'file'" in exc.reason else None
+        param = "file" if exc.status in (413, 415) or "'file'" in exc.reason else next(
+            (n for n in allowed if f"field {n!r}" in exc.reason), None)
         code = {413: "file_too_large", 415: "invalid_file_format"}.get(exc.status, "invalid_request")
         return openai_error(status, exc.reason, param=param, code=code)
     except ConnectionError:
@@ -245,7 +244,7 @@ def render(fmt: str, task: str, result: dict[str, Any], granularities: list[str]
     if "segment" in granularities:
         body["segments"] = [{
             "id": s["id"], "seek": 0, "start": s["start"], "end": s["end"], "text": s["text"], "tokens": [],
-            "temperature": 0.0, "avg_logprob": s["avg_logprob"], "compression_ratio": 0.0,
+            "temperature": segment_temperature(s), "avg_logprob": s["avg_logprob"], "compression_ratio": 0.0,
             "no_speech_prob": s["no_speech_prob"],
         } for s in segments]
     if "word" in granularities:
@@ -255,14 +254,24 @@ def render(fmt: str, task: str, result: dict[str, Any], granularities: list[str]
     return web.json_response(body, headers=headers)
 
 
+def segment_temperature(segment: dict[str, Any]) -> float:
+    """What the engine decoded ``segment`` with; 0.0 (the first of the fallback schedule) for a segment
+    stored before the engines reported it."""
+    return segment["temperature"] if segment.get("temperature") is not None else 0.0
+
+
 def _form(task: str) -> dict[str, Any]:
     props: dict[str, Any] = {
         "file": {"type": "string", "format": "binary"},
         "model": {"type": "string", "example": OPENAI_MODEL,
                   "description": f"`{OPENAI_MODEL}` (the default model) or an allowed model name"},
-        "prompt": {"type": "string", "description": "accepted, not used"},
+        "prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS,
+                   "description": "Whisper's initial prompt (names, spellings, style; in the spoken language, or"
+                                  " English for translations)"},
         "response_format": {"type": "string", "enum": list(RESPONSE_FORMATS), "default": "json"},
-        "temperature": {"type": "number", "minimum": 0, "maximum": 1, "description": "accepted, not used"},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1,
+                        "description": "the one decoding temperature; default: 0 with fallback to hotter ones"
+                                       " where a window decodes badly"},
     }
     if task == "transcribe":
         props["language"] = {"type": "string", "description": "ISO 639-1; default: detect"}

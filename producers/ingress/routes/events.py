@@ -12,7 +12,12 @@ all. The stream ends after the job's final status.
 Two renderings of that loop:
 
 - ``GET /v1/jobs/{id}/events``: ``event: status | progress | segment`` with
-  JSON data; ``event: gone`` if the job is deleted meanwhile.
+  JSON data; ``event: gone`` if the job is deleted meanwhile. Every event
+  carries an ``id:``, the ``Cursor`` of what was sent up to it (the last
+  segment id, the status, the progress); a client that reconnects with
+  ``Last-Event-ID`` (browsers' ``EventSource`` does it by itself) gets only
+  what is newer than that: later segments, a changed status, higher progress.
+  Reconnecting after the final status answers ``204`` (``EventSource`` stops).
 - ``stream_openai_segments``: OpenAI's streaming-transcription shape
   (``data: {"type": "transcript.text.delta", "delta": ...}`` per segment, then
   ``transcript.text.done`` with the full text; a failed or cancelled job ends
@@ -34,6 +39,7 @@ from aiohttp import web
 
 from kafscribe import cassandra_session
 from kafscribe.settings import Settings
+from kafscribe.statuses import STATUSES
 
 from .. import auth
 from ..backends import Backends
@@ -43,6 +49,29 @@ log = logging.getLogger("kafscribe.ingress")
 
 RUNNING = ("queued", "transcribing", "translating")
 COMPLETED = "completed"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """How far a stream got: the last segment id sent, the last status, the last progress (an event's ``id``)."""
+
+    last_id: int = -1
+    status: str | None = None
+    fraction: float = -1.0
+
+    def encode(self) -> str:
+        return f"{self.last_id}/{self.status or '-'}/{self.fraction:g}"
+
+    @classmethod
+    def decode(cls, raw: str) -> Cursor:
+        """The cursor of a ``Last-Event-ID``; ``ValueError`` if it is not one this server wrote."""
+        parts = raw.strip().split("/")
+        if len(parts) != 3:
+            raise ValueError("Last-Event-ID is not an id of this stream")
+        last_id, status, fraction = int(parts[0]), parts[1], float(parts[2])
+        if last_id < -1 or not -1.0 <= fraction <= 1.0 or status not in ("-", *STATUSES):
+            raise ValueError("Last-Event-ID is not an id of this stream")
+        return cls(last_id, None if status == "-" else status, fraction)
 
 
 @dataclass
@@ -88,16 +117,19 @@ def _iso(value: Any) -> Any:
     return value.isoformat() if hasattr(value, "isoformat") else value
 
 
-async def job_events(request: web.Request, job_id: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
-    """``(event, data)`` pairs of the job until it ends: status, progress, segment; ``gone`` if deleted;
-    ``poll`` after each read of a running job (renderers skip it; a chance for a keep-alive).
+async def job_events(
+    request: web.Request, job_id: str, since: Cursor = Cursor()
+) -> AsyncIterator[tuple[str, dict[str, Any], Cursor]]:
+    """``(event, data, cursor)`` of the job until it ends: status, progress, segment; ``gone`` if deleted;
+    ``poll`` after each read of a running job (renderers skip it; a chance for a keep-alive). ``cursor``
+    is what was sent up to this event; with ``since``, only what is newer than it is sent.
 
     Raises ``web.HTTPNotFound`` before the first event if the caller may not see the job.
     """
     settings: Settings = request.app["settings"]
     backends: Backends = request.app["backends"]
     scope = auth.job_scope(request)
-    last_id, status, fraction = -1, None, -1.0
+    last_id, status, fraction = since.last_id, since.status, since.fraction
     first = True
     while True:
         try:
@@ -108,35 +140,36 @@ async def job_events(request: web.Request, job_id: str) -> AsyncIterator[tuple[s
             if first:
                 raise cassandra_outage(request, exc) from exc
             log.warning("events of %s: Cassandra unavailable (%s); retrying", job_id, exc)
-            yield "poll", {}  # keep-alives go on (and a gone client is noticed) during the outage
+            yield "poll", {}, Cursor(last_id, status, fraction)  # keep-alives go on (and a gone client is noticed) during the outage
             await asyncio.sleep(settings.events_poll_s)
             continue
         if snap.job is None:
             if first:
                 raise web.HTTPNotFound(text=json.dumps({"error": f"no job {job_id}"}),
                                        content_type="application/json")
-            yield "gone", {"job_id": job_id, "status": "deleted"}
+            yield "gone", {"job_id": job_id, "status": "deleted"}, Cursor(last_id, status, fraction)
             return
         first = False
         job = snap.job
         if job["status"] != status and job["status"] in RUNNING:
             status = job["status"]
-            yield "status", status_data(job)
+            yield "status", status_data(job), Cursor(last_id, status, fraction)
         now = progress_fraction(job, snap.fraction)
         if now > fraction and (job["status"] != "queued" or now > 0):
             fraction = now
-            yield "progress", {"fraction": now}
+            yield "progress", {"fraction": now}, Cursor(last_id, status, fraction)
         for segment in snap.segments:
             if segment["id"] > last_id:
                 last_id = segment["id"]
-                yield "segment", segment_data(segment)
+                yield "segment", segment_data(segment), Cursor(last_id, status, fraction)
         if job["status"] not in RUNNING:
-            data = status_data(job)
-            if snap.text is not None:
-                data["text"] = snap.text
-            yield "status", data
+            if job["status"] != status:  # a client that saw the final status already gets nothing more
+                data = status_data(job)
+                if snap.text is not None:
+                    data["text"] = snap.text
+                yield "status", data, Cursor(last_id, job["status"], fraction)
             return
-        yield "poll", {}  # nothing to send, but a chance to keep the connection alive
+        yield "poll", {}, Cursor(last_id, status, fraction)  # nothing to send: a chance to keep the connection alive
         await asyncio.sleep(settings.events_poll_s)
 
 
@@ -145,9 +178,10 @@ def segment_data(segment: dict[str, Any]) -> dict[str, Any]:
     return {k: segment.get(k, []) if k == "words" else segment[k] for k in keys}
 
 
-def _sse(event: str | None, data: dict[str, Any]) -> bytes:
+def _sse(event: str | None, data: dict[str, Any], event_id: str | None = None) -> bytes:
     head = f"event: {event}\n" if event else ""
-    return f"{head}data: {json.dumps(data, separators=(',', ':'), default=str)}\n\n".encode()
+    tail = f"id: {event_id}\n" if event_id else ""  # after data: readers that take lines by position keep working
+    return f"{head}data: {json.dumps(data, separators=(',', ':'), default=str)}\n{tail}\n".encode()
 
 
 async def _open_stream(request: web.Request) -> web.StreamResponse:
@@ -158,17 +192,18 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
     return response
 
 
-async def _pump(request: web.Request, job_id: str, render) -> web.StreamResponse:
-    """Send ``render(event, data)`` of each job event (None: skip), with keep-alive comments between."""
+async def _pump(request: web.Request, job_id: str, render, since: Cursor = Cursor()) -> web.StreamResponse:
+    """Send ``render(event, data, cursor)`` of each job event (None: skip), with keep-alive comments between;
+    ``204`` when there is nothing newer than ``since`` and the job has ended."""
     settings: Settings = request.app["settings"]
-    events = job_events(request, job_id)
+    events = job_events(request, job_id, since)
     response: web.StreamResponse | None = None
     last_write = time.monotonic()
     try:
-        async for event, data in events:
+        async for event, data, cursor in events:
             if response is None:  # the first event: the job exists and is the caller's
                 response = await _open_stream(request)
-            chunk = render(event, data)
+            chunk = render(event, data, cursor)
             if chunk:
                 await response.write(chunk)
                 last_write = time.monotonic()
@@ -182,23 +217,34 @@ async def _pump(request: web.Request, job_id: str, render) -> web.StreamResponse
         return response  # nothing more to send to anyone
     finally:
         await events.aclose()
-    if response is None:  # cannot happen: job_events yields or raises
-        return error(500, "no events")
+    if response is None:  # a resumed stream of an ended job: nothing newer (EventSource stops on 204)
+        return web.Response(status=204)
     await response.write_eof()
     return response
 
 
 async def get_job_events(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/jobs/{id}/events``."""
+    """``GET /v1/jobs/{id}/events``; with ``Last-Event-ID``, only what is newer than that event (422 if the
+    header is not an id of this stream)."""
     job_id = request.match_info["job_id"]
-    return await _pump(request, job_id, lambda event, data: None if event == "poll" else _sse(event, data))
+    since = Cursor()
+    if request.headers.get("Last-Event-ID", "").strip():
+        try:
+            since = Cursor.decode(request.headers["Last-Event-ID"])
+        except ValueError as exc:
+            return error(422, str(exc))
+
+    def render(event: str, data: dict[str, Any], cursor: Cursor) -> bytes | None:
+        return None if event == "poll" else _sse(event, data, cursor.encode())
+
+    return await _pump(request, job_id, render, since)
 
 
 async def stream_openai_segments(request: web.Request, job_id: str) -> web.StreamResponse:
     """The job's segments as OpenAI streaming-transcription events, ending when the job ends."""
     text: list[str] = []
 
-    def render(event: str, data: dict[str, Any]) -> bytes | None:
+    def render(event: str, data: dict[str, Any], cursor: Cursor) -> bytes | None:
         if event == "segment":
             text.append(data["text"])
             return _sse(None, {"type": "transcript.text.delta", "delta": data["text"]})
@@ -239,12 +285,16 @@ OPENAPI_PATHS: dict[str, Any] = {
             " is the final status, with `text` when completed), `event: progress` (`{fraction}`, 0..1, never"
             " lower than before, also across redone attempts), `event: segment` (`{id, start, end, text,"
             " words}`, each id once, in order; the stored result's segments complete the live ones), `event:"
-            " gone` if the job is deleted meanwhile. The stream ends after the final status; reconnecting"
-            " replays the job from its first segment."
+            " gone` if the job is deleted meanwhile. The stream ends after the final status. Every event has an"
+            " `id`; reconnecting with `Last-Event-ID` sends only what is newer (later segments, a changed status,"
+            " higher progress), `204` if the job ended and nothing is newer; without it the job is replayed from"
+            " its first segment."
         ),
-        "parameters": [_JOB_ID],
+        "parameters": [_JOB_ID, {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"},
+                                 "description": "the `id` of the last event received (resume)"}],
         "responses": {"200": {"description": "the event stream",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
-                      "404": _ERR, "503": _ERR},
+                      "204": {"description": "resumed after the final status: nothing newer"},
+                      "404": _ERR, "422": _ERR, "503": _ERR},
     }},
 }

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from kafscribe import formats, metrics, retention
 from kafscribe.callback_guard import mask_url
+from kafscribe.decoding import MAX_PROMPT_CHARS
 from kafscribe.jobstore import COMPLETED, STATUSES, TERMINAL
 from kafscribe.settings import Settings
 from schemas.events import JobOptions, Upload
@@ -271,7 +272,12 @@ OPENAPI_PATHS: dict[str, Any] = {
                     "translate_to": {"type": "string"}, "callback_url": {"type": "string"},
                     "model": {"type": "string"}, "callback_include_transcript": {"type": "boolean"},
                     "word_timestamps": {"type": "boolean", "description": "words with start, end, probability"},
-                    "vad_filter": {"type": "boolean", "description": "skip silence (Silero VAD)"}}}}}},
+                    "vad_filter": {"type": "boolean", "description": "skip silence (Silero VAD)"},
+                    "prompt": {"type": "string", "maxLength": MAX_PROMPT_CHARS,
+                               "description": "Whisper's initial prompt: names, spellings, style"},
+                    "temperature": {"type": "number", "minimum": 0, "maximum": 1,
+                                    "description": "the one decoding temperature; default: 0 with fallback to"
+                                                   " hotter ones where a window decodes badly"}}}}}},
             "responses": {"202": {"description": "queued: `{job_id, status, links}`"}, "413": _ERR, "415": _ERR,
                           "422": _ERR, "429": _ERR, "503": _ERR},
         },
