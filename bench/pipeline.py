@@ -283,6 +283,7 @@ def run_pipeline(base: Settings, transcribers: str, threads: int, processes: int
     settings = bench_settings(base, transcribers, threads, http_port, state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
     bootstrap.ensure_topics(settings)
+    bootstrap.ensure_schema(settings)  # the tables and columns of this code (idempotent)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     try:
         # a tenant of its own per run: an earlier run's (or bench.ingest's) unfinished jobs hold no quota here
