@@ -5,7 +5,7 @@ whole: at most one chunk plus its search window is in memory. Each cut is
 placed near ``KAFSCRIBE_CHUNK_S`` seconds after the previous one, in the
 middle of the longest silence the Silero VAD (bundled with faster-whisper,
 offline) finds within +-``CUT_WINDOW`` of that point; with no silence there,
-the cut is hard, at the target. When what is left (by the Upload's measured
+at the quietest 20 ms of the window (usually between two words). When what is left (by the Upload's measured
 duration) is under ``SPLIT_FACTOR`` x the chunk length, it becomes the last
 chunk, so no chunk is a sliver. Each chunk is handed to ``write`` (a WAV
 blob) as soon as it is cut; only the boundaries are kept.
@@ -29,6 +29,7 @@ SAMPLE_RATE = 16000
 CUT_WINDOW = 0.2  # a cut is searched within +-20 % of the chunk length around its target
 SPLIT_FACTOR = 1.5  # only audio longer than this x the chunk length is split; a tail under it stays whole
 MIN_SILENCE_MS = 200  # the shortest pause the VAD reports as a silence worth cutting at
+CONTEXT_S = 1.0  # the VAD also hears this much either side of the window (no false silence at its edges)
 
 Interval = tuple[float, float]
 
@@ -52,9 +53,9 @@ def silences(speech: list[Interval], start: float, end: float) -> list[Interval]
     return [(a, b) for a, b in out if b > a]
 
 
-def pick_cut(gaps: list[Interval], lo: float, hi: float, target: float) -> float:
+def pick_cut(gaps: list[Interval], lo: float, hi: float, target: float) -> float | None:
     """Where to cut: the middle of the longest silence within [lo, hi] (clipped to it); ties go to the one
-    nearest ``target``. No silence there: ``target`` (a hard cut)."""
+    nearest ``target``. None: no silence there."""
     best: tuple[float, float, float] | None = None  # (length, -distance, middle)
     for a, b in gaps:
         a, b = max(a, lo), min(b, hi)
@@ -64,7 +65,19 @@ def pick_cut(gaps: list[Interval], lo: float, hi: float, target: float) -> float
         key = (round(b - a, 3), -abs(middle - target), middle)
         if best is None or key > best:
             best = key
-    return target if best is None else best[2]
+    return None if best is None else best[2]
+
+
+def quietest(samples: np.ndarray, frame: int = SAMPLE_RATE // 50) -> int:
+    """The sample in the middle of the quietest 20 ms frame (where a cut without a silence hurts least:
+    usually between two words); the middle of ``samples`` if they are shorter than a frame."""
+    n = len(samples) // frame
+    if n == 0:
+        return len(samples) // 2
+    energy = (samples[: n * frame].astype(np.float32).reshape(n, frame) ** 2).mean(axis=1)
+    middle = (n - 1) / 2
+    best = min(range(n), key=lambda i: (round(float(energy[i]), 1), abs(i - middle)))
+    return best * frame + frame // 2
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,7 @@ class Splitter:
                  write: Callable[[Piece, np.ndarray], None]) -> None:
         self.chunk = int(chunk_s * SAMPLE_RATE)
         self.window = int(CUT_WINDOW * chunk_s * SAMPLE_RATE)
+        self.context = int(CONTEXT_S * SAMPLE_RATE)
         self.total_hint = int(total_hint_s * SAMPLE_RATE)
         self.find_speech = find_speech
         self.write = write
@@ -102,10 +116,10 @@ class Splitter:
     def feed(self, samples: np.ndarray) -> None:
         self.pending.append(samples)
         self.pending_len += len(samples)
-        if not self._rest_is_long() or len(self.buf) + self.pending_len < self.chunk + self.window:
+        if not self._rest_is_long() or len(self.buf) + self.pending_len < self._needed():
             return  # the tail is kept in pieces and joined once, at the end
         self._join()
-        while self._rest_is_long() and len(self.buf) >= self.chunk + self.window:
+        while self._rest_is_long() and len(self.buf) >= self._needed():
             self._cut()
 
     def finish(self) -> list[Piece]:
@@ -120,16 +134,21 @@ class Splitter:
             self.buf = np.concatenate([self.buf, *self.pending])
             self.pending, self.pending_len = [], 0
 
+    def _needed(self) -> int:
+        """Samples a cut needs: the chunk, its window after the target, and the VAD's context."""
+        return self.chunk + self.window + self.context
+
     def _rest_is_long(self) -> bool:
         return self.total_hint - self.start > SPLIT_FACTOR * self.chunk
 
     def _cut(self) -> None:
         lo, hi = self.chunk - self.window, self.chunk + self.window
-        window = self.buf[lo:hi].astype(np.float32) / 32768.0
-        speech = self.find_speech(window)
-        span = (hi - lo) / SAMPLE_RATE
-        at = pick_cut(silences(speech, 0.0, span), 0.0, span, self.window / SAMPLE_RATE)
-        self._emit(lo + int(round(at * SAMPLE_RATE)))
+        start = max(0, lo - self.context)
+        heard = self.buf[start:hi + self.context].astype(np.float32) / 32768.0
+        speech = self.find_speech(heard)  # seconds from ``start``
+        a, b = (lo - start) / SAMPLE_RATE, (hi - start) / SAMPLE_RATE
+        at = pick_cut(silences(speech, 0.0, len(heard) / SAMPLE_RATE), a, b, (self.chunk - start) / SAMPLE_RATE)
+        self._emit(lo + quietest(self.buf[lo:hi]) if at is None else start + int(round(at * SAMPLE_RATE)))
 
     def _emit(self, n: int) -> None:
         piece = Piece(len(self.pieces), self.start / SAMPLE_RATE, n / SAMPLE_RATE)

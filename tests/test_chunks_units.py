@@ -38,9 +38,13 @@ def test_cut_goes_to_the_middle_of_the_longest_silence_in_the_window():
     assert chunking.pick_cut([(9.0, 9.5), (12.0, 12.5)], 8.0, 14.0, 12.0) == pytest.approx(12.25)
 
 
-def test_no_silence_in_the_window_is_a_hard_cut_at_the_target():
-    assert chunking.pick_cut([], 48.0, 72.0, 60.0) == 60.0
-    assert chunking.pick_cut([(10.0, 20.0), (80.0, 90.0)], 48.0, 72.0, 60.0) == 60.0
+def test_no_silence_in_the_window_means_a_cut_at_its_quietest_moment():
+    assert chunking.pick_cut([], 48.0, 72.0, 60.0) is None
+    assert chunking.pick_cut([(10.0, 20.0), (80.0, 90.0)], 48.0, 72.0, 60.0) is None
+    loud = (np.random.default_rng(2).standard_normal(SR) * 3000).astype(np.int16)
+    loud[5000:5400] //= 50  # a dip between two "words"
+    assert 5000 <= chunking.quietest(loud) < 5400
+    assert chunking.quietest(np.full(SR, 100, np.int16)) == pytest.approx(SR // 2, abs=SR // 50)  # flat: middle
 
 
 def test_only_recordings_over_one_and_a_half_chunks_are_split():
@@ -102,12 +106,13 @@ def test_splitter_cuts_inside_pauses_and_loses_no_sample():
     assert pieces[-1].duration_s >= 3.0
 
 
-def test_splitter_without_pauses_cuts_hard_at_the_chunk_length():
+def test_splitter_without_pauses_cuts_near_the_chunk_length():
     audio, _ = _tone_with_pauses(45.0, pause_every_s=1000.0)
     pieces, written = _split(audio, chunk_s=10.0)
-    assert [round(p.duration_s, 3) for p in pieces[:-1]] == [10.0, 10.0, 10.0]
+    assert len(pieces) == 3 or len(pieces) == 4
+    assert all(8.0 <= p.duration_s <= 12.0 for p in pieces[:-1])
     assert sum(len(s) for _, s in written) == len(audio)
-    assert pieces[-1].duration_s == pytest.approx(15.0)
+    assert pieces[-1].duration_s <= 15.0 + 2.0
 
 
 def test_splitter_of_short_audio_gives_one_chunk_and_empty_audio_one_empty_chunk():
