@@ -34,7 +34,6 @@ from confluent_kafka import Message
 from kafscribe import blobstore, metrics
 from kafscribe.chunkstore import ChunkStore
 from kafscribe.jobstore import JobStore
-from kafscribe.progress import ProgressReporter
 from kafscribe.settings import Settings
 from schemas.events import ChunkTranscript, Event, Result, Segment, Transcript, Upload, embedded_upload
 
@@ -145,15 +144,18 @@ class Merger:
         return [Output(self.settings.topic("transcripts"), transcript)]
 
     def report_progress(self, event: ChunkTranscript, parts: dict[int, ChunkTranscript]) -> None:
-        """Chunks done / total, and the segments of the done prefix (numbered as in the final Transcript)."""
-        progress = ProgressReporter(self.jobs, event.job_id, 0, min_interval_s=0.0, ttl_s=self.settings.progress_ttl_s)
+        """Chunks done / total, and the segments that this chunk added to the done prefix (numbered as in
+        the final Transcript) for live readers. Best effort, like all progress (``kafscribe.progress``)."""
+        before = renumbered(done_prefix({i: p for i, p in parts.items() if i != event.index}))
+        added = renumbered(done_prefix(parts))[len(before):]
+        ttl = self.settings.progress_ttl_s
         try:
-            fraction = len(parts) / max(event.count, 1)
-            for segment in renumbered(done_prefix(parts)):
-                progress.segment(segment, fraction)
-            progress.fraction(fraction, force=True)
-        finally:
-            progress.close()
+            futures = [self.jobs.record_live_segment(event.job_id, s, ttl) for s in added]
+            futures.append(self.jobs.record_progress(event.job_id, 0, len(parts) / max(event.count, 1), ttl))
+            for future in futures:
+                future.result()
+        except Exception as exc:  # noqa: BLE001 - progress never fails the merge
+            log.warning("progress not recorded: %s", exc, extra={"job_id": event.job_id})
 
     def drop_blobs(self, refs: list[str]) -> None:
         """Remove chunk audio (retention: the chunks are no longer needed); best effort."""
