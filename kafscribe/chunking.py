@@ -26,7 +26,7 @@ from typing import BinaryIO
 import numpy as np
 
 SAMPLE_RATE = 16000
-CUT_WINDOW = 0.2  # a cut is searched within +-20 % of the chunk length around its target
+CUT_WINDOW = 0.3  # a cut is searched within +-30 % of the chunk length around its target
 SPLIT_FACTOR = 1.5  # only audio longer than this x the chunk length is split; a tail under it stays whole
 MIN_SILENCE_MS = 200  # the shortest pause the VAD reports as a silence worth cutting at
 CONTEXT_S = 1.0  # the VAD also hears this much either side of the window (no false silence at its edges)

@@ -98,10 +98,10 @@ def test_splitter_cuts_inside_pauses_and_loses_no_sample():
     assert [p.index for p in pieces] == list(range(len(pieces)))
     for a, b in zip(pieces, pieces[1:], strict=False):
         assert b.offset_s == pytest.approx(a.offset_s + a.duration_s)
-    for p in pieces[:-1]:  # every cut lies in a pause, within +-20 % of 10 s after the previous cut
+    for p in pieces[:-1]:  # every cut lies in a pause, within +-30 % of 10 s after the previous cut
         cut = p.offset_s + p.duration_s
         assert any(s <= cut <= e for s, e in pauses), cut
-        assert 8.0 <= p.duration_s <= 12.0
+        assert 7.0 <= p.duration_s <= 13.0
     assert pieces[-1].duration_s <= 1.5 * 10.0 + 2.0  # the tail is never split off as a sliver
     assert pieces[-1].duration_s >= 3.0
 
@@ -110,7 +110,7 @@ def test_splitter_without_pauses_cuts_near_the_chunk_length():
     audio, _ = _tone_with_pauses(45.0, pause_every_s=1000.0)
     pieces, written = _split(audio, chunk_s=10.0)
     assert len(pieces) == 3 or len(pieces) == 4
-    assert all(8.0 <= p.duration_s <= 12.0 for p in pieces[:-1])
+    assert all(7.0 <= p.duration_s <= 13.0 for p in pieces[:-1])
     assert sum(len(s) for _, s in written) == len(audio)
     assert pieces[-1].duration_s <= 15.0 + 2.0
 
