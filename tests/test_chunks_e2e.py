@@ -215,6 +215,7 @@ def test_kill_9_mid_chunk_redoes_that_chunk_only_and_the_job_completes_once(pipe
     assert job["status"] == "completed", job
     rows = chunk_rows(session, job_id)
     attempts = {r.idx: r.attempts for r in rows}
+    print(f"killed {victim} on chunk {chunk}; attempts per chunk {attempts}")
     assert attempts[chunk] == 2, (chunk, attempts)
     assert sorted(attempts.values()) == [1] * (len(rows) - 1) + [2], attempts
     assert len(of_job(read_topic(pipe.settings, "transcripts"), job_id, Transcript)) == 1
