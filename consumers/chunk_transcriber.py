@@ -10,8 +10,10 @@ the transaction that commits the Upload's offset. The chunk count is known
 before anything is produced and is recorded on the job. Only boundaries are
 kept, so the splitting worker's memory does not grow with the recording.
 
-Chunks (``ChunkTranscriber``, group ``chunk-transcribers``, a second consume
-loop in every transcriber process sharing its engines): each chunk is
+The chunks are dealt evenly to the live chunk loops that report room for one
+(``producers.chunk_routing``). Chunks (``ChunkTranscriber``, group
+``chunk-transcribers``, a second consume loop in every transcriber process
+sharing its engines, with a ``WorkerStatus`` of its own): each chunk is
 admitted by its own memory estimate, counts its own attempts
 (``kafscribe.chunkstore``), and is transcribed with the job's options; its
 segments and words are moved onto the recording's clock and sent as a
@@ -30,11 +32,11 @@ from dataclasses import replace
 
 from confluent_kafka import Message
 
-from kafscribe import audio, blobstore, chunking, metrics
+from kafscribe import audio, blobstore, chunking, memory, metrics
 from kafscribe.chunkstore import ChunkStore
 from kafscribe.engines import Cancelled, TimeLimitExceeded
 from kafscribe.jobstore import TRANSCRIBING
-from producers.chunk_routing import chunk_partition
+from producers.chunk_routing import chunk_partitions
 from schemas.events import Chunk, ChunkTranscript, Event, Result, Segment, Upload, Word, embedded_upload
 
 from .loop import Output, park
@@ -89,13 +91,16 @@ def split_upload(transcriber, event: Upload) -> list[Output]:
     jobs.set_chunks(event.job_id, len(pieces))
     upload = event.encode()
     topic = settings.topic("chunks")
+    need = memory.estimate_for(settings, max(p.duration_s for p in pieces), event.options.model)
+    partitions = chunk_partitions(event.job_id, len(pieces), settings.uploads_partitions,
+                                  transcriber.view.workers(), need)
     outputs = [
         Output(topic, Chunk(
             job_id=event.job_id, tenant=event.tenant, attempt=attempt, trace_id=event.trace_id,
             index=p.index, count=len(pieces), offset_s=p.offset_s, duration_s=p.duration_s,
             blob_ref=ref, audio_sha256=sha, audio_bytes=size, upload=upload,
-        ), partition=chunk_partition(event.job_id, p.index, settings.uploads_partitions))
-        for p, (ref, sha, size) in zip(pieces, stored, strict=True)
+        ), partition=partition)
+        for p, (ref, sha, size), partition in zip(pieces, stored, partitions, strict=True)
     ]
     metrics.JOBS.labels(transcriber.name, "split").inc()
     log.info("split %.1fs of audio into %d chunks in %.1fs", event.audio_duration, len(pieces),
@@ -116,7 +121,6 @@ class ChunkTranscriber:
     name = "chunk-transcriber"
     group = "chunk-transcribers"
     input_topic = "chunks"
-    reports_status = False  # the process's transcriber reports it (WorkerStatus names one topic's partitions)
 
     def __init__(self, transcriber) -> None:
         self.transcriber = transcriber  # consumers.transcriber.Transcriber: engines, admission, job store
@@ -125,6 +129,16 @@ class ChunkTranscriber:
         self.worker_id = transcriber.worker_id
         self.jobs = transcriber.jobs
         self.chunks = ChunkStore(transcriber.session)
+
+    @staticmethod
+    def runner_id(worker_id: str) -> str:
+        """Its WorkerStatus id: its own (its partitions are the chunks topic's), not read as the process's
+        transcriber by anything that looks workers up by id prefix."""
+        return f"chunks@{worker_id}"
+
+    @property
+    def model_name(self) -> str:
+        return self.transcriber.model_name
 
     @property
     def throttled(self) -> bool:

@@ -62,11 +62,11 @@ def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     runners = []
     for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop)):
-        runner = StageRunner(settings, stage, worker_id if i == 0 else f"{worker_id}-{stage.name}")
-        if getattr(stage, "reports_status", True):
-            reporter = StatusReporter(settings, runner, model=getattr(stage, "model_name", ""))
-            runner.on_idle.append(reporter.tick)
-            runner.on_close.append(reporter.stopped)
+        runner_id = stage.runner_id(worker_id) if hasattr(stage, "runner_id") else f"{worker_id}-{stage.name}"
+        runner = StageRunner(settings, stage, worker_id if i == 0 else runner_id)
+        reporter = StatusReporter(settings, runner, model=getattr(stage, "model_name", ""))
+        runner.on_idle.append(reporter.tick)
+        runner.on_close.append(reporter.stopped)
         runners.append(runner)
     return runners
 

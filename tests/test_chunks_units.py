@@ -14,8 +14,18 @@ from consumers.chunk_transcriber import chunk_blob_id, shifted
 from consumers.merger import assemble, done_prefix, renumbered, vote_language
 from kafscribe import chunking
 from kafscribe.settings import Settings
-from producers.chunk_routing import chunk_partition
-from schemas.events import Chunk, ChunkTranscript, JobOptions, Segment, Upload, Word, decode_event
+from producers.chunk_routing import chunk_partition, chunk_partitions
+from producers.routing import WorkerState
+from schemas.events import (
+    Chunk,
+    ChunkTranscript,
+    JobOptions,
+    Segment,
+    Upload,
+    Word,
+    WorkerStatus,
+    decode_event,
+)
 
 SR = chunking.SAMPLE_RATE
 SHA = "a" * 64
@@ -152,18 +162,39 @@ def test_vad_finds_the_pause_in_real_speech_like_audio():
 
 
 # --- partitions -----------------------------------------------------------------------------
-def test_chunks_of_one_job_spread_over_every_partition_in_turn():
+def test_without_statuses_chunks_of_one_job_take_consecutive_partitions():
     parts = [chunk_partition("job-1", i, 4) for i in range(12)]
     assert Counter(parts) == {0: 3, 1: 3, 2: 3, 3: 3}
     assert all(parts[i + 1] == (parts[i] + 1) % 4 for i in range(11))
-    assert chunk_partition("job-1", 5, 4) == parts[5]  # stable: a redone split puts each chunk where it was
+    assert chunk_partitions("job-1", 12, 4, [], 1) == parts
 
 
-def test_two_owners_of_half_the_partitions_each_get_half_the_chunks():
-    for job in ("a", "b", "job-with-a-long-id:1"):
-        parts = [chunk_partition(job, i, 12) for i in range(10)]
-        owner = Counter(p < 6 for p in parts)
-        assert min(owner.values(), default=0) >= 4, parts
+def _chunk_worker(worker_id: str, partitions: list[int], headroom: int = 10**10, state: str = "running",
+                  liveness: str = "live", stage: str = "chunk-transcriber") -> WorkerState:
+    status = WorkerStatus(job_id="", worker_id=worker_id, host="h", pid=1, stage=stage, state=state, rss_bytes=1,
+                          host_mem_available=1, host_mem_total=2, partitions=partitions)
+    return WorkerState(status, liveness, headroom)
+
+
+@pytest.mark.parametrize("owned", [([0, 1, 2, 3, 4, 5], [6, 7, 8, 9, 10, 11]), ([0, 2, 4, 6, 8, 10], [1, 3, 5, 7, 9, 11]),
+                                   ([0, 1, 2, 3, 4, 5, 6, 7, 8], [9, 10, 11])])
+def test_chunks_are_dealt_evenly_to_the_live_chunk_loops_whatever_they_own(owned):
+    workers = [_chunk_worker("a", owned[0]), _chunk_worker("b", owned[1])]
+    for job in ("j1", "j2", "a-much-longer-job-id:7"):
+        for count in (2, 5, 10, 11):
+            parts = chunk_partitions(job, count, 12, workers, need_bytes=1)
+            share = Counter(p in owned[0] for p in parts)
+            assert abs(share[True] - share[False]) <= 1, (job, count, parts)
+            assert len(set(parts)) == min(count, 12) or count > 9  # spread over the owners' partitions too
+
+
+def test_chunk_dealing_skips_dead_throttled_upload_loops_and_workers_without_room():
+    fits, full = _chunk_worker("fits", [0, 1]), _chunk_worker("full", [2, 3], headroom=10)
+    others = [_chunk_worker("dead", [4], liveness="stale"), _chunk_worker("slow", [5], state="throttled"),
+              _chunk_worker("uploads", [6], stage="transcriber")]
+    assert set(chunk_partitions("j", 8, 12, [fits, full, *others], need_bytes=1000)) == {0, 1}
+    # Nobody has room: everyone live shares (the chunks wait in admission rather than nowhere).
+    assert set(chunk_partitions("j", 8, 12, [full, *others], need_bytes=1000)) == {2, 3}
 
 
 def test_chunk_blob_ids_are_valid_and_distinct():
