@@ -156,8 +156,7 @@ class ChunkTranscriber:
         if finished is not None or self.jobs.is_cancelled(event.job_id):
             log.info("job %s: chunk %d skipped", finished or "cancelled", event.index, extra=extra)
             metrics.JOBS.labels(self.name, "skipped").inc()
-            self._drop_blob(event.blob_ref)
-            return []
+            return [self.outcome(event, upload, 0, error=f"job {finished or 'cancelled'}")]  # the merger cleans up
         too_big = self.transcriber.admit(replace(upload, audio_duration=event.duration_s))
         if too_big is not None:
             return [self.outcome(event, upload, 1, error=too_big)]
@@ -192,8 +191,7 @@ class ChunkTranscriber:
         except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
             if isinstance(exc.__cause__, Cancelled):
                 log.info("job cancelled; chunk stopped", extra=extra)
-                self._drop_blob(event.blob_ref)
-                return []
+                return [self.outcome(event, upload, attempt, error="job cancelled")]  # the merger cleans up
             reason = str(exc)
             if time.monotonic() > deadline:
                 reason = f"the chunk exceeded its time limit of {limit_s:.1f} s: {exc}"
@@ -218,13 +216,6 @@ class ChunkTranscriber:
             result.text, result.segments = out.text, shifted(out.segments, event.offset_s)
             result.engine, result.model = engine.name, engine.model_name
         return Output(self.settings.topic("chunk-transcripts"), result)
-
-    def _drop_blob(self, ref: str) -> None:
-        try:
-            scheme, _, blob_id = ref.partition(":")
-            blobstore.open_store(self.settings, self.session, scheme=scheme).delete(blob_id)
-        except Exception as exc:  # noqa: BLE001 - retention; never fails the chunk
-            log.warning("chunk blob %s not removed: %s", ref, exc)
 
     def failure_outputs(self, event: Event, reason: str, attempt: int | None = None) -> list[Output]:
         """A chunk event that cannot be worked on (malformed, or a bug): the job fails with the reason (a

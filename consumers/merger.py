@@ -3,8 +3,9 @@
 Every chunk of a job arrives on one partition (key = job id), so one merger
 sees them in order of arrival, one at a time. For each:
 
-1. A finished or cancelled job: nothing (a cancelled job gets no Transcript;
-   the chunk's audio is removed).
+1. A finished or cancelled job: nothing (a cancelled job gets no Transcript);
+   the first chunk seen after the job ended removes every chunk's audio
+   (chunk transcribers send skipped chunks on, with an error, for this).
 2. The chunk's result is stored as an upsert (``job_chunks``, keyed by job
    and index): a redone chunk rewrites the same row.
 3. Once every chunk is stored, the job's ``Transcript`` is built
@@ -37,6 +38,7 @@ from kafscribe.jobstore import JobStore
 from kafscribe.settings import Settings
 from schemas.events import ChunkTranscript, Event, Result, Segment, Transcript, Upload, embedded_upload
 
+from .chunk_transcriber import chunk_blob_id
 from .loop import Output, park
 from .retry import PermanentFailure
 from .validation import is_job_id
@@ -84,6 +86,12 @@ def assemble(upload: Upload, parts: list[ChunkTranscript], worker_id: str, attem
     )
 
 
+def all_chunk_blobs(event: ChunkTranscript) -> list[str]:
+    """The audio of every chunk of the event's job (chunk blob ids follow from the job id and index)."""
+    scheme = event.chunk_blob_ref.partition(":")[0]
+    return [f"{scheme}:{chunk_blob_id(event.job_id, i)}" for i in range(event.count)]
+
+
 def done_prefix(parts: dict[int, ChunkTranscript]) -> list[ChunkTranscript]:
     """The done chunks 0..k-1 with none missing before them (what a live reader may see in order)."""
     out = []
@@ -109,22 +117,25 @@ class Merger:
             raise PermanentFailure(f"expected a ChunkTranscript on {message.topic()}, got {type(event).__name__}")
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "chunk": event.index}
         finished = self.jobs.finished_status(event.job_id)
-        if finished is not None:
+        merged_by = self.chunks.merged_by(event.job_id)
+        if finished is not None:  # cancelled, or failed some other way: no Transcript; the chunks' audio goes
             log.info("job %s: chunk %d ignored", finished, event.index, extra=extra)
-            if finished == "cancelled":
+            if merged_by is None:  # the first chunk seen since: every chunk's audio, once
+                self.drop_blobs(all_chunk_blobs(event))
+                self.chunks.mark_merged(event.job_id, f"ended {finished}")
+            else:
                 self.drop_blobs([event.chunk_blob_ref])
             return []
         marker = f"{message.topic()}:{message.partition()}:{message.offset()}"
-        merged_by = self.chunks.merged_by(event.job_id)
         if merged_by is not None and merged_by != marker:
             log.info("job already merged (by %s): chunk %d ignored", merged_by, event.index, extra=extra)
+            self.drop_blobs([event.chunk_blob_ref])  # a chunk done after its job failed
             return []
         self.chunks.save_result(event)
         upload = embedded_upload(event)
         if event.error is not None:
             self.chunks.mark_merged(event.job_id, marker)
-            rows = self.chunks.rows(event.job_id)
-            self.drop_blobs([r.result.chunk_blob_ref for r in rows if r.result] + [event.chunk_blob_ref])
+            self.drop_blobs(all_chunk_blobs(event))
             log.warning("chunk failed, so does the job: %s", event.error, extra=extra)
             metrics.JOBS.labels(self.name, "chunk_failed").inc()
             result = Result.failed(upload, event.error, self.worker_id, event.attempt)

@@ -205,6 +205,29 @@ def chunking_samples(path):
     return (audio.decode(path.read_bytes()) * 32767).astype(np.int16)
 
 
+def test_a_cancelled_long_recording_gets_no_transcript_and_its_chunks_audio_goes(pipe, long_clip, session):
+    job_id = pipe.http.submit(long_clip)["job_id"]
+    wait_until(lambda: (pipe.http.job(job_id)["progress"]["fraction"] or 0) > 0, timeout_s=120,
+               what="a first chunk merged")
+    status, body, _ = pipe.http._request("DELETE", f"/v1/jobs/{job_id}")
+    assert status in (200, 202), body
+    count = pipe.http.job(job_id)["chunks"]
+    store = blobstore.open_store(pipe.settings, session)
+
+    def all_chunks_gone() -> bool:
+        for i in range(count):
+            try:
+                store.get(f"{pipe.settings.blob_store}:{chunk_blob_id(job_id, i)}")
+                return False
+            except blobstore.BlobError:
+                pass
+        return True
+
+    wait_until(all_chunks_gone, timeout_s=120, what="the cancelled job's chunk audio removed")
+    assert pipe.http.job(job_id)["status"] == "cancelled"
+    assert of_job(read_topic(pipe.settings, "transcripts"), job_id, Transcript) == []
+
+
 def test_kill_9_mid_chunk_redoes_that_chunk_only_and_the_job_completes_once(pipe, long_clip, session):
     job_id = pipe.http.submit(long_clip)["job_id"]
     victim, chunk = _chunk_just_started(session, job_id)

@@ -101,7 +101,8 @@ def test_a_cancelled_job_gets_no_transcript(merger, session):
     assert merger.handle(_part(upload, 1), Position(31)) == []
     JobStore(session).cancel(upload.job_id)
     assert merger.handle(_part(upload, 2), Position(32)) == []
-    assert ChunkStore(session).merged_by(upload.job_id) is None
+    assert ChunkStore(session).merged_by(upload.job_id) == "ended cancelled"  # its chunks' audio removed once
+    assert merger.handle(_part(upload, 2, error="job cancelled"), Position(33)) == []
 
 
 def test_chunk_attempts_are_counted_per_chunk(session):
