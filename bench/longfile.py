@@ -10,7 +10,8 @@ submit to ``completed``:
 - single pass (``KAFSCRIBE_CHUNK_S=0``) on 1 transcriber -- the reference,
 - split (``KAFSCRIBE_CHUNK_S``, default 60 s) on 1 transcriber, then on 2,
 
-each transcriber with 1 thread. Word recall is measured against the spoken
+each transcriber with 1 thread (each run keeps its services' logs in its own
+state directory under ``--dir``, to see which worker took which chunk). Word recall is measured against the spoken
 text (``bench.batched.recall``: longest common subsequence of words). The
 peak RSS (``VmHWM``) of the transcribers is read when the job is done. The
 long run submits a 2-hour recording (the 10-minute clip repeated, as MP3 to
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = ([] if args.no_single else [("single pass, 1 transcriber", 1, 0.0)]) + [
         ("split, 1 transcriber", 1, args.chunk_s), ("split, 2 transcribers", 2, args.chunk_s)]
     for label, n, chunk_s in configs:
-        r = run(base, clip, n, chunk_s, state, args.http_port)
+        r = run(base, clip, n, chunk_s, state.with_name(f"{state.name}-{n}x-chunk{chunk_s:g}"), args.http_port)
         rows.append((label, r))
         (args.dir / f"longfile.{label.replace(' ', '_').replace(',', '')}.txt").write_text(r["text"])
         print(f"{label:28s}: {r['status']} in {r['wall']:7.1f} s (upload {r['upload']:.1f} s), {r['chunks']} chunks,"
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
             subprocess.run(["ffmpeg", "-v", "error", "-y", "-stream_loop", str(loops - 1), "-i", str(clip),
                             "-ac", "1", "-b:a", "32k", str(long_clip)], check=True)
         short_peak = max(dict(rows)["split, 1 transcriber"]["rss"].values())
-        r = run(base, long_clip, 1, args.chunk_s, state, args.http_port, stop_after_chunks=args.long_chunks)
+        r = run(base, long_clip, 1, args.chunk_s, state.with_name(f"{state.name}-long"), args.http_port,
+                stop_after_chunks=args.long_chunks)
         peak = max(r["rss"].values())
         print(f"long ({args.long_minutes:g} min), 1 transcriber: {r['chunks']} chunks, peak RSS {peak / MIB:.0f} MiB after"
               f" the split and {args.long_chunks} chunks ({r['wall']:.0f} s) vs {short_peak / MIB:.0f} MiB on the"
