@@ -27,7 +27,8 @@ from schemas.events import WorkerStatus
 from .loop import StageRunner
 
 log = logging.getLogger("kafscribe.status")
-ROUTED_STAGES = ("transcriber",)  # whose backlog the ingress routes by (asking the broker costs a round trip)
+# whose backlog the ingress routes by (asking the broker costs a round trip): a transcriber process's two loops
+ROUTED_STAGES = ("transcriber", "chunk-transcriber")
 
 
 class StatusReporter:

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
@@ -59,7 +60,7 @@ import numpy as np
 import psutil
 from confluent_kafka import Message
 
-from kafscribe import audio, blobstore, memory, metrics
+from kafscribe import audio, blobstore, chunking, memory, metrics
 from kafscribe.engines import Cancelled, Engine, TimeLimitExceeded, load_engine
 from kafscribe.jobstore import TRANSCRIBING, JobStore
 from kafscribe.progress import ProgressReporter
@@ -68,6 +69,7 @@ from producers.routing import choose_partition
 from producers.worker_view import WorkerView
 from schemas.events import Event, Result, Transcript, Upload, now_ms
 
+from .chunk_transcriber import split_upload
 from .loop import LeaveGroup, Output, park
 from .retry import PermanentFailure, with_retries
 from .validation import is_job_id
@@ -111,6 +113,7 @@ class Transcriber:
         self.throttled = False
         self._last_need = memory.estimate_for(settings, 30.0)
         self.view = WorkerView(settings)  # the other transcribers, for jobs this one can never fit
+        self.engine_lock = threading.Lock()  # one engine at a time per process (uploads and chunks)
 
     @property
     def model_name(self) -> str:
@@ -209,8 +212,8 @@ class Transcriber:
         None when there is no memory to spare for it now (the job does it itself, later);
         exceptions are left to the job, which does the work again with its retries.
         """
-        if not isinstance(event, Upload):
-            return None
+        if not isinstance(event, Upload) or self.splits(event):
+            return None  # a recording to split is read in pieces by the split itself
         held = prefetch_bytes(event.audio_duration)
         if self.headroom() < self._last_need + held:
             metrics.PREFETCHES.labels(self.name, "no_memory").inc()
@@ -246,6 +249,8 @@ class Transcriber:
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
             log.warning(reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
             return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+        if self.splits(event):
+            return split_upload(self, event)  # no admission: the chunks are admitted one by one
         ready = prefetched.result() if prefetched is not None and prefetched.done() and \
             prefetched.exception() is None else None
         t = time.monotonic()
@@ -327,20 +332,26 @@ class Transcriber:
                  extra={**extra, "phases": {k: round(v, 4) for k, v in phases.items()}})
         return [Output(self.settings.topic("transcripts"), transcript)]
 
+    def splits(self, event: Upload) -> bool:
+        """Whether the recording is long enough to be cut into chunks (issue 12, ``KAFSCRIBE_CHUNK_S``)."""
+        return chunking.should_split(event.audio_duration, self.settings.chunk_s)
+
     # --- progress and cancellation (kafscribe.progress; the job store moves the status) -------
     def run_engine(self, engine: Engine, samples, event: Upload, attempt: int, deadline: float):
         """The engine on the job's audio with its options, reporting progress, stopping if cancelled."""
         progress = ProgressReporter(self.jobs, event.job_id, attempt, min_interval_s=self.settings.progress_interval_s,
                                     ttl_s=self.settings.progress_ttl_s)
         try:
-            out = with_retries(
-                lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
-                                          deadline=deadline, word_timestamps=event.options.word_timestamps,
-                                          vad_filter=event.options.vad_filter, on_segment=self.segment_hook(progress),
-                                          should_continue=self.cancel_check(event.job_id),
-                                          prompt=event.options.prompt, temperature=event.options.temperature),
-                stage=self.name, attempts=self.settings.transient_retries,
-            )
+            with self.engine_lock:
+                out = with_retries(
+                    lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
+                                              deadline=deadline, word_timestamps=event.options.word_timestamps,
+                                              vad_filter=event.options.vad_filter,
+                                              on_segment=self.segment_hook(progress),
+                                              should_continue=self.cancel_check(event.job_id),
+                                              prompt=event.options.prompt, temperature=event.options.temperature),
+                    stage=self.name, attempts=self.settings.transient_retries,
+                )
             progress.fraction(1.0, force=True)
             return out
         finally:

@@ -26,12 +26,15 @@ from kafscribe.languages import CODES
 from kafscribe.settings import Settings
 from schemas.events import (
     CallbackAttempt,
+    Chunk,
+    ChunkTranscript,
     Event,
     JobOptions,
     Result,
     Transcript,
     Upload,
     WorkerStatus,
+    embedded_upload,
     now_ms,
 )
 
@@ -45,8 +48,9 @@ WORKER_STATES = ("running", "throttled", "stopped")
 # What each stage's input topic carries.
 EXPECTED_TYPES: dict[str, type[Event]] = {
     "uploads": Upload, "transcripts": Transcript, "results": Result, "finished": Result,
-    "callbacks.retry": CallbackAttempt,
+    "callbacks.retry": CallbackAttempt, "chunks": Chunk, "chunk-transcripts": ChunkTranscript,
 }
+MAX_CHUNKS = 100_000  # chunks of one recording (4 h at 1 s each would be 14 400)
 
 
 def languages() -> frozenset[str]:
@@ -88,6 +92,8 @@ def _check_event(settings: Settings, input_topic: str, event: Event, now: int | 
         return _check_result(settings, event)
     if isinstance(event, CallbackAttempt):
         return _check_callback(event)
+    if isinstance(event, (Chunk, ChunkTranscript)):
+        return _check_chunk(settings, event)
     return None
 
 
@@ -171,6 +177,39 @@ def _check_segments(segments: Iterable, end_s: float) -> str | None:
         if s.temperature is not None and not finite(s.temperature, 0.0, 10.0):
             return f"segment {s.id} has temperature {_show(s.temperature)}"
     return None
+
+
+def _check_chunk(settings: Settings, event: Chunk | ChunkTranscript) -> str | None:
+    """A chunk of a split recording (issue 12): its place in the recording, its audio, its job's Upload."""
+    if not (isinstance(event.count, int) and 1 <= event.count <= MAX_CHUNKS):
+        return f"count {_show(event.count)} must be a number of chunks in [1, {MAX_CHUNKS}]"
+    if not (isinstance(event.index, int) and 0 <= event.index < event.count):
+        return f"index {_show(event.index)} must be in [0, {event.count - 1}] (count {event.count})"
+    try:
+        upload = embedded_upload(event)
+    except ValueError as exc:
+        return f"chunk {event.index}: {exc}"
+    reason = _check_audio(settings, upload) or check_options(settings, upload.options)
+    if reason:
+        return f"chunk {event.index}: its job's Upload is invalid: {reason}"
+    slack = 1.0 + 0.01 * upload.audio_duration  # the splitter decodes at most this much past the claim
+    if not finite(event.offset_s, 0, upload.audio_duration + slack):
+        return f"offset_s {_show(event.offset_s)} is not within the recording's {upload.audio_duration:.1f} s"
+    if not finite(event.duration_s, 0, upload.audio_duration + slack) or event.duration_s <= 0 \
+            or event.offset_s + event.duration_s > upload.audio_duration + slack:
+        return (f"duration_s {_show(event.duration_s)} at offset {event.offset_s:.1f} s does not fit in the"
+                f" recording's {upload.audio_duration:.1f} s")
+    if isinstance(event, Chunk):
+        if not isinstance(event.audio_sha256, str) or not _SHA256.fullmatch(event.audio_sha256):
+            return "audio_sha256 must be 64 lower-case hex digits"
+        if not isinstance(event.blob_ref, str) or not event.blob_ref:
+            return "blob_ref is empty"
+        if not finite(event.audio_bytes, 1, settings.max_upload_bytes):
+            return f"audio_bytes {_show(event.audio_bytes)} must be in [1, {settings.max_upload_bytes}]"
+        return None
+    if event.error is not None and not isinstance(event.error, str):
+        return "error must be text or null"
+    return _check_segments(event.segments, event.offset_s + event.duration_s + 31.0)
 
 
 def _check_callback(event: CallbackAttempt) -> str | None:

@@ -5,7 +5,8 @@ runs its consume loop until SIGTERM/SIGINT (which let the current job finish
 or abandon it cleanly; see ``loop.StageRunner``). A watchdog ends the process
 (status 70) when a poll loop stops turning (``consumers.watchdog``). ``notifier`` runs two
 loops in one process: first deliveries (``finished``) and retries
-(``callbacks.retry``).
+(``callbacks.retry``); so does ``transcriber``: uploads, and the chunks of long recordings
+(``consumers.chunk_transcriber``, sharing the engine). ``merger`` assembles chunked jobs.
 """
 
 from __future__ import annotations
@@ -22,17 +23,24 @@ from .status import StatusReporter
 from .watchdog import Watchdog
 from .watchdog import serve as serve_http
 
-STAGES = ("transcriber", "translator", "sink", "notifier")
-DEFAULT_METRICS_PORTS = {"transcriber": 9101, "translator": 9102, "sink": 9103, "notifier": 9104}
+STAGES = ("transcriber", "translator", "sink", "notifier", "merger")
+# 9105 is the lag exporter's (KAFSCRIBE_LAG_METRICS_PORT)
+DEFAULT_METRICS_PORTS = {"transcriber": 9101, "translator": 9102, "sink": 9103, "notifier": 9104, "merger": 9106}
 
 log = logging.getLogger("kafscribe.worker")
 
 
 def build_stages(name: str, settings: Settings, session, worker_id: str, stop: threading.Event) -> list:
     if name == "transcriber":
+        from .chunk_transcriber import ChunkTranscriber
         from .transcriber import Transcriber
 
-        return [Transcriber(settings, session, worker_id)]
+        transcriber = Transcriber(settings, session, worker_id)
+        return [transcriber, ChunkTranscriber(transcriber)]  # chunks of long recordings: a second loop
+    if name == "merger":
+        from .merger import Merger
+
+        return [Merger(settings, session, worker_id)]
     if name == "translator":
         from .translator import TranslatorStage
 
@@ -54,7 +62,8 @@ def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     runners = []
     for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop)):
-        runner = StageRunner(settings, stage, worker_id if i == 0 else f"{worker_id}-{stage.name}")
+        runner_id = stage.runner_id(worker_id) if hasattr(stage, "runner_id") else f"{worker_id}-{stage.name}"
+        runner = StageRunner(settings, stage, worker_id if i == 0 else runner_id)
         reporter = StatusReporter(settings, runner, model=getattr(stage, "model_name", ""))
         runner.on_idle.append(reporter.tick)
         runner.on_close.append(reporter.stopped)

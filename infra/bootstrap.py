@@ -194,7 +194,7 @@ def retention_statements(settings: Settings) -> list[str]:
     """``KAFSCRIBE_RESULT_TTL_S`` as the default TTL of the result tables (written once, when a job ends)."""
     ttl = max(0, int(settings.result_ttl_s))
     return [f"ALTER TABLE {settings.cassandra_keyspace}.{table} WITH default_time_to_live = {ttl}"
-            for table in ("results", "segments")]
+            for table in ("results", "segments", "job_chunks")]
 
 
 def ensure_schema(settings: Settings, warn=log.warning) -> int:

@@ -22,7 +22,9 @@ import re
 from collections import deque
 from collections.abc import AsyncIterable, Iterable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
+
+from cassandra.query import SimpleStatement
 
 from . import cql_async
 from .settings import Settings
@@ -40,6 +42,7 @@ class BlobStore(Protocol):
     def put_chunks(self, blob_id: str, chunks: Iterable[bytes]) -> str: ...
     async def put_async(self, blob_id: str, chunks: AsyncIterable[bytes]) -> str: ...
     def get(self, ref: str) -> bytes: ...
+    def pieces(self, ref: str) -> Iterator[bytes]: ...
     def delete(self, blob_id: str) -> None: ...
     async def delete_async(self, blob_id: str) -> None: ...
 
@@ -100,6 +103,17 @@ class FileBlobStore:
             return (self.directory / blob_id).read_bytes()
         except FileNotFoundError as exc:
             raise BlobError(f"blob {ref} not found in {self.directory}") from exc
+
+    def pieces(self, ref: str) -> Iterator[bytes]:
+        """The blob in pieces of at most 1 MiB (never all of it in memory)."""
+        blob_id = _check_id(ref.split(":", 1)[1])
+        try:
+            f = open(self.directory / blob_id, "rb")  # noqa: SIM115 - closed below
+        except FileNotFoundError as exc:
+            raise BlobError(f"blob {ref} not found in {self.directory}") from exc
+        with f:
+            while piece := f.read(1 << 20):
+                yield piece
 
 
 class CassandraBlobStore:
@@ -170,6 +184,19 @@ class CassandraBlobStore:
             raise BlobError(f"blob {ref} is missing chunks")
         return b"".join(r.data for r in rows)
 
+    def pieces(self, ref: str) -> Iterator[bytes]:
+        """The blob's chunks in order, fetched a few at a time (never all of it in memory)."""
+        blob_id = _check_id(ref.split(":", 1)[1])
+        query = SimpleStatement("SELECT idx, data FROM audio_chunks WHERE blob_id = %s", fetch_size=4)
+        expected = 0
+        for row in self.session.execute(query, (blob_id,)):
+            if row.idx != expected:
+                raise BlobError(f"blob {ref} is missing chunks")
+            expected += 1
+            yield row.data
+        if expected == 0:
+            raise BlobError(f"blob {ref} not found")
+
 
 def _settle(future) -> None:
     """Wait for a chunk write, then let go of its chunk.
@@ -223,6 +250,21 @@ def open_store(settings: Settings, session=None, scheme: str | None = None) -> B
             raise ValueError("the cassandra blob store needs a Cassandra session")
         return CassandraBlobStore(session, settings.blob_chunk_bytes)
     raise ValueError(f"unknown blob store {scheme!r} (KAFSCRIBE_BLOB_STORE: cassandra | file)")
+
+
+def spool_verified(settings: Settings, session, ref: str, sha256: str, dest: BinaryIO) -> int:
+    """Copy blob ``ref`` into ``dest`` piece by piece, checking its sha256; returns its size.
+
+    For audio too long to hold in memory (a split recording: ``kafscribe.chunking``)."""
+    store = open_store(settings, session, scheme=ref.split(":", 1)[0])
+    digest, size = hashlib.sha256(), 0
+    for piece in store.pieces(ref):  # type: ignore[attr-defined]
+        digest.update(piece)
+        dest.write(piece)
+        size += len(piece)
+    if digest.hexdigest() != sha256:
+        raise BlobError(f"blob {ref} checksum mismatch (expected {sha256[:12]}…, got {digest.hexdigest()[:12]}…)")
+    return size
 
 
 def read_verified(settings: Settings, session, ref: str, sha256: str) -> bytes:

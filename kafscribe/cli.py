@@ -184,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("serve", help="run one service in the foreground")
-    p.add_argument("stage", choices=["ingress", "transcriber", "translator", "sink", "notifier", "lag"])
+    p.add_argument("stage", choices=["ingress", "transcriber", "translator", "sink", "notifier", "merger", "lag"])
     p.add_argument("--instance", help="name of this instance (pid file tag)")
     p.set_defaults(func=_serve)
 

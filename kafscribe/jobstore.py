@@ -77,6 +77,7 @@ class JobStore:
             "UPDATE jobs SET status = ?, updated_at = ?, worker_id = ?, attempts = ?, error = ? WHERE job_id = ?"
         )
         self._get_job = p("SELECT * FROM jobs WHERE job_id = ?")
+        self._set_chunks = p("UPDATE jobs SET chunks = ? WHERE job_id = ?")
         self._insert_result = p(
             "INSERT INTO results (job_id, language, language_probability, duration, text, target_language,"
             " translated_text, engine, model, completed_at) VALUES (?,?,?,?,?,?,?,?,?,?)"
@@ -133,6 +134,10 @@ class JobStore:
         attempts = (row.attempts or 0) + 1 if row is not None else 1
         self._move(job_id, row, status, worker_id, attempts, None)
         return attempts
+
+    def set_chunks(self, job_id: str, count: int) -> None:
+        """Record that the job was split into ``count`` chunks (issue 12; a redone split writes the same)."""
+        self.session.execute(self._set_chunks, (count, job_id))
 
     def _move(self, job_id: str, row, status: str, worker_id: str, attempts: int, error: str | None) -> bool:
         """Write ``status`` unless ``row`` (the job as just read) is finished and ``status`` is not."""

@@ -73,9 +73,11 @@ GROUPS: dict[str, tuple[str, tuple[str, ...]]] = {
     "sink": ("sink", ("results",)),
     "notifier": ("notifier", ("finished",)),
     "notifier-retry": ("callback-retry", ()),  # the retry topics, from infra/topics.toml
+    "chunk-transcribers": ("chunk-transcriber", ("chunks",)),
+    "mergers": ("merger", ("chunk-transcripts",)),
 }
 # A job is unfinished while its event waits in one of these groups (the sink's commit finishes it).
-JOB_GROUPS = ("transcribers", "translators", "sink")
+JOB_GROUPS = ("transcribers", "translators", "sink", "chunk-transcribers", "mergers")
 # A scrape must answer within Prometheus's scrape timeout (0.8 x the interval, 4 s by default): a
 # broker that does not answer gives kafscribe_lag_up 0 rather than a failed scrape.
 HEAD_READ_S = 2.0  # longest wait for the heads of lagging partitions in one snapshot

@@ -40,7 +40,7 @@ from infra.process import ServerProcess
 from . import metrics, sizing
 from .settings import Settings
 
-DEFAULT_SERVICES = ("ingress", "transcriber", "translator", "sink", "notifier", "lag")
+DEFAULT_SERVICES = ("ingress", "transcriber", "translator", "sink", "notifier", "merger", "lag")
 SUPERVISOR = "supervisor"
 PROMETHEUS = "prometheus"
 STABLE_S = 60.0  # a service that ran this long before exiting is restarted after the first backoff again
@@ -279,8 +279,8 @@ INSTANCE_PORT_STEP = 10  # "transcriber-2" listens on the transcriber's port + 1
 def service_metrics_port(name: str, settings: Settings) -> int | None:
     """Port of service ``name``'s /metrics (None: it exports none).
 
-    Stage workers listen on their stage's port (9101-9104; a ``KAFSCRIBE_METRICS_PORT`` moves the
-    whole block: transcriber there, translator +1, sink +2, notifier +3); a further instance
+    Stage workers listen on their stage's port (9101-9104, merger 9106; a ``KAFSCRIBE_METRICS_PORT`` moves
+    the whole block: transcriber there, translator +1, sink +2, notifier +3, merger +5); a further instance
     ``<stage>-<k>`` on its stage's port + 10 x (k - 1), so several transcribers on one host never
     collide.
     """

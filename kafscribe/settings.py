@@ -161,6 +161,11 @@ class Settings:
         " batched pipeline (Silero VAD cuts speech into windows decoded this many at a time); 0 = sequential.", 0
     )
     engine_batch_min_audio_s: float = _doc("Shortest audio the batched pipeline is used for (see above).", 60.0)
+    # --- chunks
+    chunk_s: float = _doc(
+        "Long recordings: audio longer than 1.5 x this many seconds is cut at silences (VAD) into chunks of"
+        " about this length, transcribed by any transcriber and merged in order (0 = never split).", 60.0
+    )
     session_timeout_ms: int = _doc("Consumer group session timeout: a silent worker is dead after this.", 30000)
     heartbeat_ms: int = _doc("Consumer group heartbeat interval.", 5000)
     max_poll_interval_ms: int = _doc("Longest gap between polls (workers keep polling while busy).", 300000)
@@ -200,8 +205,9 @@ class Settings:
         " (the ingress's worker view).", 300.0
     )
     metrics_port: int = _doc(
-        "Port of a worker's /metrics (0 = stage default 9101-9104, -1 = off). Under `kafscribe services` the"
-        " first of the block: transcriber here, translator +1, sink +2, notifier +3, each further instance +10.", 0
+        "Port of a worker's /metrics (0 = stage default 9101-9104, merger 9106, -1 = off). Under `kafscribe services`"
+        " the first of the block: transcriber here, translator +1, sink +2, notifier +3, merger +5, each further"
+        " instance +10.", 0
     )
     metrics_host: str = _doc("Address a worker's /metrics listens on.", "127.0.0.1")
 

@@ -14,7 +14,8 @@ easy to read and to test:
    nowhere).
 3. Among those, the shortest queue wins: jobs running (``in_flight``) plus
    waiting in its partitions (``backlog``) plus routed to it by this ingress
-   since its last status. Why the queue and not the memory first: a
+   since its last status, plus the chunks running or waiting in the same
+   process's chunk loop (``chunks@<worker_id>``: it shares the engine). Why the queue and not the memory first: a
    transcriber runs one job at a time, so more memory does not finish a job
    sooner, while a longer queue does finish it later (measured: routing by
    headroom alone left one of two transcribers idle for 73 s while the other
@@ -34,6 +35,7 @@ from kafscribe import memory
 from schemas.events import WorkerStatus
 
 HEADROOM_STEP = 256 * 1024 * 1024
+CHUNK_LOOP_PREFIX = "chunks@"  # consumers.chunk_transcriber.ChunkTranscriber.runner_id
 
 
 @dataclass
@@ -91,8 +93,15 @@ def choose_partition(
     def spare(w: WorkerState) -> int:
         return w.headroom - reserved.get(w.status.worker_id, 0)
 
+    # the chunk loop of a transcriber process (``chunks@<worker_id>``) shares its engine: its queue counts too
+    chunk_loops = {w.status.worker_id.removeprefix(CHUNK_LOOP_PREFIX): w for w in workers
+                   if w.liveness == "live" and w.status.worker_id.startswith(CHUNK_LOOP_PREFIX)}
+
     def rank(w: WorkerState) -> tuple[int, int]:
         queue = w.status.in_flight + max(0, w.status.backlog) + routed.get(w.status.worker_id, 0)
+        loop = chunk_loops.get(w.status.worker_id)
+        if loop is not None:
+            queue += loop.status.in_flight + max(0, loop.status.backlog)
         return -queue, spare(w) // HEADROOM_STEP
 
     fitting = [w for w in live if spare(w) >= need_bytes and w.status.state != "throttled"]

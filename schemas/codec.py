@@ -21,7 +21,8 @@ from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 MAGIC = b"\xc3\x01"
-EVENT_TYPES = ("Upload", "Transcript", "Result", "CallbackAttempt", "WorkerStatus", "DeadLetter")
+EVENT_TYPES = ("Upload", "Transcript", "Result", "CallbackAttempt", "WorkerStatus", "DeadLetter", "Chunk",
+               "ChunkTranscript")
 
 
 class DecodeError(ValueError):

@@ -186,8 +186,46 @@ class DeadLetter(Event):
     EVENT_TYPE: typing.ClassVar[str] = "DeadLetter"
 
 
+@dataclass(kw_only=True)
+class Chunk(Event):
+    """One piece of a long recording to transcribe (issue 12); ``upload`` is the job's encoded Upload."""
+
+    index: int
+    count: int
+    offset_s: float
+    duration_s: float
+    blob_ref: str
+    audio_sha256: str
+    audio_bytes: int
+    upload: bytes
+    EVENT_TYPE: typing.ClassVar[str] = "Chunk"
+
+
+@dataclass(kw_only=True)
+class ChunkTranscript(Event):
+    """A chunk's transcript (times on the recording's clock), or its ``error``; the merger reads these."""
+
+    index: int
+    count: int
+    offset_s: float
+    duration_s: float
+    chunk_blob_ref: str
+    upload: bytes
+    error: str | None = None
+    language: str = ""
+    language_probability: float = 0.0
+    text: str = ""
+    segments: list[Segment] = field(default_factory=list)
+    engine: str = ""
+    model: str = ""
+    worker_id: str = ""
+    processing_seconds: float = 0.0
+    EVENT_TYPE: typing.ClassVar[str] = "ChunkTranscript"
+
+
 EVENT_CLASSES: dict[str, type[Event]] = {
-    cls.EVENT_TYPE: cls for cls in (Upload, Transcript, Result, CallbackAttempt, WorkerStatus, DeadLetter)
+    cls.EVENT_TYPE: cls for cls in (Upload, Transcript, Result, CallbackAttempt, WorkerStatus, DeadLetter,
+                                    Chunk, ChunkTranscript)
 }
 
 
@@ -222,3 +260,16 @@ def decode_event(data: bytes | None) -> Event:
     """Decode bytes into the matching event dataclass (raises ``codec.DecodeError``)."""
     event_type, record = codec.decode(data)
     return from_record(EVENT_CLASSES[event_type], record)
+
+
+def embedded_upload(event: Chunk | ChunkTranscript) -> Upload:
+    """The job's Upload carried by a chunk event (``ValueError`` if it is not one, or not this job's)."""
+    try:
+        upload = decode_event(event.upload)
+    except codec.DecodeError as exc:
+        raise ValueError(f"its upload field is not an Upload event: {exc}") from exc
+    if not isinstance(upload, Upload):
+        raise ValueError(f"its upload field holds a {type(upload).__name__}, not an Upload")
+    if upload.job_id != event.job_id:
+        raise ValueError(f"its upload field is job {upload.job_id!r}'s, not {event.job_id!r}'s")
+    return upload

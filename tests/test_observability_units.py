@@ -62,16 +62,19 @@ def test_compose_prometheus_config_uses_the_same_rules_and_job():
 
 
 def test_groups_table_matches_the_stages():
+    from consumers.chunk_transcriber import ChunkTranscriber
+    from consumers.merger import Merger
     from consumers.notifier import CallbackRetrier, Notifier
     from consumers.sink import Sink
     from consumers.transcriber import Transcriber
     from consumers.translator import TranslatorStage
 
-    for stage in (Transcriber, TranslatorStage, Sink, Notifier, CallbackRetrier):
+    stages = (Transcriber, TranslatorStage, Sink, Notifier, CallbackRetrier, ChunkTranscriber, Merger)
+    for stage in stages:
         name, topics = lag.GROUPS[stage.group]
         assert name == stage.name
         assert topics in ((stage.input_topic,), ()), stage
-    assert set(lag.GROUPS) == {s.group for s in (Transcriber, TranslatorStage, Sink, Notifier, CallbackRetrier)}
+    assert set(lag.GROUPS) == {s.group for s in stages}
     assert "callbacks.retry" in lag.retry_topics() and "callbacks.retry.1h" in lag.retry_topics()
 
 
@@ -140,7 +143,7 @@ def test_a_failed_snapshot_says_so():
     ("transcriber", {}, 9101), ("notifier", {}, 9104), ("transcriber-2", {}, 9111), ("sink-3", {}, 9123),
     ("translator", {"metrics_port": 20000}, 20001), ("transcriber-2", {"metrics_port": 20000}, 20010),
     ("sink", {"metrics_port": -1}, None), ("ingress", {"http_port": 8123}, 8123), ("lag", {}, 9105),
-    ("lag", {"lag_metrics_port": -1}, None),
+    ("lag", {"lag_metrics_port": -1}, None), ("merger", {}, 9106), ("merger", {"metrics_port": 20000}, 20005),
 ])
 def test_metrics_ports_of_services(name, overrides, port):
     assert services.service_metrics_port(name, Settings(**overrides)) == port

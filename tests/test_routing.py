@@ -159,6 +159,16 @@ def test_jobs_routed_since_the_last_status_count_as_queued():
     assert routed == {"a": 1, "b": 4}
 
 
+def test_chunks_queued_in_a_processs_chunk_loop_count_against_its_transcriber():
+    workers = classify([
+        status("a", partitions=(0,)),
+        status("b", partitions=(1,), in_flight=1),
+        status("chunks@a", partitions=(0, 1), stage="chunk-transcriber", in_flight=1, backlog=2),
+        status("chunks@b", partitions=(2,), stage="chunk-transcriber"),
+    ], NOW, 30)
+    assert choose_partition(workers, 100 * 1024**2) == (1, "b")  # a's engine has three chunks to go
+
+
 def test_no_live_transcriber_means_key_hashing():
     assert choose_partition([], GIB) is None
     assert choose_partition(classify([status("old", age_s=99)], NOW, 30), GIB) is None

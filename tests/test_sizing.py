@@ -43,7 +43,7 @@ def test_the_supervisor_starts_each_instance_with_its_threads_and_own_metrics_po
     settings = Settings(state_dir=tmp_path, transcribers="3", cpu_threads=0, metrics_port=0)
     sup = services.Supervisor(settings, services.DEFAULT_SERVICES, log=lambda line: None)
     assert sup.names == ["ingress", "transcriber", "transcriber-2", "transcriber-3", "translator", "sink",
-                         "notifier", "lag"]
+                         "notifier", "merger", "lag"]
     envs = {n: sup.service_env(n) for n in sup.names}
     assert envs["ingress"] == {} and envs["sink"] == {}
     assert "KAFSCRIBE_METRICS_PORT" not in envs["transcriber"], "the first keeps the stage's default port"

@@ -46,8 +46,10 @@ WORKER_MAX_S = 4 * NEVER_FITS_S
 
 @pytest.fixture(scope="module")
 def pipe(stack_settings, tmp_path_factory):
+    # chunk_s=0: whole jobs, so a claimed duration no worker could hold is refused by admission (a split
+    # recording needs only a chunk's memory; tests/test_chunks_e2e.py covers chunk events' validation).
     settings = fresh_settings(stack_settings, engine="faster-whisper", model="tiny.en", transient_retries=1,
-                              max_audio_s=float(WORKER_MAX_S))
+                              max_audio_s=float(WORKER_MAX_S), chunk_s=0.0)
     p = make_pipeline(settings, tmp_path_factory, "validation")
     p.start("ingress", KAFSCRIBE_MAX_AUDIO_S=str(DOOR_MAX_S))
     for stage in ("transcriber", "translator", "sink"):

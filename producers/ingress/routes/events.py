@@ -262,6 +262,17 @@ async def stream_openai_segments(request: web.Request, job_id: str) -> web.Strea
     return await _pump(request, job_id, render)
 
 
+async def partial_text(request: web.Request, job: dict[str, Any]) -> str:
+    """The text of the segments transcribed so far, in order (a split job: its done chunks' prefix)."""
+    backends: Backends = request.app["backends"]
+    try:
+        segments = await asyncio.to_thread(lambda: backends.jobs().live_segments(job["job_id"]))
+    except Exception as exc:  # noqa: BLE001 - the view still answers; partial text is best effort
+        log.warning("live segments of %s unreadable: %s", job["job_id"], exc)
+        return ""
+    return "".join(s["text"] for s in segments).strip()
+
+
 async def progress_view(request: web.Request, job: dict[str, Any]) -> dict[str, float]:
     """``progress`` of the job view: ``{"fraction": ...}`` (see ``progress_fraction``)."""
     backends: Backends = request.app["backends"]

@@ -146,6 +146,10 @@ async def get_job(request: web.Request) -> web.Response:
     job, result = await load_job(request)
     view = job_view(job, result)
     view["progress"] = await events.progress_view(request, job)
+    if job.get("chunks"):
+        view["chunks"] = job["chunks"]  # a long recording split across transcribers (issue 12)
+        if job["status"] not in TERMINAL:
+            view["partial_text"] = await events.partial_text(request, job)
     view["links"] = job_links(request, job["job_id"])
     return json_response(view)
 
