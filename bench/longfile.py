@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import uuid
 from pathlib import Path
 
 from bench.batched import compose, recall
@@ -71,7 +72,8 @@ def run(base: Settings, clip: Path, transcribers: int, chunk_s: float, state_dir
     bootstrap.ensure_topics(settings)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     try:
-        api_key = KeyStore(session).create("default", admin=True, label="bench")[0]
+        # a tenant of its own per run: other runs' unfinished jobs hold no quota here
+        api_key = KeyStore(session).create(f"bench-{uuid.uuid4().hex[:8]}", label="bench")[0]
     finally:
         session.cluster.shutdown()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
