@@ -212,32 +212,43 @@ def _settle(future) -> None:
         future.query = future.message = future.query_plan = None
 
 
+class _Pieces:
+    """Bytes in, pieces of exactly ``size`` out; ``rest`` gives the last (shorter) one, and one empty
+    piece when nothing came, so every blob has at least one row. Shared by ``rechunk`` and ``arechunk``."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.buf = bytearray()
+        self.emitted = False
+
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
+        self.buf += chunk
+        while len(self.buf) >= self.size:
+            yield bytes(self.buf[:self.size])
+            del self.buf[:self.size]
+            self.emitted = True
+
+    def rest(self) -> Iterator[bytes]:
+        if self.buf or not self.emitted:
+            yield bytes(self.buf)
+
+
 def rechunk(chunks: Iterable[bytes], size: int) -> Iterator[bytes]:
     """The bytes of ``chunks`` again, in pieces of exactly ``size`` (the last may be shorter; at least one)."""
-    buf = bytearray()
-    emitted = False
+    pieces = _Pieces(size)
     for chunk in chunks:
-        buf += chunk
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-            emitted = True
-    if buf or not emitted:
-        yield bytes(buf)
+        yield from pieces.feed(chunk)
+    yield from pieces.rest()
 
 
 async def arechunk(chunks: AsyncIterable[bytes], size: int) -> AsyncIterable[bytes]:
     """``rechunk`` for an async iterable."""
-    buf = bytearray()
-    emitted = False
+    pieces = _Pieces(size)
     async for chunk in chunks:
-        buf += chunk
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-            emitted = True
-    if buf or not emitted:
-        yield bytes(buf)
+        for piece in pieces.feed(chunk):
+            yield piece
+    for piece in pieces.rest():
+        yield piece
 
 
 def open_store(settings: Settings, session=None, scheme: str | None = None) -> BlobStore:
