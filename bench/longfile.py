@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import subprocess
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 from bench.batched import compose, recall
-from bench.pipeline import bench_settings, service_pids, wait_for_transcribers
+from bench.pipeline import bench_settings, prepare_services, service_pids, wait_for_transcribers
 from kafscribe.settings import Settings
 
 MIB = 2**20
@@ -62,22 +60,11 @@ def chunk_group_ready(settings: Settings, members: int) -> bool:
 def run(base: Settings, clip: Path, transcribers: int, chunk_s: float, state_dir: Path, http_port: int,
         stop_after_chunks: int = 0) -> dict:
     """One pipeline, one job: wall time, text, chunks, and the transcribers' peak RSS."""
-    from infra import bootstrap
-    from kafscribe import cassandra_session, services
-    from kafscribe.apikeys import KeyStore
+    from kafscribe import services
     from producers.client import HttpClient
 
     settings = bench_settings(base, str(transcribers), 1, http_port, state_dir).with_(chunk_s=chunk_s)
-    shutil.rmtree(state_dir, ignore_errors=True)
-    bootstrap.ensure_topics(settings)
-    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
-    try:
-        # a tenant of its own per run: other runs' unfinished jobs hold no quota here
-        api_key = KeyStore(session).create(f"bench-{uuid.uuid4().hex[:8]}", label="bench")[0]
-    finally:
-        session.cluster.shutdown()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
-    env.update(settings.to_env())
+    api_key, env = prepare_services(settings, state_dir)
     http = HttpClient(f"http://127.0.0.1:{http_port}", timeout_s=600, api_key=api_key)
     services.up(settings, names=("ingress", "transcriber", "translator", "sink", "merger"),
                 log=lambda line: print(f"  [services] {line}"), env=env)

@@ -273,25 +273,34 @@ def job_phases(log_dir: Path, job_ids: set[str]) -> tuple[dict[str, list[float]]
     return phases, busy
 
 
-def run_pipeline(base: Settings, transcribers: str, threads: int, processes: int, clips: list[Path],
-                 warm: Path, submitters: int, http_port: int, state_dir: Path, wait: str = "openai") -> Run:
+def prepare_services(settings: Settings, state_dir: Path) -> tuple[str, dict[str, str]]:
+    """A clean state dir, the topics and schema of this code, and an API key of a tenant of its own
+    (an earlier run's or bench.ingest's unfinished jobs hold no quota there); returns the key and the
+    services' environment (``settings`` only, nothing of the caller's ``KAFSCRIBE_*``)."""
     from infra import bootstrap
-    from kafscribe import cassandra_session, services
+    from kafscribe import cassandra_session
     from kafscribe.apikeys import KeyStore
-    from producers.client import HttpClient
 
-    settings = bench_settings(base, transcribers, threads, http_port, state_dir)
     shutil.rmtree(state_dir, ignore_errors=True)
     bootstrap.ensure_topics(settings)
     bootstrap.ensure_schema(settings)  # the tables and columns of this code (idempotent)
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     try:
-        # a tenant of its own per run: an earlier run's (or bench.ingest's) unfinished jobs hold no quota here
         api_key = KeyStore(session).create(f"bench-{uuid.uuid4().hex[:8]}", label="bench")[0]
     finally:
         session.cluster.shutdown()
     env = {k: v for k, v in os.environ.items() if not k.startswith("KAFSCRIBE_")}
     env.update(settings.to_env())
+    return api_key, env
+
+
+def run_pipeline(base: Settings, transcribers: str, threads: int, processes: int, clips: list[Path],
+                 warm: Path, submitters: int, http_port: int, state_dir: Path, wait: str = "openai") -> Run:
+    from kafscribe import services
+    from producers.client import HttpClient
+
+    settings = bench_settings(base, transcribers, threads, http_port, state_dir)
+    api_key, env = prepare_services(settings, state_dir)
     http = HttpClient(f"http://127.0.0.1:{http_port}", timeout_s=120, api_key=api_key)
     services.up(settings, log=lambda line: print(f"  [services] {line}"), env=env)
     try:
