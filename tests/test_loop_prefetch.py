@@ -140,7 +140,10 @@ def test_a_revoked_partitions_kept_message_and_its_prefetch_are_dropped_and_redo
         until(lambda: "a" in stage.finished, what="a finished")
         time.sleep(0.3)
         assert producer.transactions == [], "the moved partition's job is not committed here"
+        stage.gates["a"] = threading.Event()  # a's redo waits until b is kept and prepared again meanwhile
         consumer.to_assign = [(TOPIC, 0)]  # back again: read from the committed offset (none: the start)
+        until(lambda: stage.prefetched.count("b") == 2, what="b prepared again during a's redo")
+        stage.gates["a"].set()
         until(lambda: len(producer.transactions) == 2, what="a and b committed after the re-assignment")
     finally:
         stop(runner, thread)
