@@ -1,4 +1,5 @@
-"""Which partition a new upload goes to: the live transcriber with the shortest queue that has the memory.
+"""Which partition a new upload goes to: the live transcriber with the most memory to spare, then the
+shortest queue.
 
 Pure functions over the latest ``WorkerStatus`` of each worker, so the rule is
 easy to read and to test:
@@ -7,21 +8,19 @@ easy to read and to test:
    ``worker_stale_s`` and not from the future, not ``stopped``) and own
    partitions of the uploads topic (others are dropped: a partition that
    does not exist would make every upload fail).
-2. Memory decides who may take it: prefer those whose headroom (minus what
-   the ingress already routed to them since their last status) covers the
-   job's estimate and that are not ``throttled``; if none does, every live
-   candidate (the job waits in the chosen worker's admission rather than
-   nowhere).
-3. Among those, the shortest queue wins: jobs running (``in_flight``) plus
-   waiting in its partitions (``backlog``) plus routed to it by this ingress
-   since its last status, plus the chunks running or waiting in the same
-   process's chunk loop (``chunks@<worker_id>``: it shares the engine). Why the queue and not the memory first: a
-   transcriber runs one job at a time, so more memory does not finish a job
-   sooner, while a longer queue does finish it later (measured: routing by
-   headroom alone left one of two transcribers idle for 73 s while the other
-   still had two jobs queued).
-4. Ties go to the most headroom, in 256 MiB steps so near-equal workers tie,
-   then to chance. The partition is one of the winner's, at random.
+2. Prefer those whose headroom (minus what the ingress already routed to
+   them since their last status) covers the job's estimate and that are not
+   ``throttled``; if none does, every live candidate (the job waits in the
+   chosen worker's admission rather than nowhere).
+3. Most headroom wins, compared in 256 MiB steps so near-equal workers tie
+   (the seed's rule: work goes to the nodes with the most free memory).
+4. Ties go to the shortest queue: jobs running (``in_flight``) plus waiting
+   in its partitions (``backlog``) plus routed to it by this ingress since its
+   last status, plus the chunks running or waiting in the same process's
+   chunk loop (``chunks@<worker_id>``: it shares the engine). Before, ties went
+   to the fewest in-flight jobs alone, and two equal transcribers were seen
+   getting 5 and 3 of 8 jobs, one idle for 73 s while the other had two queued.
+   Then chance; the partition is one of the winner's, at random.
 
 No candidate -> ``None``: the producer's key hashing decides.
 """
@@ -102,7 +101,7 @@ def choose_partition(
         loop = chunk_loops.get(w.status.worker_id)
         if loop is not None:
             queue += loop.status.in_flight + max(0, loop.status.backlog)
-        return -queue, spare(w) // HEADROOM_STEP
+        return spare(w) // HEADROOM_STEP, -queue
 
     fitting = [w for w in live if spare(w) >= need_bytes and w.status.state != "throttled"]
     pool = fitting or live

@@ -128,17 +128,17 @@ def test_reservations_spread_a_burst_across_equal_workers():
     assert sorted(chosen) == ["a", "a", "b", "b"]
 
 
-def test_the_shortest_queue_that_fits_wins_over_more_headroom():
+def test_more_headroom_wins_over_a_shorter_queue_and_equal_headroom_goes_to_the_shorter_queue():
     workers = classify([
         status("roomy-but-queued", budget=9 * GIB, partitions=(0,), in_flight=1, backlog=2),
         status("short-queue", budget=3 * GIB, partitions=(1,), in_flight=1, backlog=0),
         status("empty-but-too-small", budget=GIB + 100 * 1024**2, partitions=(2,)),
     ], NOW, 30)
-    assert choose_partition(workers, 500 * 1024**2) == (1, "short-queue")
-    # equal queues: the most headroom
-    even = classify([status("a", budget=9 * GIB, partitions=(0,), backlog=1),
+    assert choose_partition(workers, 500 * 1024**2) == (0, "roomy-but-queued")
+    # equal headroom: the shorter queue (backlog counts like in-flight jobs)
+    even = classify([status("a", budget=3 * GIB, partitions=(0,), backlog=2),
                      status("b", budget=3 * GIB, partitions=(1,), in_flight=1)], NOW, 30)
-    assert choose_partition(even, 500 * 1024**2) == (0, "a")
+    assert choose_partition(even, 500 * 1024**2) == (1, "b")
 
 
 def test_jobs_routed_since_the_last_status_count_as_queued():
