@@ -208,11 +208,11 @@ def test_a_transcript_with_a_bad_segment_temperature_is_refused():
 
 # --- the engines ---------------------------------------------------------------------------------------
 def test_engine_kwargs():
-    assert decoding.engine_kwargs(None, None) == {"initial_prompt": None}  # the engine's own fallback schedule
-    assert decoding.engine_kwargs("", None) == {"initial_prompt": None}
+    assert decoding.engine_kwargs(None, None) == {}  # the engine's own defaults, untouched
+    assert decoding.engine_kwargs("", None) == {}
     assert decoding.engine_kwargs("Kafscribe", 0.3) == {"initial_prompt": "Kafscribe", "temperature": 0.3}
     got = decoding.engine_kwargs(None, 0)
-    assert got == {"initial_prompt": None, "temperature": 0.0} and isinstance(got["temperature"], float)
+    assert got == {"temperature": 0.0} and isinstance(got["temperature"], float)
 
 
 class RecordingModel:
@@ -248,7 +248,7 @@ def test_faster_whisper_gets_the_prompt_and_the_one_temperature(batch):
     assert model.calls[-1]["task"] == "translate"
     assert out.segments[0].temperature == 0.6 and isinstance(out.segments[0].temperature, float)
     engine.transcribe(np.zeros(16000, np.float32), language=None, task="transcribe")
-    assert model.calls[-1]["initial_prompt"] is None and "temperature" not in model.calls[-1]  # fallback schedule
+    assert "initial_prompt" not in model.calls[-1] and "temperature" not in model.calls[-1]  # the engine's defaults
 
 
 def test_openai_whisper_segments_carry_their_temperature():

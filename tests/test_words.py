@@ -89,7 +89,9 @@ def test_vad_finds_the_speech_after_the_leading_silence(word_clips):
 def test_vad_filter_keeps_times_on_the_original_clock(engine, word_clips):
     samples = audio.decode(word_clips["late"].read_bytes())
     out = engine.transcribe(samples, language=None, task="transcribe", word_timestamps=True, vad_filter=True)
-    assert "fox" in out.text.lower()
+    # tiny.en hears "brown fox jumps" variously ("round fox jump", "brown fog stumps", "groundhog stumps": seen
+    # from run to run with the same weights); "lazy dog" it always got
+    assert "lazy dog" in out.text.lower(), out.text
     assert abs(out.duration - len(samples) / 16000) < 0.1  # the whole recording, not the speech only
     first_word = out.segments[0].words[0]
     assert first_word.start >= SILENCE_S - 1.0, first_word  # nothing decoded from the silence
