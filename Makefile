@@ -9,7 +9,7 @@ WHEELHOUSE ?= $(HOME)/.cache/kafscribe/wheels
 EXTRAS     ?= dev,models
 PYTEST_ARGS ?=
 
-.PHONY: up down status test lint install system-deps services-up services-down bench clean
+.PHONY: up down status test test-fast lint install system-deps services-up services-down bench clean
 
 install: $(VENV)/.installed
 
@@ -62,11 +62,16 @@ down:
 status:
 	$(BIN)/kafscribe stack status; $(BIN)/kafscribe services status
 
+# ruff, then the import contract (tests/unit/test_layers.py): layers go one way, no package cycle.
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/pytest -q -p no:cacheprovider tests/unit/test_layers.py
 
-test: install system-deps
-	$(BIN)/ruff check .
+# The unit tests: no servers, a couple of minutes. Run them every minute; `make test` runs everything.
+test-fast: install
+	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+test: install system-deps lint
 	$(BIN)/python -m infra.jars
 	$(BIN)/pytest $(PYTEST_ARGS)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kafscribe import audio
 from kafscribe.settings import Settings
+from kafscribe.speech import audio
 
 SENTENCES = [
     "The river flooded the lower fields after three days of heavy rain.",
@@ -97,7 +97,7 @@ def recall(reference: str, hypothesis: str) -> float:
 
 
 def timed(settings: Settings, samples: np.ndarray) -> tuple[float, str]:
-    from kafscribe.engines import load_engine
+    from kafscribe.speech.engines import load_engine
 
     engine = load_engine(settings)
     engine.transcribe(samples[: 5 * audio.SAMPLE_RATE], language=None, task="transcribe")  # warm-up

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from kafscribe import audio
+from kafscribe.speech import audio
 
 SENTENCES = [
     "The committee met on Tuesday to review the quarterly results.",

@@ -8,7 +8,7 @@ transcribers (plus ingress, translator, sink) on fresh topics, time one
 undisturbed job, then submit the same clip, kill -9 the worker as soon as it
 reports ``transcribing``, and time kill -> completed elsewhere. Prints that
 time and the extra time over the undisturbed job. Reuses the test suite's
-process harness (``tests/pipeline.py``), so run it from the checkout.
+process harness (``bench/harness.py``), so run it from the checkout.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import time
 import uuid
 from pathlib import Path
 
+from bench.harness import Pipeline, wait_until
 from infra import bootstrap
 from kafscribe.settings import Settings
-from tests.pipeline import Pipeline, wait_until
 
 from .clips import make_clips
 

@@ -46,7 +46,7 @@ def peak_rss(pid: int) -> int:
 
 
 def chunk_group_ready(settings: Settings, members: int) -> bool:
-    from kafscribe import kafka_clients
+    from kafscribe.kafka import clients as kafka_clients
 
     admin = kafka_clients.admin(settings)
     (future,) = admin.describe_consumer_groups([settings.topic_prefix + "chunk-transcribers"]).values()
@@ -60,7 +60,7 @@ def chunk_group_ready(settings: Settings, members: int) -> bool:
 def run(base: Settings, clip: Path, transcribers: int, chunk_s: float, state_dir: Path, http_port: int,
         stop_after_chunks: int = 0) -> dict:
     """One pipeline, one job: wall time, text, chunks, and the transcribers' peak RSS."""
-    from kafscribe import services
+    from kafscribe.cli import services
     from producers.client import HttpClient
 
     settings = bench_settings(base, str(transcribers), 1, http_port, state_dir).with_(chunk_s=chunk_s)

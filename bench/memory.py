@@ -7,11 +7,11 @@
 
 ``jobs`` runs each combination in a fresh interpreter (``one``), as a
 transcriber does: load the model, read the clip's bytes, decode them with
-ffmpeg (``kafscribe.audio.decode``), transcribe. It reports the process's RSS
+ffmpeg (``kafscribe.speech.audio.decode``), transcribe. It reports the process's RSS
 once the model is loaded (``idle``) and the peak RSS while the job ran
 (``peak``; the kernel's high-water mark, reset after loading through
 ``/proc/self/clear_refs``), so ``peak - idle`` is what the job added -- the
-figure ``kafscribe.memory.estimate_job_bytes`` predicts. On CUDA it also
+figure ``kafscribe.speech.memory.estimate_job_bytes`` predicts. On CUDA it also
 records the process's GPU memory from NVML. Results are appended to a JSON-lines
 file (one row per run; rows already there are skipped, so an interrupted run
 resumes).
@@ -128,9 +128,9 @@ def _reset_peak() -> bool:
 
 def run_one(engine: str, model: str, compute: str, clip: Path, device: str, threads: int,
             max_job_s: float = 0.0) -> dict:
-    from kafscribe import audio, memory
-    from kafscribe.engines import TimeLimitExceeded, load_engine
     from kafscribe.settings import Settings
+    from kafscribe.speech import audio, memory
+    from kafscribe.speech.engines import TimeLimitExceeded, load_engine
 
     settings = Settings.from_env().with_(engine=engine, model=model, compute_type=compute, device=device,
                                          cpu_threads=threads)
@@ -208,13 +208,13 @@ LONG_S = 300.0  # rows from this long fit the per-second peak
 
 
 def fit(rows: list[dict], margin: float = 1.15) -> tuple[dict[tuple[str, str, str], int], dict[str, int]]:
-    """The constants of ``kafscribe.memory``: (``JOB_BASE``, ``PEAK_PER_SECOND``).
+    """The constants of ``kafscribe.speech.memory``: (``JOB_BASE``, ``PEAK_PER_SECOND``).
 
     ``JOB_BASE[(engine, size, compute)]``: the largest job of at most ``SHORT_S`` seconds (one or two
     windows: the decoder's working set dominates), times ``margin``. ``PEAK_PER_SECOND[engine]``: the
     largest ``job_bytes / audio_s`` of the jobs of at least ``LONG_S`` seconds (the features of the whole
     recording dominate), times ``margin``."""
-    from kafscribe.memory import model_size
+    from kafscribe.speech.memory import model_size
 
     base: dict[tuple[str, str, str], int] = {}
     rate: dict[str, int] = {}
@@ -228,7 +228,7 @@ def fit(rows: list[dict], margin: float = 1.15) -> tuple[dict[tuple[str, str, st
 
 
 def print_table(path: Path) -> None:
-    from kafscribe import memory
+    from kafscribe.speech import memory
 
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     rows.sort(key=lambda r: (r["engine"], r["model"], r["compute"], r["audio_s"]))
@@ -242,7 +242,7 @@ def print_table(path: Path) -> None:
               f" | {r['job_s']:.0f} s{cut} |")
     base, rate = fit(rows)
     print()
-    print("fitted (kafscribe/memory.py):")
+    print("fitted (kafscribe/speech/memory.py):")
     for key, value in sorted(base.items()):
         print(f"  JOB_BASE[{key}] = {value / MIB:.0f} MiB")
     for engine, value in sorted(rate.items()):
@@ -268,7 +268,7 @@ def services_rss(names: list[str], settle_s: float = 3.0, min_s: float = 8.0, ti
     for name in names:
         args = ["serve", name]
         log = tempfile.NamedTemporaryFile(prefix=f"kafscribe-rss-{name}-", suffix=".log", delete=False)
-        proc = subprocess.Popen([sys.executable, "-m", "kafscribe.cli", *args], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", "kafscribe.cli.main", *args], stdout=log, stderr=subprocess.STDOUT)
         try:
             p = psutil.Process(proc.pid)
             start = time.monotonic()

@@ -85,8 +85,8 @@ def cpu_seconds(pid: int) -> float:
 
 # --- bare: the engine alone, N processes on one shared queue -----------------------------------------
 def _bare_worker(settings: Settings, warm: str, todo, results, ready, go) -> None:
-    from kafscribe import audio
-    from kafscribe.engines import load_engine
+    from kafscribe.speech import audio
+    from kafscribe.speech.engines import load_engine
 
     engine = load_engine(settings)
     engine.transcribe(audio.decode(Path(warm).read_bytes()), language=None, task="transcribe")
@@ -168,7 +168,7 @@ def service_pids(settings: Settings, stack_state: Path) -> dict[str, int]:
 
 
 def wait_for_transcribers(settings: Settings, count: int, timeout_s: float = 300) -> None:
-    from producers.worker_view import WorkerView
+    from kafscribe.kafka.workers import WorkerView
 
     view = WorkerView(settings)
     try:
@@ -278,8 +278,8 @@ def prepare_services(settings: Settings, state_dir: Path) -> tuple[str, dict[str
     (an earlier run's or bench.ingest's unfinished jobs hold no quota there); returns the key and the
     services' environment (``settings`` only, nothing of the caller's ``KAFSCRIBE_*``)."""
     from infra import bootstrap
-    from kafscribe import cassandra_session
-    from kafscribe.apikeys import KeyStore
+    from kafscribe.store import session as cassandra_session
+    from kafscribe.store.apikeys import KeyStore
 
     shutil.rmtree(state_dir, ignore_errors=True)
     bootstrap.ensure_topics(settings)
@@ -296,7 +296,7 @@ def prepare_services(settings: Settings, state_dir: Path) -> tuple[str, dict[str
 
 def run_pipeline(base: Settings, transcribers: str, threads: int, processes: int, clips: list[Path],
                  warm: Path, submitters: int, http_port: int, state_dir: Path, wait: str = "openai") -> Run:
-    from kafscribe import services
+    from kafscribe.cli import services
     from producers.client import HttpClient
 
     settings = bench_settings(base, transcribers, threads, http_port, state_dir)
@@ -347,7 +347,7 @@ def report(name: str, processes: int, threads: int, audio_s: float, bare: Run, p
 
 
 def main(argv: list[str] | None = None) -> None:
-    from kafscribe import sizing
+    from kafscribe.speech import sizing
 
     base = Settings.from_env()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

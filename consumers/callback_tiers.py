@@ -2,7 +2,7 @@
 
 ``kafscribe.callbacks.retry`` holds attempts due now or within the shortest
 tier (and redeliveries). Each ``kafscribe.callbacks.retry.<tier>`` topic
-(``infra/topics.toml``: ``delay_s``, broker-stamped ``LogAppendTime``) is a
+(``kafscribe/kafka/topics.toml``: ``delay_s``, broker-stamped ``LogAppendTime``) is a
 FIFO delay queue: a message there is not read before its append time + the
 tier's delay (or its due time, if sooner). In one partition append times only
 grow, so the head is always the next one due and the consume loop can simply
@@ -14,27 +14,13 @@ a 10 h backoff with the shipped tiers.
 
 from __future__ import annotations
 
-import tomllib
-from functools import cache
-
 from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Message
 
-from infra.bootstrap import TOPICS_FILE
+from kafscribe.kafka.topics import RETRY_TOPIC, retry_tiers
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, now_ms
 
 from .loop import Output
-
-RETRY_TOPIC = "callbacks.retry"
-
-
-@cache
-def retry_tiers() -> tuple[tuple[str, float], ...]:
-    """(logical topic, delay in seconds) of every retry topic, shortest first; ``callbacks.retry`` is 0."""
-    raw = tomllib.loads(TOPICS_FILE.read_text())
-    tiers = [(name, float(spec.get("delay_s", 0))) for name, spec in raw.items()
-             if name == RETRY_TOPIC or name.startswith(RETRY_TOPIC + ".")]
-    return tuple(sorted(tiers, key=lambda t: t[1]))
 
 
 def shortest_delay_s() -> float:

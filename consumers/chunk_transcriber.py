@@ -3,7 +3,7 @@
 Split (``split_upload``, called by ``Transcriber.handle`` for audio longer than
 1.5 x ``KAFSCRIBE_CHUNK_S``): the blob is copied to an unnamed temp file
 (checked against its sha256, never whole in memory), decoded in pieces and
-cut at silences (``kafscribe.chunking``); each chunk is stored as its own
+cut at silences (``kafscribe.speech.chunking``); each chunk is stored as its own
 blob (16 kHz mono WAV, a deterministic id, so a redone split rewrites the
 same blobs) and becomes one ``Chunk`` event on ``chunks``, all produced in
 the transaction that commits the Upload's offset. The chunk count is known
@@ -11,11 +11,11 @@ before anything is produced and is recorded on the job. Only boundaries are
 kept, so the splitting worker's memory does not grow with the recording.
 
 The chunks are dealt evenly to the live chunk loops that report room for one
-(``producers.chunk_routing``). Chunks (``ChunkTranscriber``, group
+(``kafscribe.kafka.chunk_routing``). Chunks (``ChunkTranscriber``, group
 ``chunk-transcribers``, a second consume loop in every transcriber process
 sharing its engines, with a ``WorkerStatus`` of its own): each chunk is
 admitted by its own memory estimate, counts its own attempts
-(``kafscribe.chunkstore``), and is transcribed with the job's options; its
+(``kafscribe.store.chunks``), and is transcribed with the job's options; its
 segments and words are moved onto the recording's clock and sent as a
 ``ChunkTranscript`` (keyed by job id) to the merger. A chunk that fails for
 good is sent with its ``error``; the merger fails the job once. One engine
@@ -32,16 +32,18 @@ from dataclasses import replace
 
 from confluent_kafka import Message
 
-from kafscribe import audio, blobstore, chunking, memory, metrics
-from kafscribe.chunkstore import ChunkStore
-from kafscribe.engines import Cancelled, TimeLimitExceeded
-from kafscribe.jobstore import TRANSCRIBING
-from producers.chunk_routing import chunk_partitions
+from kafscribe import metrics
+from kafscribe.kafka.chunk_routing import chunk_partitions
+from kafscribe.speech import audio, chunking, memory
+from kafscribe.speech.engines import Cancelled, TimeLimitExceeded
+from kafscribe.statuses import TRANSCRIBING
+from kafscribe.store import blobs as blobstore
+from kafscribe.store.chunks import ChunkStore
+from kafscribe.validation import is_job_id
 from schemas.events import Chunk, ChunkTranscript, Event, Result, Segment, Upload, Word, embedded_upload
 
 from .loop import Output, park
 from .retry import PermanentFailure, with_retries
-from .validation import is_job_id
 
 log = logging.getLogger("kafscribe.chunks")
 

@@ -58,12 +58,13 @@ from typing import Protocol
 
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, Message, TopicPartition
 
-from kafscribe import kafka_clients, metrics
+from kafscribe import metrics, validation
+from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
 from schemas.codec import DecodeError
 from schemas.events import DeadLetter, Event, decode_event
 
-from . import deadline, validation
+from . import deadline
 from .retry import is_infrastructure_outage
 
 log = logging.getLogger("kafscribe.loop")

@@ -13,7 +13,7 @@ sees them in order of arrival, one at a time. For each:
    commits this input's offset; a chunk that failed for good instead ends
    the job with a failed ``Result`` carrying the chunk's reason.
 
-Exactly once: the job's ``merged_by`` mark (``kafscribe.chunkstore``) names
+Exactly once: the job's ``merged_by`` mark (``kafscribe.store.chunks``) names
 the input (topic, partition, offset) that produced the Transcript or the
 failure, written before the transaction. The same input redone (the merger
 died after the mark, before its commit) produces it again -- the earlier
@@ -21,7 +21,7 @@ transaction never committed; any other input finds the mark and produces
 nothing, since inputs of a partition are committed in order (an earlier
 one was committed, or it would be redone first). Progress (chunks done /
 total) and the segments of the contiguous prefix of done chunks are written
-for live readers as chunks arrive (``kafscribe.progress``). The chunks'
+for live readers as chunks arrive (``kafscribe.store.progress``). The chunks'
 audio is removed when the job is merged or failed.
 """
 
@@ -32,16 +32,17 @@ from collections import defaultdict
 
 from confluent_kafka import Message
 
-from kafscribe import blobstore, metrics
-from kafscribe.chunkstore import ChunkStore
-from kafscribe.jobstore import JobStore
+from kafscribe import metrics
 from kafscribe.settings import Settings
+from kafscribe.store import blobs as blobstore
+from kafscribe.store.chunks import ChunkStore
+from kafscribe.store.jobs import JobStore
+from kafscribe.validation import is_job_id
 from schemas.events import ChunkTranscript, Event, Result, Segment, Transcript, Upload, embedded_upload
 
 from .chunk_transcriber import chunk_blob_id
 from .loop import Output, park
 from .retry import PermanentFailure
-from .validation import is_job_id
 
 log = logging.getLogger("kafscribe.merger")
 
@@ -156,7 +157,7 @@ class Merger:
 
     def report_progress(self, event: ChunkTranscript, parts: dict[int, ChunkTranscript]) -> None:
         """Chunks done / total, and the segments that this chunk added to the done prefix (numbered as in
-        the final Transcript) for live readers. Best effort, like all progress (``kafscribe.progress``)."""
+        the final Transcript) for live readers. Best effort, like all progress (``kafscribe.store.progress``)."""
         before = renumbered(done_prefix({i: p for i, p in parts.items() if i != event.index}))
         added = renumbered(done_prefix(parts))[len(before):]
         ttl = self.settings.progress_ttl_s

@@ -6,9 +6,9 @@ out, ``GET /v1/jobs/{id}`` already answers ``completed`` with the result.
 
 It POSTs a signed JSON event (``job.completed`` / ``job.failed``) to the
 job's ``callback_url`` once, with a short timeout, signed with the tenant's
-current secret(s) (``kafscribe.webhook_secrets``). The URL is checked and
+current secret(s) (``kafscribe.store.webhook_secrets``). The URL is checked and
 resolved once per attempt and the connection goes to the checked address
-(``kafscribe.callback_guard``); redirects are not followed. A timeout, a
+(``kafscribe.webhooks.guard``); redirects are not followed. A timeout, a
 3xx, a 5xx, a 408/429 or a connection error schedules the next attempt on
 ``kafscribe.callbacks.retry`` (exponential backoff with jitter) -- the
 notifier never holds a partition waiting on a slow client. Any other 4xx,
@@ -17,7 +17,7 @@ event goes to ``kafscribe.dlq``. Every attempt is recorded in Cassandra.
 
 ``callback-retry`` consumes the retry topics: ``kafscribe.callbacks.retry``
 (due now or within a second, and redeliveries) and the delay tiers
-``kafscribe.callbacks.retry.<tier>`` (``infra/topics.toml``). A tier is a
+``kafscribe.callbacks.retry.<tier>`` (``kafscribe/kafka/topics.toml``). A tier is a
 FIFO delay queue: the consume loop holds its partition until the head's
 append time + the tier's delay (no thread waits, nothing is re-produced
 meanwhile), then the attempt is delivered if due or forwarded to the largest
@@ -39,11 +39,14 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Message
 
-from kafscribe import callback_guard, links, metrics, webhooks
-from kafscribe.callback_guard import CallbackRefused, Resolver, check_url
-from kafscribe.callbackstore import CallbackStore
+from kafscribe import metrics
 from kafscribe.settings import Settings
-from kafscribe.webhook_secrets import WebhookSecrets
+from kafscribe.store.callbacks import CallbackStore
+from kafscribe.store.webhook_secrets import WebhookSecrets
+from kafscribe.webhooks import guard as callback_guard
+from kafscribe.webhooks import links
+from kafscribe.webhooks import signing as webhooks
+from kafscribe.webhooks.guard import CallbackRefused, Resolver, check_url
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
 from .callback_tiers import RETRY_TOPIC, TierClock, retry_output, retry_tiers, shortest_delay_s

@@ -15,10 +15,10 @@ from collections.abc import Callable
 from typing import TypeVar
 
 from kafscribe import metrics
-from kafscribe.audio import AudioError
-from kafscribe.blobstore import BlobError
-from kafscribe.cassandra_session import is_outage as is_infrastructure_outage
-from kafscribe.engines import EngineError
+from kafscribe.speech.audio import AudioError
+from kafscribe.speech.engines import EngineError
+from kafscribe.store.blobs import BlobError
+from kafscribe.store.session import is_outage as is_infrastructure_outage
 
 T = TypeVar("T")
 log = logging.getLogger("kafscribe.retry")

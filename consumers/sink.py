@@ -17,8 +17,8 @@ import logging
 
 from confluent_kafka import Message
 
-from kafscribe.jobstore import JobStore
 from kafscribe.settings import Settings
+from kafscribe.store.jobs import JobStore
 from schemas.events import Event, Result
 
 from .loop import Output, park

@@ -5,7 +5,7 @@ worker that stops polling also stops reporting), and once more with
 ``state=stopped`` on a clean shutdown. The ingress routes uploads by it and
 ``GET /v1/workers`` shows it.
 
-GPU memory is the driver's view (``kafscribe.memory.gpu_status``, NVML) of the
+GPU memory is the driver's view (``kafscribe.speech.memory.gpu_status``, NVML) of the
 device this worker is pinned to (``KAFSCRIBE_DEVICE``): free and total, and
 what this process holds there -- the same for both engines, and without
 importing torch, so a stage that loads no model stays small.
@@ -20,8 +20,9 @@ import time
 
 import psutil
 
-from kafscribe import kafka_clients, memory
+from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
+from kafscribe.speech import memory
 from schemas.events import WorkerStatus
 
 from .loop import StageRunner

@@ -6,7 +6,7 @@ a job asking for another allowed model loads that one once too. A job whose
 audio is bad fails here with the reason and goes straight to ``results``.
 
 Admission: before a job starts, the worker checks its memory headroom
-against the job's estimate (``kafscribe.memory``) and waits -- partitions
+against the job's estimate (``kafscribe.speech.memory``) and waits -- partitions
 paused, still polling, reporting ``throttled`` -- rather than run out of
 memory; after ``KAFSCRIBE_THROTTLE_LEAVE_S`` it leaves the group so the
 partitions move to workers that have the memory. That is only for a
@@ -19,7 +19,7 @@ handed to that worker (re-produced onto one of its partitions, at most
 for it, so a job that does not fit between jobs fails; without one, other
 processes' memory is the temporary shortage worth waiting for.
 
-Trust: the event was validated by the loop (``consumers.validation``). Here
+Trust: the event was validated by the loop (``kafscribe.validation``). Here
 the audio is decoded with a bound -- at most the ``Upload``'s
 ``audio_duration`` (+1 %, +1 s), which admission budgeted for, and never more
 than ``KAFSCRIBE_MAX_AUDIO_S`` -- and the job has a time limit
@@ -41,7 +41,7 @@ Redo: every start counts an attempt in the job row; a job started more than
 errors, and a copy of its ``Upload`` goes to the DLQ.
 
 Progress and cancellation: while the engine decodes, each segment and the
-fraction of audio done are recorded for live readers (``kafscribe.progress``);
+fraction of audio done are recorded for live readers (``kafscribe.store.progress``);
 a job cancelled by its client is skipped before it starts and stopped between
 segments (``Engine.transcribe``'s ``should_continue``): nothing is produced
 for it, and its offset is committed.
@@ -60,19 +60,22 @@ import numpy as np
 import psutil
 from confluent_kafka import Message
 
-from kafscribe import audio, blobstore, chunking, memory, metrics
-from kafscribe.engines import Cancelled, Engine, TimeLimitExceeded, load_engine
-from kafscribe.jobstore import TRANSCRIBING, JobStore
-from kafscribe.progress import ProgressReporter
+from kafscribe import metrics
+from kafscribe.kafka.routing import choose_partition
+from kafscribe.kafka.workers import WorkerView
 from kafscribe.settings import Settings
-from producers.routing import choose_partition
-from producers.worker_view import WorkerView
+from kafscribe.speech import audio, chunking, memory
+from kafscribe.speech.engines import Cancelled, Engine, TimeLimitExceeded, load_engine
+from kafscribe.statuses import TRANSCRIBING
+from kafscribe.store import blobs as blobstore
+from kafscribe.store.jobs import JobStore
+from kafscribe.store.progress import ProgressReporter
+from kafscribe.validation import is_job_id
 from schemas.events import Event, Result, Transcript, Upload, now_ms
 
 from .chunk_transcriber import split_upload
 from .loop import LeaveGroup, Output, park
 from .retry import PermanentFailure, with_retries
-from .validation import is_job_id
 
 MIB = 2**20
 MAX_HANDOFFS = 3  # an Upload handed on this often (views can be stale) fails instead
@@ -336,7 +339,7 @@ class Transcriber:
         """Whether the recording is long enough to be cut into chunks (issue 12, ``KAFSCRIBE_CHUNK_S``)."""
         return chunking.should_split(event.audio_duration, self.settings.chunk_s)
 
-    # --- progress and cancellation (kafscribe.progress; the job store moves the status) -------
+    # --- progress and cancellation (kafscribe.store.progress; the job store moves the status) -------
     def run_engine(self, engine: Engine, samples, event: Upload, attempt: int, deadline: float):
         """The engine on the job's audio with its options, reporting progress, stopping if cancelled."""
         progress = ProgressReporter(self.jobs, event.job_id, attempt, min_interval_s=self.settings.progress_interval_s,

@@ -6,7 +6,7 @@ passes straight through as a completed ``Result``. Otherwise the job shows
 the job's audio) or ``llm`` (any target, segment by segment); see
 ``kafscribe.translation``. A translation that cannot succeed fails the job
 with the backend's message. Invalid Transcripts are refused before they get
-here (``consumers.validation``): a failed job, or the DLQ when the event
+here (``kafscribe.validation``): a failed job, or the DLQ when the event
 names no usable job.
 """
 
@@ -16,14 +16,15 @@ import logging
 
 from confluent_kafka import Message
 
-from kafscribe.jobstore import COMPLETED, FAILED, TRANSLATING, JobStore
 from kafscribe.settings import Settings
+from kafscribe.statuses import COMPLETED, FAILED, TRANSLATING
+from kafscribe.store.jobs import JobStore
 from kafscribe.translation import TranslationError, Translator, backend_name
+from kafscribe.validation import is_job_id
 from schemas.events import Event, Result, Transcript
 
 from .loop import Output, park
 from .retry import PermanentFailure, with_retries
-from .validation import is_job_id
 
 log = logging.getLogger("kafscribe.translator")
 

@@ -15,8 +15,9 @@ import logging
 import signal
 import threading
 
-from kafscribe import cassandra_session, logs
+from kafscribe import logs
 from kafscribe.settings import Settings
+from kafscribe.store import session as cassandra_session
 
 from .loop import StageRunner
 from .status import StatusReporter

@@ -1,6 +1,6 @@
 """Create kafscribe's topics and Cassandra tables, idempotently, replicated as configured.
 
-The definitions live in files a reader can open: ``infra/topics.toml`` and
+The definitions live in files a reader can open: ``kafscribe/kafka/topics.toml`` and
 ``infra/cql/schema.cql``. Running this twice changes nothing; running it
 after raising a partition count adds partitions (Kafka never removes them).
 
@@ -18,18 +18,18 @@ from __future__ import annotations
 
 import logging
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import ConfigResource, NewPartitions, NewTopic
 
-from kafscribe import cassandra_session, kafka_clients
+from kafscribe.kafka import clients as kafka_clients
+from kafscribe.kafka import topics
 from kafscribe.settings import Settings
+from kafscribe.store import session as cassandra_session
 
 INFRA_DIR = Path(__file__).resolve().parent
-TOPICS_FILE = INFRA_DIR / "topics.toml"
 SCHEMA_FILE = INFRA_DIR / "cql" / "schema.cql"
 WARNING = "warning: "  # prefix of the lines of ensure_topics/ensure_schema that need an operator's eye
 
@@ -76,9 +76,8 @@ class TopicSpec:
 
 def topic_specs(settings: Settings, min_isr: int | None = None) -> list[TopicSpec]:
     """The topics of ``topics.toml`` with prefix and partition settings applied (and ``min_isr`` when given)."""
-    raw = tomllib.loads(TOPICS_FILE.read_text())
     specs = []
-    for logical, spec in raw.items():
+    for logical, spec in topics.definitions().items():
         parts = spec["partitions"]
         if isinstance(parts, str):
             parts = getattr(settings, parts)

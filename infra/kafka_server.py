@@ -6,7 +6,7 @@ brokers only; every node is formatted with the same cluster id. The internal
 topics (consumer offsets, transaction state) get the same replication factor
 and min ISR as kafscribe's topics (``bootstrap.replication``), so on one node
 they are 1 and 1 and transactions work. ``auto.create.topics.enable`` is off:
-topics come only from ``infra/topics.toml`` (see ``bootstrap``).
+topics come only from ``kafscribe/kafka/topics.toml`` (see ``bootstrap``).
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from kafscribe.cassandra_session import cassandra_reachable
-from kafscribe.kafka_clients import kafka_reachable
+from kafscribe.kafka.clients import kafka_reachable
 from kafscribe.settings import Settings
+from kafscribe.store.session import cassandra_reachable
 
 from . import bootstrap, cassandra_server, jars, kafka_server
 from .nodes import Node, cassandra_nodes, kafka_nodes
@@ -70,7 +70,7 @@ def node_ready(settings: Settings, node: Node, timeout_s: float = 3.0) -> bool:
 
 
 def _brokers_registered(settings: Settings, timeout_s: float = 3.0) -> int:
-    from kafscribe import kafka_clients
+    from kafscribe.kafka import clients as kafka_clients
 
     try:
         return len(kafka_clients.admin(settings).list_topics(timeout=timeout_s).brokers)

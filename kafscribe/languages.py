@@ -6,7 +6,7 @@ CTranslate2 and PyAV) into stages that never transcribe: the ingress, the
 sink, the translator and the notifier. This copy of
 ``whisper.tokenizer.LANGUAGES`` (openai-whisper 20250625, the same 100 codes as
 faster-whisper's ``_LANGUAGE_CODES``) is checked against both by
-``tests/test_stage_imports.py``.
+``tests/e2e/test_stage_imports.py``.
 """
 
 from __future__ import annotations

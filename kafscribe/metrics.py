@@ -49,7 +49,7 @@ SERVICE_RESTARTS = Counter(
 )
 
 # Observability (issue 13): webhook outcomes and the memory a job is expected to need. Lag, job age,
-# worker headroom and DLQ size come from the lag exporter (kafscribe/lag.py), which asks the broker.
+# worker headroom and DLQ size come from the lag exporter (kafscribe/kafka/lag.py), which asks the broker.
 WEBHOOK_DELIVERIES = Counter(
     "kafscribe_webhook_deliveries_total", "Callback delivery attempts, by outcome (delivered, retrying, gave_up)",
     ["stage", "outcome"],

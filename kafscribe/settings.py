@@ -227,7 +227,7 @@ class Settings:
     prometheus_scrape_s: float = _doc("Scrape (and rule evaluation) interval of that Prometheus.", 5.0)
     prometheus_retention: str = _doc("How long that Prometheus keeps samples (its --storage.tsdb.retention.time).", "7d")
 
-    # --- events: progress, live segments, cancel checks (kafscribe/progress.py, routes/events.py) ----
+    # --- events: progress, live segments, cancel checks (kafscribe/store/progress.py, routes/events.py) ----
     progress_interval_s: float = _doc(
         "Least seconds between two progress writes of a running job (each decoded segment is written anyway).", 1.0
     )
@@ -309,7 +309,7 @@ class Settings:
         listed = {m.strip() for m in self.allowed_models.split(",") if m.strip()}
         if listed:
             return frozenset(listed | {self.model})
-        from kafscribe.models.offline import PACKAGED
+        from kafscribe.speech.models.offline import PACKAGED
 
         return frozenset({self.model, *PACKAGED})
 

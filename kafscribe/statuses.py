@@ -1,4 +1,4 @@
-"""A job's statuses (the job store moves them; ``kafscribe.jobstore``); importable without the Cassandra driver."""
+"""A job's statuses (the job store moves them; ``kafscribe.store.jobs``); importable without the Cassandra driver."""
 
 QUEUED, TRANSCRIBING, TRANSLATING, COMPLETED, FAILED, CANCELLED = (
     "queued", "transcribing", "translating", "completed", "failed", "cancelled",

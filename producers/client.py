@@ -35,10 +35,10 @@ def submit(
     """Submit ``path`` straight to Kafka; returns the job id once the broker has the event.
 
     Options are checked as at the door (``SubmissionError`` with the reason): ``prompt`` is Whisper's
-    initial prompt (at most ``kafscribe.decoding.MAX_PROMPT_CHARS``), ``temperature`` 0..1 (None: the
+    initial prompt (at most ``kafscribe.speech.decoding.MAX_PROMPT_CHARS``), ``temperature`` 0..1 (None: the
     engine's fallback schedule).
     """
-    from kafscribe import cassandra_session  # the Cassandra driver and Kafka only here: HTTP users start fast
+    from kafscribe.store import session as cassandra_session
 
     from .publisher import Publisher
     from .submission import Submitter, parse_options
@@ -78,8 +78,8 @@ def wait_for(get_job: Callable[[], dict[str, Any] | None], timeout_s: float = 60
 
 
 def direct_job_reader(settings: Settings) -> Callable[[str], dict[str, Any] | None]:
-    from kafscribe import cassandra_session
-    from kafscribe.jobstore import JobStore
+    from kafscribe.store import session as cassandra_session
+    from kafscribe.store.jobs import JobStore
 
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     return JobStore(session).get

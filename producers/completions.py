@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 from confluent_kafka import KafkaException, TopicPartition
 
-from kafscribe import kafka_clients
+from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
 
 log = logging.getLogger("kafscribe.completions")

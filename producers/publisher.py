@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from confluent_kafka import KafkaError, KafkaException
 
-from kafscribe import kafka_clients
+from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
 
 log = logging.getLogger("kafscribe.publisher")

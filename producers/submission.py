@@ -16,16 +16,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kafscribe import audio, audio_probe, blobstore, decoding, memory
-from kafscribe.callback_guard import CallbackRefused, check_url
-from kafscribe.jobstore import FAILED, JobStore
+from kafscribe.kafka import routing
+from kafscribe.kafka.workers import WorkerView
 from kafscribe.languages import LANGUAGES
 from kafscribe.settings import Settings
+from kafscribe.speech import audio, decoding, memory
+from kafscribe.speech import probe as audio_probe
+from kafscribe.statuses import FAILED
+from kafscribe.store import blobs as blobstore
+from kafscribe.store.jobs import JobStore
+from kafscribe.webhooks.guard import CallbackRefused, check_url
 from schemas.events import JobOptions, Upload
 
-from . import routing
 from .publisher import Publisher, PublishError
-from .worker_view import WorkerView
 
 log = logging.getLogger("kafscribe.submission")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from infra import bootstrap, stack
-from kafscribe import cassandra_session
 from kafscribe.settings import PROJECT_ROOT, Settings
+from kafscribe.store import session as cassandra_session
 
 TEST_STATE = Path(os.environ.get("KAFSCRIBE_TEST_STATE_DIR", PROJECT_ROOT / ".kafscribe" / "test-stack"))
 # Shifts every port of the test stack, so two checkouts can each run their own stack side by side.
@@ -71,7 +71,7 @@ def session(stack_settings: Settings):
     s.cluster.shutdown()
 
 
-# The local cluster of tests/test_cluster_e2e.py (3 brokers, 3 Cassandra nodes): the test stack's port numbers
+# The local cluster of tests/e2e/test_cluster_e2e.py (3 brokers, 3 Cassandra nodes): the test stack's port numbers
 # on 127.0.0.2-4 (the test stack binds 127.0.0.1 only, so both run side by side), its own state directory.
 CLUSTER_STATE = Path(os.environ.get("KAFSCRIBE_TEST_CLUSTER_STATE_DIR", TEST_STATE.parent / "test-cluster"))
 CLUSTER_HOSTS = ("127.0.0.2", "127.0.0.3", "127.0.0.4")
@@ -153,6 +153,6 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def make_pipeline(settings: Settings, tmp_path_factory, name: str):
-    from tests.pipeline import Pipeline
+    from bench.harness import Pipeline
 
     return Pipeline(settings, tmp_path_factory.mktemp(f"logs-{name}"))

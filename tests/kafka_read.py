@@ -7,7 +7,7 @@ import uuid
 
 from confluent_kafka import TopicPartition
 
-from kafscribe import kafka_clients
+from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
 from schemas.events import Event, decode_event
 

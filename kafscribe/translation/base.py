@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from kafscribe.languages import language_name
 from schemas.events import Transcript, Translation
-
-from ..languages import language_name
 
 __all__ = ["TranslationError", "Translator", "language_name"]
 

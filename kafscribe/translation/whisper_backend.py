@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from kafscribe.speech import audio
+from kafscribe.speech.engines import Engine, load_engine
+from kafscribe.store import blobs as blobstore
 from schemas.events import Transcript, Translation
 
-from .. import audio, blobstore
-from ..engines import Engine, load_engine
 from ..settings import Settings
 from .base import TranslationError
 

@@ -13,8 +13,9 @@ import time
 
 from aiohttp import web
 
-from kafscribe import logs, metrics, retention
+from kafscribe import logs, metrics
 from kafscribe.settings import Settings
+from kafscribe.store import retention
 
 from . import auth, upload
 from .backends import Backends
@@ -81,7 +82,7 @@ ROUTE_MODULES = [jobs, events, callbacks, audio, workers, health, docs]
 
 
 async def _retention_sweep(app: web.Application):
-    """Remove audio past KAFSCRIBE_AUDIO_RETENTION_S every KAFSCRIBE_RETENTION_SWEEP_S (kafscribe.retention)."""
+    """Remove audio past KAFSCRIBE_AUDIO_RETENTION_S every KAFSCRIBE_RETENTION_SWEEP_S (kafscribe.store.retention)."""
     settings: Settings = app["settings"]
     task = asyncio.create_task(_sweep_forever(app)) if settings.retention_sweep_s > 0 else None
     yield

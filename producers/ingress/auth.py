@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from kafscribe import apikeys, cassandra_session, quotas
 from kafscribe.settings import Settings, SettingsError
+from kafscribe.store import apikeys, quotas
+from kafscribe.store import session as cassandra_session
 
 from ..submission import Unavailable
 

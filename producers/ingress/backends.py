@@ -6,15 +6,15 @@ from __future__ import annotations
 import threading
 import time
 
-from kafscribe import cassandra_session
-from kafscribe.callbackstore import CallbackStore
-from kafscribe.jobstore import JobStore
+from kafscribe.kafka.workers import WorkerView
 from kafscribe.settings import Settings
+from kafscribe.store import session as cassandra_session
+from kafscribe.store.callbacks import CallbackStore
+from kafscribe.store.jobs import JobStore
 
 from ..completions import Completions
 from ..publisher import Publisher
 from ..submission import Submitter, Unavailable
-from ..worker_view import WorkerView
 
 
 class Backends:

@@ -1,4 +1,4 @@
-"""A job's links in API answers: the base a request may use (the links themselves: ``kafscribe.links``).
+"""A job's links in API answers: the base a request may use (the links themselves: ``kafscribe.webhooks.links``).
 
 The base is ``KAFSCRIBE_PUBLIC_URL`` when set. Otherwise the request's
 ``Host`` is used only when it is in ``KAFSCRIBE_ALLOWED_HOSTS`` (a name
@@ -13,8 +13,8 @@ import re
 
 from aiohttp import web
 
-from kafscribe import links
 from kafscribe.settings import Settings
+from kafscribe.webhooks import links
 
 _HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
 

@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from kafscribe import cassandra_session
 from kafscribe.settings import Settings
+from kafscribe.store import session as cassandra_session
 
 from ..submission import Unavailable
 

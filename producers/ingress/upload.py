@@ -24,8 +24,8 @@ from pathlib import Path
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from kafscribe.decoding import PROMPT_CONTROLS
 from kafscribe.settings import Settings
+from kafscribe.speech.decoding import PROMPT_CONTROLS
 
 from ..submission import MAX_FILENAME_CHARS, OPTION_FIELDS, SubmissionError, check_text
 

@@ -17,7 +17,7 @@ Model names: ``whisper-1`` is the service's default model
 ``prompt`` (at most 896 characters) becomes the job's Whisper initial prompt and
 ``temperature`` (0..1) its one decoding temperature (absent: the engine's
 fallback schedule, 0.0 then hotter where a window decodes badly); both are
-stored with the job's options (``kafscribe.decoding``). verbose_json's
+stored with the job's options (``kafscribe.speech.decoding``). verbose_json's
 per-segment ``temperature`` is the one the engine decoded that segment with.
 """
 
@@ -32,9 +32,9 @@ from typing import Any
 from aiohttp import web
 
 from kafscribe import formats, metrics
-from kafscribe.decoding import MAX_PROMPT_CHARS
-from kafscribe.jobstore import CANCELLED, COMPLETED, FAILED
 from kafscribe.settings import Settings
+from kafscribe.speech.decoding import MAX_PROMPT_CHARS
+from kafscribe.statuses import CANCELLED, COMPLETED, FAILED
 
 from ...submission import SubmissionError, Unavailable, _languages, check_trace_id, parse_options
 from ..backends import Backends

@@ -6,9 +6,9 @@ import asyncio
 
 from aiohttp import web
 
-from kafscribe import quotas
-from kafscribe.callback_guard import mask_url
 from kafscribe.settings import Settings
+from kafscribe.store import quotas
+from kafscribe.webhooks.guard import mask_url
 from schemas.events import CallbackAttempt, now_ms
 
 from ...publisher import PublishError

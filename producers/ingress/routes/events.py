@@ -3,7 +3,7 @@
 One poll loop (``job_events``) reads the job from Cassandra every
 ``KAFSCRIBE_EVENTS_POLL_S`` (in a thread: nothing blocks the event loop) and
 yields what changed since the last read: its status, its progress (the
-highest fraction any attempt reported, see ``kafscribe.progress``) and the
+highest fraction any attempt reported, see ``kafscribe.store.progress``) and the
 segments decoded since. Every segment is sent once, in order, by id: the live
 ones while the job is transcribing, then those of the stored result that were
 not sent yet, so a client that connects late or after the end still gets them
@@ -37,9 +37,9 @@ from typing import Any
 
 from aiohttp import web
 
-from kafscribe import cassandra_session
 from kafscribe.settings import Settings
 from kafscribe.statuses import STATUSES
+from kafscribe.store import session as cassandra_session
 
 from .. import auth
 from ..backends import Backends

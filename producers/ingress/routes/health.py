@@ -7,7 +7,7 @@ import asyncio
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from kafscribe.kafka_clients import kafka_reachable
+from kafscribe.kafka.clients import kafka_reachable
 from kafscribe.settings import Settings
 
 from ..backends import Backends

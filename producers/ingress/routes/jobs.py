@@ -13,11 +13,12 @@ from typing import Any
 
 from aiohttp import web
 
-from kafscribe import formats, metrics, retention
-from kafscribe.callback_guard import mask_url
-from kafscribe.decoding import MAX_PROMPT_CHARS
-from kafscribe.jobstore import COMPLETED, STATUSES, TERMINAL
+from kafscribe import formats, metrics
 from kafscribe.settings import Settings
+from kafscribe.speech.decoding import MAX_PROMPT_CHARS
+from kafscribe.statuses import COMPLETED, STATUSES, TERMINAL
+from kafscribe.store import retention
+from kafscribe.webhooks.guard import mask_url
 from schemas.events import JobOptions, Upload
 
 from ...submission import SubmissionError, Submitter, Unavailable, check_trace_id, parse_options

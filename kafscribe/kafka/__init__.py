@@ -1,0 +1,1 @@
+"""Kafka: clients, topics, worker status, routing views, the lag exporter."""

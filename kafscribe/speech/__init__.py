@@ -1,0 +1,1 @@
+"""Speech: audio decoding and probing, chunking, engines, models, decoding options, memory estimates."""

@@ -1,0 +1,91 @@
+"""The job options that steer Whisper's decoder: ``prompt`` and ``temperature``.
+
+One set of rules for the door (``producers.submission.parse_options``), the
+consumers' check of events from direct producers (``kafscribe.validation``)
+and the engines (``engine_kwargs``), so a value accepted in one place is
+never refused in another.
+
+- ``prompt``: Whisper's initial prompt (names, spellings, style), at most
+  ``MAX_PROMPT_CHARS`` characters: OpenAI documents 224 tokens for it, and
+  English text averages about 4 characters a token. Whisper itself keeps only
+  the last 223 tokens of a longer prompt. Newlines and tabs are allowed, other
+  control characters are not.
+- ``temperature``: 0..1 (OpenAI's range), used as the only temperature (no
+  fallback to higher ones). Absent: the engine's fallback schedule
+  (0.0, 0.2, ... 1.0: a window whose decoding looks degenerate is decoded
+  again hotter).
+"""
+
+from __future__ import annotations
+
+import math
+import unicodedata
+from typing import Any
+
+MAX_PROMPT_CHARS = 896
+PROMPT_CONTROLS = "\n\r\t"  # the control characters a prompt may contain
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.0, 1.0
+
+
+def prompt_problem(prompt: object) -> str | None:
+    """Why ``prompt`` cannot be a job's prompt (None: it can; None and "" mean no prompt)."""
+    if prompt is None:
+        return None
+    if not isinstance(prompt, str):
+        return f"prompt must be text, not {type(prompt).__name__}"
+    if len(prompt) > MAX_PROMPT_CHARS:
+        return f"prompt is {len(prompt)} characters; the limit is {MAX_PROMPT_CHARS} (about 224 tokens)"
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return f"prompt is not valid UTF-8 (at character {exc.start})"
+    for i, char in enumerate(prompt):
+        if char not in PROMPT_CONTROLS and unicodedata.category(char) in ("Cc", "Zl", "Zp"):
+            return f"prompt contains a control character ({char!r} at {i})"
+    return None
+
+
+def temperature_problem(temperature: object) -> str | None:
+    """Why ``temperature`` cannot be a job's temperature (None: it can; None means the fallback schedule)."""
+    if temperature is None:
+        return None
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+        return f"temperature={_show(temperature)} must be a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}"
+    return None
+
+
+def parse_temperature(raw: str) -> float | None:
+    """A form or CLI value as a temperature (empty: None); ``ValueError`` names the rule it breaks."""
+    raw = raw.strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    problem = temperature_problem(value)
+    if problem:
+        raise ValueError(f"temperature={raw[:40]!r} must be a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}")
+    return value
+
+
+def engine_kwargs(prompt: str | None, temperature: float | None) -> dict[str, Any]:
+    """The keyword arguments both Whisper engines take for these options (same names in both).
+
+    An empty prompt is no prompt; no temperature leaves the engine's own
+    fallback schedule in place. Absent options are omitted, not passed as None:
+    faster-whisper given ``initial_prompt=None`` explicitly decoded the VAD test
+    clip differently from its default (tests/e2e/test_words.py failed 4 of 4 runs).
+    """
+    kwargs: dict[str, Any] = {}
+    if prompt:
+        kwargs["initial_prompt"] = prompt
+    if temperature is not None:
+        kwargs["temperature"] = float(temperature)
+    return kwargs
+
+
+def _show(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -1,0 +1,1 @@
+"""Cassandra: one module per group of tables (jobs, blobs, chunks, callbacks, keys, secrets)."""

@@ -1,0 +1,248 @@
+"""What every consumer checks in an event it could decode, before doing any work with it.
+
+Direct producers are trusted to write the topics, not to be right: an event
+that decodes may still carry a NaN duration, a model the operator never
+allowed, a timestamp from next year or a partition that does not exist. Each
+check returns the reason in words (``None`` = fine); the consume loop turns a
+reason into the stage's ``failure_outputs`` (an ``Upload`` ends as a failed
+job with that reason; an event that names no usable job goes to the DLQ), and
+the ingress's worker view ignores a ``WorkerStatus`` with a reason. Nothing
+here raises: a check that cannot make sense of a value refuses it.
+
+Limits (all settings): ``KAFSCRIBE_MAX_AUDIO_S`` (durations),
+``KAFSCRIBE_MAX_UPLOAD_BYTES`` (sizes), ``KAFSCRIBE_ALLOWED_MODELS``
+(models), ``KAFSCRIBE_MAX_CLOCK_SKEW_S`` (how far in the future a
+``produced_at`` may lie).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+from kafscribe.languages import CODES
+from kafscribe.settings import Settings
+from kafscribe.speech import decoding
+from schemas.events import (
+    CallbackAttempt,
+    Chunk,
+    ChunkTranscript,
+    Event,
+    JobOptions,
+    Result,
+    Transcript,
+    Upload,
+    WorkerStatus,
+    embedded_upload,
+    now_ms,
+)
+
+MAX_ID_CHARS = 128
+# Printable, no whitespace or '/', so the id works as a Kafka key, a Cassandra key and in /v1/jobs/{id}.
+_ID = re.compile(rf"[A-Za-z0-9._:@+=-]{{1,{MAX_ID_CHARS}}}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+TASKS = ("transcribe", "translate")
+RESULT_STATUSES = ("completed", "failed")
+WORKER_STATES = ("running", "throttled", "stopped")
+# What each stage's input topic carries.
+EXPECTED_TYPES: dict[str, type[Event]] = {
+    "uploads": Upload, "transcripts": Transcript, "results": Result, "finished": Result,
+    "callbacks.retry": CallbackAttempt, "chunks": Chunk, "chunk-transcripts": ChunkTranscript,
+}
+MAX_CHUNKS = 100_000  # chunks of one recording (4 h at 1 s each would be 14 400)
+
+
+def languages() -> frozenset[str]:
+    """Whisper's language codes (a static table: importing an engine's would load its runtime)."""
+    return CODES
+
+
+def is_job_id(job_id: object) -> bool:
+    """Whether ``job_id`` can name a job (a failed job can be written for it)."""
+    return isinstance(job_id, str) and _ID.fullmatch(job_id) is not None
+
+
+def finite(value: object, low: float = 0.0, high: float = math.inf) -> bool:
+    """A real number in [low, high] (NaN and infinities are not)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value) and low <= value <= high)
+
+
+def check_event(settings: Settings, input_topic: str, event: Event, now: int | None = None) -> str | None:
+    """Why ``event`` (decoded from the logical topic ``input_topic``) must not be worked on, or None."""
+    try:
+        return _check_event(settings, input_topic, event, now)
+    except Exception as exc:  # noqa: BLE001 - a value no rule foresaw is refused, never a crash of the loop
+        return f"invalid event: {type(exc).__name__}: {exc}"
+
+
+def _check_event(settings: Settings, input_topic: str, event: Event, now: int | None) -> str | None:
+    expected = EXPECTED_TYPES.get(input_topic)
+    if expected is not None and not isinstance(event, expected):
+        return f"expected {expected.__name__} events on {input_topic}, got {type(event).__name__}"
+    reason = _check_common(settings, event, now_ms() if now is None else now)
+    if reason:
+        return reason
+    if isinstance(event, Upload):
+        return _check_audio(settings, event) or check_options(settings, event.options)
+    if isinstance(event, Transcript):
+        return _check_transcript(settings, event)
+    if isinstance(event, Result):
+        return _check_result(settings, event)
+    if isinstance(event, CallbackAttempt):
+        return _check_callback(event)
+    if isinstance(event, (Chunk, ChunkTranscript)):
+        return _check_chunk(settings, event)
+    return None
+
+
+def _check_common(settings: Settings, event: Event, now: int) -> str | None:
+    if not is_job_id(event.job_id):
+        return (f"job_id {_show(event.job_id)} is not a valid id (1-{MAX_ID_CHARS} characters of"
+                " letters, digits and ._:@+=-)")
+    if not isinstance(event.tenant, str) or not 0 < len(event.tenant) <= MAX_ID_CHARS:
+        return f"tenant {_show(event.tenant)} must be 1-{MAX_ID_CHARS} characters"
+    if not finite(event.attempt, 0, 10**6):
+        return f"attempt {_show(event.attempt)} is out of range"
+    return check_produced_at(settings, event.produced_at, now)
+
+
+def check_produced_at(settings: Settings, produced_at: object, now: int) -> str | None:
+    """A timestamp in the past, or at most ``KAFSCRIBE_MAX_CLOCK_SKEW_S`` ahead of ``now`` (ms)."""
+    if not finite(produced_at, 0):
+        return f"produced_at {_show(produced_at)} is not a timestamp"
+    ahead_s = (produced_at - now) / 1000  # type: ignore[operator]
+    if ahead_s > settings.max_clock_skew_s:
+        return (f"produced_at lies {ahead_s:.0f} s in the future (more than KAFSCRIBE_MAX_CLOCK_SKEW_S"
+                f"={settings.max_clock_skew_s:.0f})")
+    return None
+
+
+def _check_audio(settings: Settings, event: Upload | Transcript) -> str | None:
+    if not finite(event.audio_duration, 0, settings.max_audio_s) or event.audio_duration <= 0:
+        return (f"audio_duration {_show(event.audio_duration)} must be a number of seconds in"
+                f" (0, {settings.max_audio_s:.0f}] (KAFSCRIBE_MAX_AUDIO_S)")
+    if not finite(event.audio_bytes, 1, settings.max_upload_bytes):
+        return f"audio_bytes {_show(event.audio_bytes)} must be in [1, {settings.max_upload_bytes}]"
+    if not isinstance(event.audio_sha256, str) or not _SHA256.fullmatch(event.audio_sha256):
+        return "audio_sha256 must be 64 lower-case hex digits"
+    if not isinstance(event.blob_ref, str) or not event.blob_ref:
+        return "blob_ref is empty"
+    return None
+
+
+def check_options(settings: Settings, options: JobOptions) -> str | None:
+    """The job options a producer chose: task, languages, a model the operator allows, the decoder's prompt
+    (at most ``decoding.MAX_PROMPT_CHARS``) and temperature (0..1)."""
+    if options.task not in TASKS:
+        return f"task {_show(options.task)} must be one of {', '.join(TASKS)}"
+    codes = languages()
+    for name in ("language", "translate_to"):
+        value = getattr(options, name)
+        if value is not None and value not in codes:
+            return f"{name} {_show(value)} is not a Whisper language code"
+    allowed = settings.allowed_model_names()
+    if options.model is not None and options.model not in allowed:
+        return (f"model {_show(options.model)} is not allowed here (KAFSCRIBE_ALLOWED_MODELS:"
+                f" {', '.join(sorted(allowed))})")
+    return decoding.prompt_problem(options.prompt) or decoding.temperature_problem(options.temperature)
+
+
+def _check_transcript(settings: Settings, event: Transcript) -> str | None:
+    reason = _check_audio(settings, event) or check_options(settings, event.options)
+    if reason:
+        return reason
+    slack = 1.0 + 0.01 * event.audio_duration  # the worker decodes at most this much past the claim
+    if not finite(event.duration, 0, event.audio_duration + slack):
+        return f"duration {_show(event.duration)} is not within the audio's {event.audio_duration:.1f} s"
+    if not finite(event.processing_seconds, 0):
+        return f"processing_seconds {_show(event.processing_seconds)} is not a duration"
+    # Whisper may time a last segment up to the end of its 30 s window.
+    return _check_segments(event.segments, event.audio_duration + slack + 30.0)
+
+
+def _check_result(settings: Settings, event: Result) -> str | None:
+    if event.status not in RESULT_STATUSES:
+        return f"status {_show(event.status)} must be one of {', '.join(RESULT_STATUSES)}"
+    if event.duration is not None and not finite(event.duration, 0, settings.max_audio_s * 1.01 + 1):
+        return f"duration {_show(event.duration)} is out of range"
+    return _check_segments(event.segments, settings.max_audio_s + 31.0)
+
+
+def _check_segments(segments: Iterable, end_s: float) -> str | None:
+    for s in segments:
+        if not (finite(s.start, 0, end_s) and finite(s.end, 0, end_s)):  # order is the engine's business
+            return f"segment {s.id} has times {_show(s.start)}-{_show(s.end)} outside the audio"
+        if s.temperature is not None and not finite(s.temperature, 0.0, 10.0):
+            return f"segment {s.id} has temperature {_show(s.temperature)}"
+    return None
+
+
+def _check_chunk(settings: Settings, event: Chunk | ChunkTranscript) -> str | None:
+    """A chunk of a split recording (issue 12): its place in the recording, its audio, its job's Upload."""
+    if not (isinstance(event.count, int) and 1 <= event.count <= MAX_CHUNKS):
+        return f"count {_show(event.count)} must be a number of chunks in [1, {MAX_CHUNKS}]"
+    if not (isinstance(event.index, int) and 0 <= event.index < event.count):
+        return f"index {_show(event.index)} must be in [0, {event.count - 1}] (count {event.count})"
+    try:
+        upload = embedded_upload(event)
+    except ValueError as exc:
+        return f"chunk {event.index}: {exc}"
+    reason = _check_audio(settings, upload) or check_options(settings, upload.options)
+    if reason:
+        return f"chunk {event.index}: its job's Upload is invalid: {reason}"
+    slack = 1.0 + 0.01 * upload.audio_duration  # the splitter decodes at most this much past the claim
+    if not finite(event.offset_s, 0, upload.audio_duration + slack):
+        return f"offset_s {_show(event.offset_s)} is not within the recording's {upload.audio_duration:.1f} s"
+    if not finite(event.duration_s, 0, upload.audio_duration + slack) or event.duration_s <= 0 \
+            or event.offset_s + event.duration_s > upload.audio_duration + slack:
+        return (f"duration_s {_show(event.duration_s)} at offset {event.offset_s:.1f} s does not fit in the"
+                f" recording's {upload.audio_duration:.1f} s")
+    if isinstance(event, Chunk):
+        if not isinstance(event.audio_sha256, str) or not _SHA256.fullmatch(event.audio_sha256):
+            return "audio_sha256 must be 64 lower-case hex digits"
+        if not isinstance(event.blob_ref, str) or not event.blob_ref:
+            return "blob_ref is empty"
+        if not finite(event.audio_bytes, 1, settings.max_upload_bytes):
+            return f"audio_bytes {_show(event.audio_bytes)} must be in [1, {settings.max_upload_bytes}]"
+        return None
+    if event.error is not None and not isinstance(event.error, str):
+        return "error must be text or null"
+    return _check_segments(event.segments, event.offset_s + event.duration_s + 31.0)
+
+
+def _check_callback(event: CallbackAttempt) -> str | None:
+    if not finite(event.delivery_attempt, 1, 10**4):
+        return f"delivery_attempt {_show(event.delivery_attempt)} is out of range"
+    if not finite(event.not_before, 0):
+        return f"not_before {_show(event.not_before)} is not a timestamp"
+    return None
+
+
+def check_worker_status(
+    settings: Settings, status: WorkerStatus, partition_count: int, now: int | None = None
+) -> str | None:
+    """Why the ingress's view must ignore ``status`` (it would route uploads by it), or None."""
+    if not isinstance(status.worker_id, str) or not 0 < len(status.worker_id) <= 256:
+        return "worker_id must be 1-256 characters"
+    if status.state not in WORKER_STATES:
+        return f"state {_show(status.state)} must be one of {', '.join(WORKER_STATES)}"
+    reason = check_produced_at(settings, status.produced_at, now_ms() if now is None else now)
+    if reason:
+        return reason
+    bad = [p for p in status.partitions if not (isinstance(p, int) and 0 <= p < partition_count)]
+    if bad or len(set(status.partitions)) != len(status.partitions):
+        return f"partitions {status.partitions[:10]} are not distinct partitions of 0-{partition_count - 1}"
+    for name in ("rss_bytes", "host_mem_available", "host_mem_total", "gpu_mem_free", "gpu_mem_total",
+                 "gpu_mem_used", "gpu_device",
+                 "memory_budget", "in_flight"):
+        value = getattr(status, name)
+        if value is not None and not finite(value, 0):
+            return f"{name} {_show(value)} must not be negative"
+    return None
+
+
+def _show(value: object, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "...'"

@@ -1,0 +1,1 @@
+"""Webhooks: Standard Webhooks signing, the SSRF guard for callback URLs, job links."""
