@@ -1,4 +1,4 @@
-"""One long recording through the whole pipeline: split across 1 and 2 transcribers (issue 12).
+"""One long recording through the whole pipeline: split across 1 and 2 transcribers.
 
     python -m bench.longfile                          # a 10-minute clip; 2-hour RSS run too
     python -m bench.longfile --minutes 10 --long-minutes 0  # skip the 2-hour run

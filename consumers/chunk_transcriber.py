@@ -1,4 +1,4 @@
-"""Long recordings in a transcriber (issue 12): the split of an Upload, and the stage that transcribes chunks.
+"""Long recordings in a transcriber: the split of an Upload, and the stage that transcribes chunks.
 
 Split (``split_upload``, called by ``Transcriber.handle`` for audio longer than
 1.5 x ``KAFSCRIBE_CHUNK_S``): the blob is copied to an unnamed temp file

@@ -2,7 +2,7 @@
 
 librdkafka's transactional calls take a timeout, yet one was seen blocked for
 more than six minutes in ``send_offsets_to_transaction(..., 30)`` after a
-broker crash (issue 17). ``call`` runs the function in a daemon thread and
+broker crash. ``call`` runs the function in a daemon thread and
 stops waiting at the deadline: the caller gets ``Overrun`` and must treat the
 object it called (a producer) as lost; the stuck thread is left behind.
 """

@@ -27,7 +27,7 @@ One event at a time per worker process:
 SIGTERM stops the loop after the current job (``stop()``); if that job
 outlives the grace period it is abandoned uncommitted and redone elsewhere.
 
-Self-healing (issue 17): every transactional call runs under a deadline that
+Self-healing: every transactional call runs under a deadline that
 is really enforced (``deadline.call``). When a transaction overruns it, or
 the producer reports a fatal state, or an abort fails, the producer is
 dropped and a fresh one with the same ``transactional.id`` is created
@@ -38,7 +38,7 @@ group's committed offset, read back from the broker (so a commit that did
 land is never redone), and the event is redone. ``last_beat`` marks every
 completed poll-loop iteration for the process's watchdog.
 
-Rebalances (issue 8): a partition assigned while no job is in flight is
+Rebalances: a partition assigned while no job is in flight is
 resumed (librdkafka keeps a partition's pause flag across revoke and
 re-assign); one assigned while a job runs is paused. An idle worker checks
 every ``IDLE_CHECK_S`` that none of its partitions has lag it is not

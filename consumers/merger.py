@@ -1,4 +1,4 @@
-"""Stage ``merger`` (group ``mergers``): ChunkTranscripts -> the job's one Transcript (issue 12).
+"""Stage ``merger`` (group ``mergers``): ChunkTranscripts -> the job's one Transcript.
 
 Every chunk of a job arrives on one partition (key = job id), so one merger
 sees them in order of arrival, one at a time. For each:

@@ -27,7 +27,7 @@ than ``KAFSCRIBE_MAX_AUDIO_S`` -- and the job has a time limit
 reuses the id of a finished job goes to the DLQ and the finished job is left
 as it was. Only models in ``Settings.allowed_model_names`` are ever loaded.
 
-Prefetch (issue 10): while a job runs, the consume loop hands the next
+Prefetch: while a job runs, the consume loop hands the next
 kept ``Upload`` to ``prefetch``, which reads its blob and decodes it in a
 thread, so the next job starts at the engine. A prefetch is admitted like a
 job: only when the headroom covers the running job's estimate plus the
@@ -336,7 +336,7 @@ class Transcriber:
         return [Output(self.settings.topic("transcripts"), transcript)]
 
     def splits(self, event: Upload) -> bool:
-        """Whether the recording is long enough to be cut into chunks (issue 12, ``KAFSCRIBE_CHUNK_S``)."""
+        """Whether the recording is long enough to be cut into chunks (``KAFSCRIBE_CHUNK_S``)."""
         return chunking.should_split(event.audio_duration, self.settings.chunk_s)
 
     # --- progress and cancellation (kafscribe.store.progress; the job store moves the status) -------
@@ -415,7 +415,7 @@ class Transcriber:
 
 
 def job_cancelled(jobs: JobStore, job_id: str) -> bool:
-    """Whether the client cancelled the job: ``JobStore.is_cancelled`` (the api helper's, issue 11 part A)
+    """Whether the client cancelled the job: ``JobStore.is_cancelled``
     where the store has it, else the job row's status."""
     check = getattr(jobs, "is_cancelled", None)
     if check is not None:

@@ -3,7 +3,7 @@
 Every ``StageRunner`` stamps ``last_beat`` at each completed poll-loop
 iteration (a job in progress does not stop the loop: it runs in a thread
 while the loop polls). When a runner has not beaten for
-``KAFSCRIBE_WATCHDOG_S``, something below it is stuck for good (issue 17: a
+``KAFSCRIBE_WATCHDOG_S``, something below it is stuck for good (a
 librdkafka call that ignored its timeout); the watchdog logs which runner and
 for how long, and ends the process with ``EXIT_STUCK`` so its supervisor
 (``kafscribe services``, systemd, Kubernetes) starts a fresh one: its

@@ -33,7 +33,7 @@ THROTTLED_SECONDS = Counter("kafscribe_throttled_seconds_total", "Time workers w
 REBALANCES = Counter("kafscribe_rebalances_total", "Partition assignment changes seen", ["stage", "kind"])
 
 
-# Self-healing of the consume loop and the supervisor (issue 17, issue 8).
+# Self-healing of the consume loop and the supervisor.
 PRODUCER_RESETS = Counter(
     "kafscribe_producer_resets_total", "Transactional producers dropped and created again", ["stage", "reason"]
 )
@@ -48,7 +48,7 @@ SERVICE_RESTARTS = Counter(
     "kafscribe_service_restarts_total", "Services restarted by the `kafscribe services` supervisor", ["service"]
 )
 
-# Observability (issue 13): webhook outcomes and the memory a job is expected to need. Lag, job age,
+# Observability: webhook outcomes and the memory a job is expected to need. Lag, job age,
 # worker headroom and DLQ size come from the lag exporter (kafscribe/kafka/lag.py), which asks the broker.
 WEBHOOK_DELIVERIES = Counter(
     "kafscribe_webhook_deliveries_total", "Callback delivery attempts, by outcome (delivered, retrying, gave_up)",
@@ -57,7 +57,7 @@ WEBHOOK_DELIVERIES = Counter(
 JOB_ESTIMATE_BYTES = Gauge(
     "kafscribe_job_estimate_bytes", "Memory estimate of the last job a transcriber admitted", ["stage"]
 )
-# Where a job's time goes (issue 10): queue_wait, status, admission, blob_read, decode, prefetch_wait,
+# Where a job's time goes: queue_wait, status, admission, blob_read, decode, prefetch_wait,
 # engine (the stage's own phases) and commit (the consume loop's transaction).
 JOB_PHASE_SECONDS = Histogram(
     "kafscribe_job_phase_seconds", "Seconds one job spent in a phase of its stage", ["stage", "phase"],

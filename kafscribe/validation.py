@@ -180,7 +180,7 @@ def _check_segments(segments: Iterable, end_s: float) -> str | None:
 
 
 def _check_chunk(settings: Settings, event: Chunk | ChunkTranscript) -> str | None:
-    """A chunk of a split recording (issue 12): its place in the recording, its audio, its job's Upload."""
+    """A chunk of a split recording: its place in the recording, its audio, its job's Upload."""
     if not (isinstance(event.count, int) and 1 <= event.count <= MAX_CHUNKS):
         return f"count {_show(event.count)} must be a number of chunks in [1, {MAX_CHUNKS}]"
     if not (isinstance(event.index, int) and 0 <= event.index < event.count):

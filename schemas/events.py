@@ -188,7 +188,7 @@ class DeadLetter(Event):
 
 @dataclass(kw_only=True)
 class Chunk(Event):
-    """One piece of a long recording to transcribe (issue 12); ``upload`` is the job's encoded Upload."""
+    """One piece of a long recording to transcribe; ``upload`` is the job's encoded Upload."""
 
     index: int
     count: int

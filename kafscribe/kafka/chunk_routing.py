@@ -1,4 +1,4 @@
-"""Which partition of the chunks topic each chunk of a split recording goes to (issue 12).
+"""Which partition of the chunks topic each chunk of a split recording goes to.
 
 Beside ``kafscribe.kafka.routing`` (uploads): the same live view of the workers,
 a different rule. The goal is that the chunks of one recording are shared

@@ -1,4 +1,4 @@
-"""Cutting a long recording into chunks at silences (issue 12), streaming.
+"""Cutting a long recording into chunks at silences, streaming.
 
 The recording is decoded in pieces with PyAV (16 kHz mono int16), never as a
 whole: at most one chunk plus its search window is in memory. Each cut is

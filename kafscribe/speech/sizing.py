@@ -1,4 +1,4 @@
-"""How many transcribers a host runs, and with how many engine threads each (issue 10).
+"""How many transcribers a host runs, and with how many engine threads each.
 
 Measured on a 2-core host with faster-whisper ``base`` int8 (README, "Throughput"):
 two processes of one thread each finish the same clips faster than one

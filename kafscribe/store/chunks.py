@@ -1,4 +1,4 @@
-"""The chunk table of split jobs (issue 12): attempts per chunk, chunk results, and the merge mark.
+"""The chunk table of split jobs: attempts per chunk, chunk results, and the merge mark.
 
 Every write is an upsert keyed by (job_id, chunk index), so a chunk redone
 after a crash rewrites its own row and counts one more attempt there only.

@@ -132,7 +132,7 @@ class JobStore:
         return attempts
 
     def set_chunks(self, job_id: str, count: int) -> None:
-        """Record that the job was split into ``count`` chunks (issue 12; a redone split writes the same)."""
+        """Record that the job was split into ``count`` chunks (a redone split writes the same)."""
         self.session.execute(self._set_chunks, (count, job_id))
 
     def _move(self, job_id: str, row, status: str, worker_id: str, attempts: int, error: str | None) -> bool:

@@ -1,6 +1,6 @@
 """The Kafka broker killed with SIGKILL at three moments, jobs in flight: every job completes exactly once.
 
-Issue 17: after such a crash every stage used to stay wedged in a transactional
+After such a crash every stage used to stay wedged in a transactional
 call. Here nothing is restarted by hand except the broker (as an operator or a
 supervisor would): the workers must heal themselves, within the session timeout
 plus ``RECOVERY_BOUND_S`` of the broker being back. The moments:

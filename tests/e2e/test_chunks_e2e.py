@@ -1,4 +1,4 @@
-"""Long recordings on the real stack (issue 12): split, shared by two transcribers, merged once, kill -9 safe.
+"""Long recordings on the real stack: split, shared by two transcribers, merged once, kill -9 safe.
 
 One pipeline for the module (ingress, two transcribers, translator, sink,
 merger) with ``KAFSCRIBE_CHUNK_S=10`` and tiny.en, on a ~60 s espeak-ng clip.

@@ -149,7 +149,7 @@ def test_kill_9_under_load_loses_and_duplicates_nothing(stack_settings, tmp_path
 
 
 def test_kill_9_drill_five_victims_every_job_once_no_stranded_partition(stack_settings, tmp_path_factory, clips):
-    """Issue 8: 3 transcribers; 5 times, a job is forced onto a worker (each in turn) and that worker is
+    """3 transcribers; 5 times, a job is forced onto a worker (each in turn) and that worker is
     killed with kill -9 mid-job and started again. Every job completes once; the group ends with no lag
     on any partition (none left under an idle owner)."""
     from tests.e2e.test_loop_rebalance import group_lag

@@ -95,7 +95,7 @@ def loop_settings(stack_settings):
 
 
 def test_partitions_revoked_while_paused_are_read_when_they_come_back(loop_settings):
-    """Issue 8: A runs a job (all partitions paused); B joins and takes some; the job ends; B leaves;
+    """A runs a job (all partitions paused); B joins and takes some; the job ends; B leaves;
     A gets them back and must read them (librdkafka kept their pause flag)."""
     settings = loop_settings
     stage_a, stage_b = BlockingStage(settings), BlockingStage(settings)
@@ -129,7 +129,7 @@ def test_partitions_revoked_while_paused_are_read_when_they_come_back(loop_setti
 
 
 def test_a_worker_that_left_for_a_shortage_rejoins_and_takes_work(loop_settings):
-    """Issue 8 bullet 2, loop side: LeaveGroup hands the partitions back; once ``can_resume`` says so,
+    """Loop side: LeaveGroup hands the partitions back; once ``can_resume`` says so,
     the worker subscribes again, gets partitions and completes jobs."""
     settings = loop_settings
     stage = BlockingStage(settings)
@@ -156,7 +156,7 @@ def test_a_worker_that_left_for_a_shortage_rejoins_and_takes_work(loop_settings)
 
 
 def test_a_worker_evicted_by_max_poll_interval_rejoins_and_takes_work(stack_settings):
-    """Issue 17: a poll loop blocked past ``max.poll.interval.ms`` is evicted from the group; it must
+    """A poll loop blocked past ``max.poll.interval.ms`` is evicted from the group; it must
     rejoin (or exit), never stay alive outside the group."""
     settings = fresh_settings(stack_settings, session_timeout_ms=6000, max_poll_interval_ms=7000,
                               kafka_call_timeout_s=10.0)

@@ -1,4 +1,4 @@
-"""The merger's exactly-once rules and the streaming blob read, on the real Cassandra (issue 12).
+"""The merger's exactly-once rules and the streaming blob read, on the real Cassandra.
 
 ``Merger.handle`` is driven directly with the positions a consume loop would
 hand it (a message double carries only topic, partition and offset), so the

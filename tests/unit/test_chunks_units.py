@@ -1,4 +1,4 @@
-"""Long recordings (issue 12), the logic alone: where cuts go, how chunks spread, how a job is merged."""
+"""Long recordings, the logic alone: where cuts go, how chunks spread, how a job is merged."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""No gap between jobs (issue 10): the one-at-a-time loop keeps what it fetched while a job ran, and
+"""No gap between jobs: the one-at-a-time loop keeps what it fetched while a job ran, and
 lets the stage prepare the next job meanwhile. Fake consumer and producer (no broker); the real-broker
 exactly-once tests (test_redo, test_failover_e2e, test_broker_crash_e2e, test_outages_e2e) run the same
 code with Kafka.

@@ -1,4 +1,4 @@
-"""The transcriber's prefetch (issue 10) is admitted against memory like a job, and a job whose audio was
+"""The transcriber's prefetch is admitted against memory like a job, and a job whose audio was
 prefetched is not asked to find that memory free a second time. Real blob store (file), real ffmpeg;
 only the host's memory reading is set by the test."""
 

@@ -1,4 +1,4 @@
-"""Workers sized to the host (issue 10): how many transcribers `kafscribe services` starts, with what."""
+"""Workers sized to the host: how many transcribers `kafscribe services` starts, with what."""
 
 from __future__ import annotations
 

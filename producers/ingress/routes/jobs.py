@@ -148,7 +148,7 @@ async def get_job(request: web.Request) -> web.Response:
     view = job_view(job, result)
     view["progress"] = await events.progress_view(request, job)
     if job.get("chunks"):
-        view["chunks"] = job["chunks"]  # a long recording split across transcribers (issue 12)
+        view["chunks"] = job["chunks"]  # a long recording split across transcribers
         if job["status"] not in TERMINAL:
             view["partial_text"] = await events.partial_text(request, job)
     view["links"] = job_links(request, job["job_id"])
