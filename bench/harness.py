@@ -47,6 +47,8 @@ class Pipeline:
         self.settings = settings.with_(http_port=free_port())
         self.log_dir = log_dir
         self.procs: dict[str, subprocess.Popen] = {}
+        self.worker_ids: dict[str, str] = {}  # name -> the worker id of its current incarnation
+        self.starts = 0
         self.api_key = self.key("default", admin=True)
         self.http = self.client(self.api_key)
 
@@ -74,7 +76,9 @@ class Pipeline:
 
     def start(self, stage: str, name: str | None = None, **env_overrides: str) -> subprocess.Popen:
         name = name or stage
-        env_overrides.setdefault("KAFSCRIBE_WORKER_ID", f"{name}-{os.getpid()}-{len(self.procs)}")
+        self.starts += 1  # every incarnation gets an id of its own, a restart too
+        env_overrides.setdefault("KAFSCRIBE_WORKER_ID", f"{name}-{os.getpid()}-{self.starts}")
+        self.worker_ids[name] = env_overrides["KAFSCRIBE_WORKER_ID"]
         log = open(self.log_dir / f"{name}.log", "ab")
         proc = subprocess.Popen(
             [sys.executable, "-m", "kafscribe.cli.main", "serve", stage],

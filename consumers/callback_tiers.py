@@ -37,6 +37,14 @@ def tier_for(wait_s: float) -> str:
     return chosen
 
 
+def next_tier(wait_s: float) -> str | None:
+    """Where the retrier sends an attempt due in ``wait_s``: the tier that fits, or None to deliver it.
+
+    An attempt due sooner than the shortest tier waits in its delivery thread instead of another hop.
+    """
+    return tier_for(wait_s) if wait_s >= shortest_delay_s() else None
+
+
 def retry_output(settings: Settings, event: CallbackAttempt) -> Output:
     """``event`` on the retry topic that fits the time it still has to wait."""
     return Output(settings.topic(tier_for((event.not_before - now_ms()) / 1000)), event)

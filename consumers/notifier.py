@@ -49,7 +49,7 @@ from kafscribe.webhooks import signing as webhooks
 from kafscribe.webhooks.guard import CallbackRefused, Resolver, check_url
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
-from .callback_tiers import RETRY_TOPIC, TierClock, retry_output, retry_tiers, shortest_delay_s
+from .callback_tiers import RETRY_TOPIC, TierClock, next_tier, retry_output, retry_tiers
 from .loop import Abandoned, Output, park
 from .retry import PermanentFailure
 
@@ -191,7 +191,6 @@ class CallbackRetrier:
         self.concurrency = settings.callback_concurrency  # the consume loop's concurrent mode
         self.input_topics = tuple(name for name, _ in retry_tiers())
         self._clock = TierClock(settings)
-        self._shortest = shortest_delay_s()
 
     def hold_until(self, event: Event, message: Message) -> float | None:
         """The consume loop holds a tier's partition until then (``callback_tiers``)."""
@@ -201,7 +200,7 @@ class CallbackRetrier:
         if not isinstance(event, CallbackAttempt):
             raise PermanentFailure(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
         wait_s = (event.not_before - now_ms()) / 1000
-        if wait_s >= self._shortest:
+        if next_tier(wait_s) is not None:
             return [retry_output(self.settings, event)]  # not due: on to the tier that fits
         if wait_s > 0 and self._stop.wait(wait_s):  # under the shortest tier: wait here
             raise Abandoned("stopping before a callback was due")

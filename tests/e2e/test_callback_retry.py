@@ -16,10 +16,9 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from bench.harness import wait_until
-from consumers.callback_tiers import RETRY_TOPIC, retry_tiers, tier_for
+from consumers.callback_tiers import RETRY_TOPIC, retry_tiers
 from consumers.loop import StageRunner
 from consumers.notifier import CallbackRetrier, Notifier
-from infra import bootstrap
 from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
 from kafscribe.store import session as cassandra_session
@@ -27,48 +26,6 @@ from kafscribe.webhooks import signing as webhooks
 from schemas.events import CallbackAttempt, JobOptions, Result, now_ms
 from tests.conftest import fresh_settings
 from tests.fakes import WebhookReceiver
-
-# --- the tier rule (no stack) ---------------------------------------------------------------
-
-
-def test_tiers_come_from_topics_toml_shortest_first():
-    tiers = retry_tiers()
-    assert tiers[0] == (RETRY_TOPIC, 0.0)
-    delays = [d for _, d in tiers]
-    assert delays == sorted(delays) and len(set(delays)) == len(delays) and len(tiers) >= 4
-    specs = {s.name: s for s in bootstrap.topic_specs(Settings(topic_prefix=""))}
-    for name, _ in tiers[1:]:
-        assert specs[name].config["message.timestamp.type"] == "LogAppendTime", name
-
-
-@pytest.mark.parametrize(("wait_s", "topic"), [
-    (-5, RETRY_TOPIC), (0.0, RETRY_TOPIC), (0.99, RETRY_TOPIC), (1.0, "callbacks.retry.1s"),
-    (7, "callbacks.retry.5s"), (45, "callbacks.retry.30s"), (599, "callbacks.retry.2m"),
-    (3599, "callbacks.retry.10m"), (36000, "callbacks.retry.1h"),
-])
-def test_an_attempt_goes_to_the_largest_tier_not_longer_than_its_wait(wait_s, topic):
-    assert tier_for(wait_s) == topic
-
-
-def hops(wait_s: float) -> int:
-    """Messages one retry costs until delivered (the rule CallbackRetrier.handle follows)."""
-    delays = dict(retry_tiers())
-    shortest = min(d for d in delays.values() if d > 0)
-    count, delay = 1, delays[tier_for(wait_s)]
-    while delay:  # released from a tier after its delay: delivered once under the shortest tier
-        wait_s -= delay
-        if wait_s < shortest:
-            return count
-        count, delay = count + 1, delays[tier_for(wait_s)]
-    return count
-
-
-def test_hops_per_retry_are_bounded():
-    # Every backoff the defaults can produce (up to 10 h): a few dozen messages, not one per second.
-    worst = max(hops(w / 10) for w in range(0, 360_000, 7))
-    assert worst <= 30, worst
-    assert hops(0.5) == 1 and hops(8) == 4 and hops(45) == 4
-
 
 # --- on the real stack ------------------------------------------------------------------------
 

@@ -28,9 +28,13 @@ def workers(pipe) -> list[dict]:
 
 
 def worker(pipe, name: str) -> dict | None:
-    """The named worker's latest status (a restarted one has a new id; the dead one's status stays)."""
-    named = [w for w in workers(pipe) if w["worker_id"].startswith(name + "-")]
-    return max(named, key=lambda w: w["last_seen"]) if named else None
+    """The status of the named worker's current incarnation, or None before it has published one.
+
+    A restarted worker has a new id while the dead incarnation's status stays in the view until it is
+    stale: picking by name alone would race the restart the test itself caused.
+    """
+    current = pipe.worker_ids[name]
+    return next((w for w in workers(pipe) if w["worker_id"] == current), None)
 
 
 
