@@ -18,6 +18,7 @@ from typing import Any
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 ENV_PREFIX = "KAFSCRIBE_"
+TEST_ENV_PREFIX = "KAFSCRIBE_TEST_"  # the test session's own knobs (tests/conftest.py), never settings
 
 
 class SettingsError(ValueError):
@@ -333,12 +334,15 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Build settings from ``KAFSCRIBE_*`` variables; unknown names are refused."""
+        """Build settings from ``KAFSCRIBE_*`` variables; unknown names are refused.
+
+        ``KAFSCRIBE_TEST_*`` variables steer the test session (ports, state directories) and are not settings.
+        """
         env = os.environ if env is None else env
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, raw in env.items():
-            if not key.startswith(ENV_PREFIX):
+            if not key.startswith(ENV_PREFIX) or key.startswith(TEST_ENV_PREFIX):
                 continue
             name = key[len(ENV_PREFIX) :].lower()
             if name not in known:

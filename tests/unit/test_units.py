@@ -20,6 +20,8 @@ def test_settings_from_env_parses_types_and_refuses_unknown_names():
         Settings.from_env({"KAFSCRIBE_NO_SUCH": "1"})
     with pytest.raises(SettingsError, match="not a valid int"):
         Settings.from_env({"KAFSCRIBE_HTTP_PORT": "eighty"})
+    # The test session's knobs (tests/conftest.py) are not settings: `make test` with them set still runs.
+    assert Settings.from_env({"KAFSCRIBE_TEST_PORT_OFFSET": "100"}) == Settings()
 
 
 def test_settings_round_trip_through_env_and_every_field_is_documented():
