@@ -385,7 +385,7 @@ def settings_table(settings: Settings | None = None) -> list[tuple[str, str, str
     ]
 
 
-SETTINGS_PAGE_COMMAND = "kafscribe settings --markdown > docs/settings.md"
+SETTINGS_PAGE_COMMAND = "make docs"  # = kafscribe settings --markdown > docs/settings.md
 
 
 def _default_shown(name: str) -> str:
@@ -407,7 +407,7 @@ def settings_markdown() -> str:
     )
     return f"""# Settings
 
-<!-- Generated from kafscribe/settings.py by `{SETTINGS_PAGE_COMMAND}`.
+<!-- Generated from kafscribe/settings.py by `make docs` (`kafscribe settings --markdown > docs/settings.md`).
      Edit the descriptions there, then regenerate; tests/unit/test_docs.py checks this page is current. -->
 
 Every setting is an environment variable, `KAFSCRIBE_` + the name of a field of

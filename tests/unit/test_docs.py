@@ -21,7 +21,7 @@ def test_settings_page_is_what_the_generator_writes():
     committed = (DOCS / "settings.md").read_text()
     assert committed == settings_markdown(), (
         f"docs/settings.md is out of date with kafscribe/settings.py: regenerate it with `{SETTINGS_PAGE_COMMAND}`"
-        " (after `make install`) and commit the result"
+        " (or `.venv/bin/kafscribe settings --markdown > docs/settings.md`) and commit the result"
     )
 
 
