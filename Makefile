@@ -9,7 +9,7 @@ WHEELHOUSE ?= $(HOME)/.cache/kafscribe/wheels
 EXTRAS     ?= dev,models
 PYTEST_ARGS ?=
 
-.PHONY: up down status test test-fast lint install system-deps services-up services-down bench clean
+.PHONY: up down status test test-fast lint docs install system-deps services-up services-down bench clean
 
 install: $(VENV)/.installed
 
@@ -70,6 +70,10 @@ lint: install
 # The unit tests: no servers, a couple of minutes. Run them every minute; `make test` runs everything.
 test-fast: install
 	$(BIN)/pytest tests/unit $(PYTEST_ARGS)
+
+# docs/settings.md is generated from kafscribe/settings.py (tests/unit/test_docs.py checks it is current).
+docs: install
+	$(BIN)/kafscribe settings --markdown > docs/settings.md
 
 test: install system-deps lint
 	$(BIN)/python -m infra.jars

@@ -2,7 +2,7 @@
 
     python -m bench.memory jobs                       # every engine/model/compute type x 30 s, 5 min, 30 min
     python -m bench.memory jobs --durations 30,300 --models tiny.en
-    python -m bench.memory table bench-memory.jsonl   # the README table and the fitted estimate
+    python -m bench.memory table bench-memory.jsonl   # the table of docs/memory-and-routing.md and the fitted estimate
     python -m bench.memory services                   # RSS of sink, notifier, translator, ingress after start
 
 ``jobs`` runs each combination in a fresh interpreter (``one``), as a
@@ -20,7 +20,7 @@ Clips longer than ``--full-up-to-s`` (30 s) are stopped after ``--max-job-s``
 (30 s) of transcription: both engines compute the log-mel features of the
 whole recording before the first 30 s window, and each window then needs the
 same working set, so the peak comes early (a 5-minute run done in full is the
-check: see the README). The row says ``cut_after_s``.
+check: see docs/memory-and-routing.md). The row says ``cut_after_s``.
 
 Clips are espeak-ng speech with pauses, repeated to length (30 s of speech
 then 5 s of silence, different sentences each time), 16 kHz mono WAV.
@@ -202,7 +202,7 @@ def run_jobs(args: argparse.Namespace) -> None:
                   f"  ({row['job_s']:.0f} s{', cut' if row.get('cut_after_s') else ''})", flush=True)
 
 
-# --- table: the README table and the fit ---------------------------------------------------
+# --- table: the docs table and the fit ------------------------------------------------------
 SHORT_S = 60.0  # rows up to this long fit the window working set
 LONG_S = 300.0  # rows from this long fit the per-second peak
 
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     one.add_argument("--device", default="cpu")
     one.add_argument("--threads", type=int, default=2)
     one.add_argument("--max-job-s", type=float, default=0.0, help="stop the transcription after this long")
-    table = sub.add_parser("table", help="the README table and the least-squares fit from a results file")
+    table = sub.add_parser("table", help="the docs/memory-and-routing.md table and the least-squares fit from a results file")
     table.add_argument("results", type=Path, nargs="?", default=Path("bench-memory.jsonl"))
     services = sub.add_parser("services", help="RSS of each service after start")
     services.add_argument("--stages", default="sink,notifier,translator,ingress,transcriber")

@@ -387,3 +387,43 @@ def settings_table(settings: Settings | None = None) -> list[tuple[str, str, str
         (ENV_PREFIX + f.name.upper(), settings.shown(f.name), f.metadata["doc"])
         for f in fields(Settings)
     ]
+
+
+SETTINGS_PAGE_COMMAND = "make docs"  # = kafscribe settings --markdown > docs/settings.md
+
+
+def _default_shown(name: str) -> str:
+    """A setting's default as the docs show it: the same on every machine (checkout and home as names)."""
+    value = str(getattr(Settings(), name))
+    return value.replace(str(PROJECT_ROOT), "<checkout>").replace(str(Path.home()), "~")
+
+
+def settings_markdown() -> str:
+    """docs/settings.md: every setting, its default and what it does, generated from ``Settings``.
+
+    The descriptions are the fields' docs above; ``kafscribe settings --markdown`` prints this page and
+    tests/unit/test_docs.py fails when the committed page differs from it. Defaults are shown unmasked:
+    they are in this file anyway, and no default is a secret.
+    """
+    rows = "\n".join(
+        f"| `{ENV_PREFIX + f.name.upper()}` | `{_default_shown(f.name)}` | {f.metadata['doc']} |"
+        for f in fields(Settings)
+    )
+    return f"""# Settings
+
+<!-- Generated from kafscribe/settings.py by `make docs` (`kafscribe settings --markdown > docs/settings.md`).
+     Edit the descriptions there, then regenerate; tests/unit/test_docs.py checks this page is current. -->
+
+Every setting is an environment variable, `KAFSCRIBE_` + the name of a field of
+`kafscribe.settings.Settings` in upper case. `kafscribe settings` prints the
+values the current shell gives (secrets masked: any setting whose name holds
+`secret`, `password`, `token`, `api_key` or `credential` shows as `****` + the
+last 4 characters of long values). An unknown `KAFSCRIBE_*` variable is
+refused when a command starts. The defaults run everything on one machine
+against the local stack that `make up` starts; `<checkout>` is the directory
+of the clone, `~` the user's home.
+
+| variable | default | what it does |
+|---|---|---|
+{rows}
+"""

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from kafscribe.cli import jobs as cli_jobs
-from kafscribe.settings import PROJECT_ROOT, Settings, SettingsError, settings_table
+from kafscribe.settings import Settings, SettingsError, settings_markdown, settings_table
 
 
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
@@ -31,11 +30,8 @@ def _stack(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _settings(args: argparse.Namespace, settings: Settings) -> int:
-    if args.markdown:  # the README's table: defaults, not this shell's values
-        print("| variable | default | what it does |\n|---|---|---|")
-        for var, value, doc in settings_table(Settings()):
-            value = value.replace(str(PROJECT_ROOT), "<checkout>").replace(str(Path.home()), "~")
-            print(f"| `{var}` | `{value}` | {doc} |")
+    if args.markdown:  # docs/settings.md: defaults, not this shell's values
+        sys.stdout.write(settings_markdown())
         return 0
     for var, value, doc in settings_table(settings):
         print(f"{var:<36} {value:<40} {doc}")
@@ -222,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_keys)
 
     p = sub.add_parser("settings", help="print every KAFSCRIBE_* setting and its value")
-    p.add_argument("--markdown", action="store_true", help="the defaults as a Markdown table")
+    p.add_argument("--markdown", action="store_true", help="docs/settings.md: every setting and its default, as Markdown")
     p.set_defaults(func=_settings)
     return parser
 

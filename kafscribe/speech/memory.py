@@ -1,7 +1,7 @@
 """How much memory a job needs, and how much a worker has to spare.
 
 ``estimate_job_bytes`` is fitted to measured peaks (``python -m bench.memory``;
-the table and the fit are in the README's "Memory" section). A job adds to a
+the table and the fit are in docs/memory-and-routing.md). A job adds to a
 worker whose model is already loaded the larger of
 
 * the decoder's working set (encoder activations, the KV cache of the beams,

@@ -1,6 +1,6 @@
 """How many transcribers a host runs, and with how many engine threads each.
 
-Measured on a 2-core host with faster-whisper ``base`` int8 (README, "Throughput"):
+Measured on a 2-core host with faster-whisper ``base`` int8 (docs/benchmarks.md, "Throughput"):
 two processes of one thread each finish the same clips faster than one
 process of two threads -- CTranslate2's decoding does not keep two threads
 busy, two independent decoders do. So ``KAFSCRIBE_TRANSCRIBERS=auto`` means:

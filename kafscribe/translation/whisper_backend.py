@@ -32,7 +32,7 @@ class WhisperTranslator:
             raise TranslationError(f"model {self.engine.model_name!r} is English-only and cannot translate")
         data = blobstore.read_verified(self.settings, self.session, transcript.blob_ref, transcript.audio_sha256)
         # The job's temperature, not its prompt: that is in the spoken language and would pull the English
-        # back towards it (README, "Prompt and temperature").
+        # back towards it (docs/transcription.md, "Prompt and temperature").
         out = self.engine.transcribe(audio.decode(data), language=transcript.language, task="translate",
                                      temperature=transcript.options.temperature)
         return Translation(

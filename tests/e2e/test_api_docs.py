@@ -1,4 +1,4 @@
-"""OpenAPI at /openapi.json, Swagger UI at /docs (offline, rendered by a real headless Chromium), README table."""
+"""OpenAPI at /openapi.json, Swagger UI at /docs (offline, rendered by a real headless Chromium), docs/api.md's table."""
 
 from __future__ import annotations
 
@@ -69,15 +69,15 @@ def test_a_path_described_twice_is_refused():
         build_spec([A, A])
 
 
-def readme_api_table() -> set[tuple[str, str]]:
-    readme = (PROJECT_ROOT / "README.md").read_text()
-    section = readme.split("## HTTP API", 1)[1].split("\n## ", 1)[0]
+def api_page_table() -> set[tuple[str, str]]:
+    page = (PROJECT_ROOT / "docs" / "api.md").read_text()
+    section = page.split("## Endpoints", 1)[1].split("\n## ", 1)[0]
     rows = re.findall(r"^\| `(GET|POST|PUT|PATCH|DELETE) (/[^` ?]*)[^`]*` \|", section, re.M)
     return set(rows)
 
 
-def test_readme_api_table_matches_openapi(app):
-    assert readme_api_table() == spec_operations(app[SPEC])
+def test_api_page_table_matches_openapi(app):
+    assert api_page_table() == spec_operations(app[SPEC])
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from tests.kafka_read import read_topic
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-RECOVERY_BOUND_S = 120.0  # documented in the README (broker crash): measured recovery is far below it
+RECOVERY_BOUND_S = 120.0  # documented in docs/operations.md (broker crash): measured recovery is far below it
 STAGES = ("transcriber", "translator", "sink", "notifier")
 
 

@@ -38,7 +38,7 @@ from tests.kafka_read import read_topic
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.cluster]
 
 JOBS = 30
-REFUSAL_BOUND_S = 15.0  # "a few seconds" of 503s; measured figures are in the README
+REFUSAL_BOUND_S = 15.0  # "a few seconds" of 503s; measured figures are in docs/deployment.md
 HEAL_BOUND_S = 120.0
 STAGES = ("transcriber", "translator", "sink", "notifier")
 

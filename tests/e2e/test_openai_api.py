@@ -169,7 +169,7 @@ def test_cancel_of_a_running_job_sticks_through_the_pipeline(pipe, clips, tmp_pa
 
 # --- prompt and temperature (kafscribe/speech/decoding.py) --------------------------------------------------
 # espeak-ng says the name; tiny.en writes "Caffcribe". Tried on 6 sentences x 3 prompts, both engines, 1 and 2
-# threads (README, "Prompt and temperature"): this sentence and prompt spelled it every time.
+# threads (docs/transcription.md, "Prompt and temperature"): this sentence and prompt spelled it every time.
 NAME_SENTENCE = "We use Kafscribe every day."
 NAME = "Kafscribe"
 PROMPT = "Glossary: Kafscribe."
@@ -244,7 +244,7 @@ def test_a_direct_upload_with_a_10kb_prompt_fails_with_the_reason(pipe, name_cli
         ref = blobstore.open_store(settings, session).put(job_id, data)
         upload = Upload(job_id=job_id, blob_ref=ref, audio_sha256=hashlib.sha256(data).hexdigest(),
                         audio_bytes=len(data), audio_duration=3.0, options=JobOptions(prompt="Kafscribe " * 1024))
-        JobStore(session).create(upload)  # what a direct producer does (README, "Events")
+        JobStore(session).create(upload)  # what a direct producer does (docs/architecture.md, "Direct producers")
         producer = kafka_clients.producer(settings)
         producer.produce(settings.topic("uploads"), key=job_id.encode(), value=upload.encode())
         assert producer.flush(30) == 0

@@ -146,7 +146,7 @@ def test_flags_are_strict_yes_or_no():
 
 
 def test_prompt_and_temperature_reach_the_engine(engine, tmp_path):
-    """A spoken name tiny.en misspells is spelled with a prompt that names it (the case measured in the README,
+    """A spoken name tiny.en misspells is spelled with a prompt that names it (the case measured in docs/transcription.md,
     "Prompt and temperature"); each segment reports the one temperature given."""
     clip = audio.decode(speak("We use Kafscribe every day.", tmp_path / "name.wav").read_bytes())
     plain = engine.transcribe(clip, language=None, task="transcribe")

@@ -38,7 +38,7 @@ def test_estimate_grows_with_duration_and_model_size():
         60, "base", compute_type="int8")
 
 
-# Measured with `python -m bench.memory jobs` (README, "Memory"): (engine, model, compute, seconds, MiB added).
+# Measured with `python -m bench.memory jobs` (docs/memory-and-routing.md, "What a job adds"): (engine, model, compute, seconds, MiB added).
 MEASURED = [
     ("faster-whisper", "base", "float32", 30, 143),
     ("faster-whisper", "base", "float32", 300, 285),

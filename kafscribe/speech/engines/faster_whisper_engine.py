@@ -5,7 +5,7 @@ Batched option (``KAFSCRIBE_ENGINE_BATCH_SIZE`` > 0): audio of at least
 ``BatchedInferencePipeline``: its bundled Silero VAD (works offline) cuts the
 speech into windows of up to 30 s that are decoded ``batch_size`` at a time.
 Shorter audio, and every job when the size is 0, is decoded window after
-window as before. Measured speed-up and word recall: README, "Throughput".
+window. Measured speed-up and word recall: docs/benchmarks.md, "Batched vs sequential".
 """
 
 from __future__ import annotations
