@@ -419,7 +419,8 @@ Every setting is an environment variable, `KAFSCRIBE_` + the name of a field of
 values the current shell gives (secrets masked: any setting whose name holds
 `secret`, `password`, `token`, `api_key` or `credential` shows as `****` + the
 last 4 characters of long values). An unknown `KAFSCRIBE_*` variable is
-refused when a command starts. The defaults run everything on one machine
+refused when a command starts; `KAFSCRIBE_TEST_*` variables steer the test
+session ([testing](testing.md)) and are not settings. The defaults run everything on one machine
 against the local stack that `make up` starts; `<checkout>` is the directory
 of the clone, `~` the user's home.
 
