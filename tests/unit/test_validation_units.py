@@ -7,10 +7,11 @@ from dataclasses import replace
 
 import pytest
 
-from kafscribe.kafka.routing import choose_partition, classify
+from kafscribe.kafka.routing import choose_partition
+from kafscribe.kafka.workers import check_worker_status, classify
 from kafscribe.settings import Settings
 from kafscribe.speech import memory
-from kafscribe.validation import check_event, check_worker_status, is_job_id
+from kafscribe.validation import check_event, is_job_id
 from schemas.events import CallbackAttempt, JobOptions, Result, Segment, Upload, WorkerStatus
 
 NOW = 1_800_000_000_000
