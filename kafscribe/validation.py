@@ -132,20 +132,37 @@ def _check_audio(settings: Settings, event: Upload | Transcript) -> str | None:
 
 
 def check_options(settings: Settings, options: JobOptions) -> str | None:
-    """The job options a producer chose: task, languages, a model the operator allows, the decoder's prompt
-    (at most ``decoding.MAX_PROMPT_CHARS``) and temperature (0..1)."""
+    """Why a job cannot run with ``options``, in the words its client sees, or None.
+
+    The one set of option rules: the door (``producers.submission.parse_options``,
+    a 422) and every worker (``check_event``, a failed job for a direct
+    producer's event) both ask this function, so a job the door accepts is
+    never refused by a worker, and a refusal reads the same from either. The
+    rules: the task, Whisper language codes, a model the operator serves
+    (``model_problem``), the decoder's prompt (at most
+    ``decoding.MAX_PROMPT_CHARS``) and temperature (0..1).
+    """
     if options.task not in TASKS:
-        return f"task {_show(options.task)} must be one of {', '.join(TASKS)}"
+        return f"task={_show(options.task)} must be one of {', '.join(TASKS)}"
     codes = languages()
     for name in ("language", "translate_to"):
         value = getattr(options, name)
         if value is not None and value not in codes:
-            return f"{name} {_show(value)} is not a Whisper language code"
+            return f"{name}={_show(value)} is not a Whisper language code (e.g. en, es, de)"
+    return (model_problem(settings, options.model) or decoding.prompt_problem(options.prompt)
+            or decoding.temperature_problem(options.temperature))
+
+
+def model_problem(settings: Settings, model: str | None) -> str | None:
+    """Why a job may not ask for ``model`` (None: it may; None means the worker's default model).
+
+    Only ``Settings.allowed_model_names`` (``KAFSCRIBE_ALLOWED_MODELS``) are ever loaded; the
+    answer lists them, as that is what the client can choose from.
+    """
     allowed = settings.allowed_model_names()
-    if options.model is not None and options.model not in allowed:
-        return (f"model {_show(options.model)} is not allowed here (KAFSCRIBE_ALLOWED_MODELS:"
-                f" {', '.join(sorted(allowed))})")
-    return decoding.prompt_problem(options.prompt) or decoding.temperature_problem(options.temperature)
+    if model is not None and model not in allowed:
+        return f"model={_show(model)} is not served here; choose one of {', '.join(sorted(allowed))}"
+    return None
 
 
 def _check_transcript(settings: Settings, event: Transcript) -> str | None:

@@ -1,9 +1,9 @@
 """The job options that steer Whisper's decoder: ``prompt`` and ``temperature``.
 
-One set of rules for the door (``producers.submission.parse_options``), the
-consumers' check of events from direct producers (``kafscribe.validation``)
-and the engines (``engine_kwargs``), so a value accepted in one place is
-never refused in another.
+One set of rules for the door (``producers.submission.parse_options``) and the
+consumers' check of events from direct producers (both through
+``kafscribe.validation.check_options``) and the engines (``engine_kwargs``),
+so a value accepted in one place is never refused in another.
 
 - ``prompt``: Whisper's initial prompt (names, spellings, style), at most
   ``MAX_PROMPT_CHARS`` characters: OpenAI documents 224 tokens for it, and
@@ -63,10 +63,12 @@ def parse_temperature(raw: str) -> float | None:
     try:
         value = float(raw)
     except ValueError:
-        value = math.nan
-    problem = temperature_problem(value)
+        raise ValueError(
+            f"temperature={raw[:40]!r} must be a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}"
+        ) from None
+    problem = temperature_problem(value)  # a number out of range: the words a worker uses for it too
     if problem:
-        raise ValueError(f"temperature={raw[:40]!r} must be a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}")
+        raise ValueError(problem)
     return value
 
 

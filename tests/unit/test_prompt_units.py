@@ -48,11 +48,11 @@ def test_prompt_and_temperature_parse_into_the_jobs_options():
     ({"prompt": "a\x00b"}, "prompt contains a control character"),
     ({"prompt": "a\u2028b"}, "prompt contains a control character"),
     ({"prompt": "a\udcffb"}, "prompt is not valid UTF-8"),
-    ({"temperature": "1.01"}, "temperature='1.01' must be a number from 0 to 1"),
-    ({"temperature": "-0.2"}, "temperature='-0.2' must be a number from 0 to 1"),
+    ({"temperature": "1.01"}, "temperature=1.01 must be a number from 0 to 1"),
+    ({"temperature": "-0.2"}, "temperature=-0.2 must be a number from 0 to 1"),
     ({"temperature": "warm"}, "temperature='warm'"),
-    ({"temperature": "nan"}, "temperature='nan'"),
-    ({"temperature": "inf"}, "temperature='inf'"),
+    ({"temperature": "nan"}, "temperature=nan must be a number"),
+    ({"temperature": "inf"}, "temperature=inf must be a number"),
 ])
 def test_bad_values_are_422_with_the_reason(raw, reason):
     with pytest.raises(SubmissionError) as err:
@@ -125,7 +125,7 @@ async def _doors() -> None:
     async with TestClient(TestServer(build_app(settings, DoorOnly()))) as http:
         r = await http.post("/v1/audio/transcriptions", data=form(model="whisper-1", temperature="1.5"))
         assert r.status == 400
-        assert (await r.json()) == {"error": {"message": "temperature='1.5' must be a number from 0 to 1",
+        assert (await r.json()) == {"error": {"message": "temperature=1.5 must be a number from 0 to 1",
                                               "type": "invalid_request_error", "param": "temperature",
                                               "code": "invalid_value"}}
         r = await http.post("/v1/audio/translations", data=form(model="whisper-1", prompt=LONG))
