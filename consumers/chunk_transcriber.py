@@ -35,7 +35,7 @@ from confluent_kafka import Message
 from kafscribe import metrics
 from kafscribe.kafka.chunk_routing import chunk_partitions
 from kafscribe.speech import audio, chunking, memory
-from kafscribe.speech.engines import Cancelled, TimeLimitExceeded
+from kafscribe.speech.engines import Cancelled, EngineOptions, TimeLimitExceeded
 from kafscribe.statuses import TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.chunks import ChunkStore
@@ -181,14 +181,11 @@ class ChunkTranscriber:
             )
             samples = audio.decode(data, event.duration_s * 1.01 + 1.0, timeout_s=deadline - time.monotonic())
             del data
-            options = upload.options
+            options = EngineOptions.for_job(upload.options)
             with self.transcriber.engine_lock:
                 out = with_retries(
-                    lambda: engine.transcribe(samples, language=options.language, task=options.task,
-                                              deadline=deadline, word_timestamps=options.word_timestamps,
-                                              vad_filter=options.vad_filter,
-                                              should_continue=self.transcriber.cancel_check(event.job_id),
-                                              prompt=options.prompt, temperature=options.temperature),
+                    lambda: engine.transcribe(samples, options, deadline=deadline,
+                                              should_continue=self.transcriber.cancel_check(event.job_id)),
                     stage=self.name, attempts=self.settings.transient_retries,
                 )
         except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:

@@ -65,7 +65,7 @@ from kafscribe.kafka.routing import choose_partition
 from kafscribe.kafka.workers import WorkerView
 from kafscribe.settings import Settings
 from kafscribe.speech import audio, chunking, memory
-from kafscribe.speech.engines import Cancelled, Engine, TimeLimitExceeded, load_engine
+from kafscribe.speech.engines import Cancelled, Engine, EngineOptions, TimeLimitExceeded, load_engine
 from kafscribe.statuses import TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.jobs import JobStore
@@ -347,12 +347,9 @@ class Transcriber:
         try:
             with self.engine_lock:
                 out = with_retries(
-                    lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
-                                              deadline=deadline, word_timestamps=event.options.word_timestamps,
-                                              vad_filter=event.options.vad_filter,
+                    lambda: engine.transcribe(samples, EngineOptions.for_job(event.options), deadline=deadline,
                                               on_segment=self.segment_hook(progress),
-                                              should_continue=self.cancel_check(event.job_id),
-                                              prompt=event.options.prompt, temperature=event.options.temperature),
+                                              should_continue=self.cancel_check(event.job_id)),
                     stage=self.name, attempts=self.settings.transient_retries,
                 )
             progress.fraction(1.0, force=True)
