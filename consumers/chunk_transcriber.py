@@ -36,7 +36,7 @@ from kafscribe import metrics
 from kafscribe.kafka.chunk_routing import chunk_partitions
 from kafscribe.speech import audio, chunking, memory
 from kafscribe.speech.engines import Cancelled, EngineOptions, TimeLimitExceeded
-from kafscribe.statuses import TRANSCRIBING
+from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.chunks import ChunkStore
 from kafscribe.validation import is_job_id
@@ -156,9 +156,9 @@ class ChunkTranscriber:
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "chunk": event.index}
         finished = self.jobs.finished_status(event.job_id)
         if finished is not None or self.jobs.is_cancelled(event.job_id):
-            log.info("job %s: chunk %d skipped", finished or "cancelled", event.index, extra=extra)
+            log.info("job %s: chunk %d skipped", finished or CANCELLED, event.index, extra=extra)
             metrics.JOBS.labels(self.name, "skipped").inc()
-            return [self.outcome(event, upload, 0, error=f"job {finished or 'cancelled'}")]  # the merger cleans up
+            return [self.outcome(event, upload, 0, error=f"job {finished or CANCELLED}")]  # the merger cleans up
         too_big = self.transcriber.admit(replace(upload, audio_duration=event.duration_s))
         if too_big is not None:
             return [self.outcome(event, upload, 1, error=too_big)]

@@ -66,7 +66,7 @@ from kafscribe.kafka.workers import WorkerView
 from kafscribe.settings import Settings
 from kafscribe.speech import audio, chunking, memory
 from kafscribe.speech.engines import Cancelled, Engine, EngineOptions, TimeLimitExceeded, load_engine
-from kafscribe.statuses import TRANSCRIBING
+from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.jobs import JobStore
 from kafscribe.store.progress import ProgressReporter
@@ -246,7 +246,7 @@ class Transcriber:
         began = time.monotonic()
         phases = {"queue_wait": max(0.0, (now_ms() - event.produced_at) / 1000)} if event.produced_at else {}
         finished = self.jobs.finished_status(event.job_id)
-        if finished == "cancelled" or (finished is None and job_cancelled(self.jobs, event.job_id)):
+        if finished == CANCELLED or (finished is None and job_cancelled(self.jobs, event.job_id)):
             return self.skip_cancelled(event)
         if finished is not None:
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
@@ -418,4 +418,4 @@ def job_cancelled(jobs: JobStore, job_id: str) -> bool:
     if check is not None:
         return bool(check(job_id))
     job = jobs.get(job_id)
-    return job is not None and job["status"] == "cancelled"
+    return job is not None and job["status"] == CANCELLED

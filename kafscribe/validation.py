@@ -25,6 +25,7 @@ from collections.abc import Iterable
 from kafscribe.languages import CODES
 from kafscribe.settings import Settings
 from kafscribe.speech import decoding
+from kafscribe.statuses import COMPLETED, FAILED
 from schemas.events import (
     CallbackAttempt,
     Chunk,
@@ -43,7 +44,7 @@ MAX_ID_CHARS = 128
 _ID = re.compile(rf"[A-Za-z0-9._:@+=-]{{1,{MAX_ID_CHARS}}}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 TASKS = ("transcribe", "translate")
-RESULT_STATUSES = ("completed", "failed")
+RESULT_STATUSES = (COMPLETED, FAILED)  # how a Result ends its job
 # What each stage's input topic carries.
 EXPECTED_TYPES: dict[str, type[Event]] = {
     "uploads": Upload, "transcripts": Transcript, "results": Result, "finished": Result,

@@ -38,7 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from kafscribe.settings import Settings
-from kafscribe.statuses import STATUSES
+from kafscribe.statuses import COMPLETED, QUEUED, STATUSES, TRANSCRIBING, TRANSLATING
 from kafscribe.store import session as cassandra_session
 
 from .. import auth
@@ -47,8 +47,7 @@ from ..responses import cassandra_outage, error
 
 log = logging.getLogger("kafscribe.ingress")
 
-RUNNING = ("queued", "transcribing", "translating")
-COMPLETED = "completed"
+RUNNING = (QUEUED, TRANSCRIBING, TRANSLATING)  # not finished: a stream of the job goes on
 
 
 @dataclass(frozen=True)
@@ -96,14 +95,14 @@ def read_snapshot(backends: Backends, job_id: str, scope: str | None, after: int
         if result is not None:
             snap.segments = [s for s in result["segments"] if s["id"] > after]
             snap.text = result["text"]
-    elif job["status"] != "queued":
+    elif job["status"] != QUEUED:
         snap.segments = jobs.live_segments(job_id, after=after)
     return snap
 
 
 def progress_fraction(job: dict[str, Any], recorded: float | None) -> float:
     """What a client sees: 1 once transcribed, else the highest fraction recorded (0 before any)."""
-    if job["status"] in ("translating", COMPLETED):
+    if job["status"] in (TRANSLATING, COMPLETED):
         return 1.0
     return round(min(max(recorded or 0.0, 0.0), 1.0), 4)
 
@@ -155,7 +154,7 @@ async def job_events(
             status = job["status"]
             yield "status", status_data(job), Cursor(last_id, status, fraction)
         now = progress_fraction(job, snap.fraction)
-        if now > fraction and (job["status"] != "queued" or now > 0):
+        if now > fraction and (job["status"] != QUEUED or now > 0):
             fraction = now
             yield "progress", {"fraction": now}, Cursor(last_id, status, fraction)
         for segment in snap.segments:

@@ -16,7 +16,7 @@ from aiohttp import web
 from kafscribe import formats, metrics
 from kafscribe.settings import Settings
 from kafscribe.speech.decoding import MAX_PROMPT_CHARS
-from kafscribe.statuses import COMPLETED, STATUSES, TERMINAL
+from kafscribe.statuses import CANCELLED, COMPLETED, QUEUED, STATUSES, TERMINAL
 from kafscribe.store import retention
 from kafscribe.webhooks.guard import mask_url
 from schemas.events import JobOptions, Upload
@@ -60,7 +60,7 @@ async def create_job(request: web.Request) -> web.Response:
     metrics.UPLOAD_BYTES.inc(upload.audio_bytes)
     log.info("accepted %.1fs of audio", upload.audio_duration, extra={"job_id": upload.job_id, "trace_id": upload.trace_id})
     return json_response(
-        {"job_id": upload.job_id, "status": "queued", "links": job_links(request, upload.job_id)},
+        {"job_id": upload.job_id, "status": QUEUED, "links": job_links(request, upload.job_id)},
         status=202,
         headers={"Location": f"/v1/jobs/{upload.job_id}"},
     )
@@ -249,7 +249,7 @@ async def delete_job(request: web.Request) -> web.Response:
         if job["status"] in TERMINAL:
             retention.delete_job(settings, backends.submitter().session, store, job)
             return "deleted"
-        return "cancelled" if store.cancel(job_id) else "finished"
+        return CANCELLED if store.cancel(job_id) else "finished"
 
     outcome = await in_store(request, act)
     if outcome == "deleted":
@@ -258,7 +258,7 @@ async def delete_job(request: web.Request) -> web.Response:
     if outcome == "finished":
         return error(409, "the job finished meanwhile; DELETE it again to remove it")
     log.info("job cancelled", extra={"job_id": job_id, "trace_id": job["trace_id"]})
-    return json_response({"job_id": job_id, "status": "cancelled", "links": job_links(request, job_id)}, status=202)
+    return json_response({"job_id": job_id, "status": CANCELLED, "links": job_links(request, job_id)}, status=202)
 
 
 _JOB_ID = {"$ref": "#/components/parameters/JobId"}
