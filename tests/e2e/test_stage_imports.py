@@ -38,12 +38,13 @@ def heavy():
 
 
 from producers.ingress import build_app
+from producers.ingress.appkeys import BACKENDS
 from producers.submission import parse_options
 
 app = build_app(settings)
 parse_options({"language": "de", "translate_to": "en", "task": "translate"}, settings)
-app["backends"].submitter()  # the Cassandra side of a submission
-app["backends"].close()
+app[BACKENDS].submitter()  # the Cassandra side of a submission
+app[BACKENDS].close()
 report["ingress"] = heavy()
 
 from consumers.loop import StageRunner

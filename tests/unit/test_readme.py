@@ -15,9 +15,11 @@ def test_every_setting_is_in_the_readme_table():
 def test_every_route_is_documented():
     from kafscribe.settings import Settings
     from producers.ingress import build_app
+    from producers.ingress.appkeys import BACKENDS
 
     app = build_app(Settings())
     for resource in app.router.resources():
         path = resource.canonical
         assert path in README, path
-    app["backends"].close()
+    app[BACKENDS].close()
+

@@ -23,6 +23,7 @@ from schemas.events import JobOptions, Upload
 
 from ...submission import SubmissionError, Submitter, Unavailable, check_trace_id, parse_options
 from .. import auth
+from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
 from ..links import job_links
 from ..responses import error, in_store, json_response, unavailable
@@ -33,7 +34,7 @@ log = logging.getLogger("kafscribe.ingress")
 
 
 async def create_job(request: web.Request) -> web.Response:
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     path = None  # the temp file while this handler owns it
     try:
         trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))
@@ -72,7 +73,7 @@ async def submit(request: web.Request, received: Received, options: JobOptions, 
     Shielded: a client that goes away mid-submission must not leave a blob
     without its row or event. The temp file (if any) is removed when it ends.
     """
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     try:
         submitter = backends.submitter() if backends.connected() else await asyncio.to_thread(backends.submitter)
     except BaseException:
@@ -128,7 +129,7 @@ def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, An
 
 
 async def load_job(request: web.Request) -> tuple[dict, dict | None]:
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     job_id = request.match_info["job_id"]
     scope = auth.job_scope(request)
 
@@ -200,8 +201,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 async def list_jobs(request: web.Request) -> web.Response:
     """The caller's tenant's jobs, newest first: ``limit``, ``cursor`` (from ``next_cursor``), ``status``."""
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
     q = request.query
     try:
         limit = int(q.get("limit", LIST_DEFAULT))
@@ -239,8 +240,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def delete_job(request: web.Request) -> web.Response:
     """A finished job is removed with its audio, result and segments (200, then 404); an unfinished one is
     cancelled (202): a worker that holds it stops at its next check and it ends ``cancelled``."""
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
     job, _ = await load_job(request)
     job_id = job["job_id"]
 
