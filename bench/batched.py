@@ -100,9 +100,9 @@ def timed(settings: Settings, samples: np.ndarray) -> tuple[float, str]:
     from kafscribe.speech.engines import load_engine
 
     engine = load_engine(settings)
-    engine.transcribe(samples[: 5 * audio.SAMPLE_RATE], language=None, task="transcribe")  # warm-up
+    engine.transcribe(samples[: 5 * audio.SAMPLE_RATE])  # warm-up
     t0 = time.monotonic()
-    out = engine.transcribe(samples, language=None, task="transcribe")
+    out = engine.transcribe(samples)
     return time.monotonic() - t0, out.text
 
 

@@ -130,7 +130,7 @@ def run_one(engine: str, model: str, compute: str, clip: Path, device: str, thre
             max_job_s: float = 0.0) -> dict:
     from kafscribe.settings import Settings
     from kafscribe.speech import audio, memory
-    from kafscribe.speech.engines import TimeLimitExceeded, load_engine
+    from kafscribe.speech.engines import EngineOptions, TimeLimitExceeded, load_engine
 
     settings = Settings.from_env().with_(engine=engine, model=model, compute_type=compute, device=device,
                                          cpu_threads=threads)
@@ -148,7 +148,7 @@ def run_one(engine: str, model: str, compute: str, clip: Path, device: str, thre
     del data
     deadline = time.monotonic() + max_job_s if max_job_s > 0 else None
     try:
-        words = len(eng.transcribe(samples, language="en", task="transcribe", deadline=deadline).text.split())
+        words = len(eng.transcribe(samples, EngineOptions(language="en"), deadline=deadline).text.split())
     except TimeLimitExceeded:
         words = None  # stopped after max_job_s of work: the features of the whole clip were computed first
     seconds = time.monotonic() - t0

@@ -89,7 +89,7 @@ def _bare_worker(settings: Settings, warm: str, todo, results, ready, go) -> Non
     from kafscribe.speech.engines import load_engine
 
     engine = load_engine(settings)
-    engine.transcribe(audio.decode(Path(warm).read_bytes()), language=None, task="transcribe")
+    engine.transcribe(audio.decode(Path(warm).read_bytes()))
     ready.put(os.getpid())
     go.wait()
     cpu0 = cpu_seconds(os.getpid())
@@ -97,7 +97,7 @@ def _bare_worker(settings: Settings, warm: str, todo, results, ready, go) -> Non
     # process holds the queue's read lock, which once ended one of two workers at the start of every run
     while (item := todo.get(timeout=60)) is not None:
         index, path = item
-        out = engine.transcribe(audio.decode(Path(path).read_bytes()), language=None, task="transcribe")
+        out = engine.transcribe(audio.decode(Path(path).read_bytes()))
         results.put(("clip", index, time.time(), out.text))
     results.put(("cpu", os.getpid(), cpu_seconds(os.getpid()) - cpu0, 0.0))
 

@@ -35,8 +35,8 @@ from confluent_kafka import Message
 from kafscribe import metrics
 from kafscribe.kafka.chunk_routing import chunk_partitions
 from kafscribe.speech import audio, chunking, memory
-from kafscribe.speech.engines import Cancelled, TimeLimitExceeded
-from kafscribe.statuses import TRANSCRIBING
+from kafscribe.speech.engines import Cancelled, EngineOptions, TimeLimitExceeded
+from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.chunks import ChunkStore
 from kafscribe.validation import is_job_id
@@ -156,9 +156,9 @@ class ChunkTranscriber:
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "chunk": event.index}
         finished = self.jobs.finished_status(event.job_id)
         if finished is not None or self.jobs.is_cancelled(event.job_id):
-            log.info("job %s: chunk %d skipped", finished or "cancelled", event.index, extra=extra)
+            log.info("job %s: chunk %d skipped", finished or CANCELLED, event.index, extra=extra)
             metrics.JOBS.labels(self.name, "skipped").inc()
-            return [self.outcome(event, upload, 0, error=f"job {finished or 'cancelled'}")]  # the merger cleans up
+            return [self.outcome(event, upload, 0, error=f"job {finished or CANCELLED}")]  # the merger cleans up
         too_big = self.transcriber.admit(replace(upload, audio_duration=event.duration_s))
         if too_big is not None:
             return [self.outcome(event, upload, 1, error=too_big)]
@@ -181,14 +181,11 @@ class ChunkTranscriber:
             )
             samples = audio.decode(data, event.duration_s * 1.01 + 1.0, timeout_s=deadline - time.monotonic())
             del data
-            options = upload.options
+            options = EngineOptions.for_job(upload.options)
             with self.transcriber.engine_lock:
                 out = with_retries(
-                    lambda: engine.transcribe(samples, language=options.language, task=options.task,
-                                              deadline=deadline, word_timestamps=options.word_timestamps,
-                                              vad_filter=options.vad_filter,
-                                              should_continue=self.transcriber.cancel_check(event.job_id),
-                                              prompt=options.prompt, temperature=options.temperature),
+                    lambda: engine.transcribe(samples, options, deadline=deadline,
+                                              should_continue=self.transcriber.cancel_check(event.job_id)),
                     stage=self.name, attempts=self.settings.transient_retries,
                 )
         except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:

@@ -41,6 +41,7 @@ from confluent_kafka import Message
 
 from kafscribe import metrics
 from kafscribe.settings import Settings
+from kafscribe.statuses import COMPLETED
 from kafscribe.store.callbacks import CallbackStore
 from kafscribe.store.webhook_secrets import WebhookSecrets
 from kafscribe.webhooks import guard as callback_guard
@@ -66,7 +67,7 @@ def backoff_s(settings: Settings, attempt: int) -> float:
 
 def event_body(settings: Settings, result: Result) -> tuple[str, str]:
     """(event type, JSON body) of the callback for ``result``."""
-    event_type = "job.completed" if result.status == "completed" else "job.failed"
+    event_type = "job.completed" if result.status == COMPLETED else "job.failed"
     data: dict = {
         "job_id": result.job_id,
         "status": result.status,
@@ -74,7 +75,7 @@ def event_body(settings: Settings, result: Result) -> tuple[str, str]:
         "tenant": result.tenant,
         "links": links.job_links(links.configured_base(settings), result.job_id),
     }
-    if result.options.callback_include_transcript and result.status == "completed":
+    if result.options.callback_include_transcript and result.status == COMPLETED:
         data["transcript"] = {
             "language": result.language,
             "text": result.text,

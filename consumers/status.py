@@ -21,6 +21,7 @@ import time
 import psutil
 
 from kafscribe.kafka import clients as kafka_clients
+from kafscribe.kafka.workers import RUNNING, STOPPED, THROTTLED
 from kafscribe.settings import Settings
 from kafscribe.speech import memory
 from schemas.events import WorkerStatus
@@ -47,8 +48,8 @@ class StatusReporter:
 
     def state(self) -> str:
         if self.runner.stopped:
-            return "stopped"
-        return "throttled" if getattr(self.runner.stage, "throttled", False) else "running"
+            return STOPPED
+        return THROTTLED if getattr(self.runner.stage, "throttled", False) else RUNNING
 
     def snapshot(self, state: str | None = None) -> WorkerStatus:
         vm = psutil.virtual_memory()
@@ -74,5 +75,5 @@ class StatusReporter:
             log.warning("could not publish worker status: %s", exc)
 
     def stopped(self) -> None:
-        self.publish("stopped")
+        self.publish(STOPPED)
         self.producer.flush(5)

@@ -65,8 +65,8 @@ from kafscribe.kafka.routing import choose_partition
 from kafscribe.kafka.workers import WorkerView
 from kafscribe.settings import Settings
 from kafscribe.speech import audio, chunking, memory
-from kafscribe.speech.engines import Cancelled, Engine, TimeLimitExceeded, load_engine
-from kafscribe.statuses import TRANSCRIBING
+from kafscribe.speech.engines import Cancelled, Engine, EngineOptions, TimeLimitExceeded, load_engine
+from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.jobs import JobStore
 from kafscribe.store.progress import ProgressReporter
@@ -246,7 +246,7 @@ class Transcriber:
         began = time.monotonic()
         phases = {"queue_wait": max(0.0, (now_ms() - event.produced_at) / 1000)} if event.produced_at else {}
         finished = self.jobs.finished_status(event.job_id)
-        if finished == "cancelled" or (finished is None and job_cancelled(self.jobs, event.job_id)):
+        if finished == CANCELLED or (finished is None and job_cancelled(self.jobs, event.job_id)):
             return self.skip_cancelled(event)
         if finished is not None:
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
@@ -347,12 +347,9 @@ class Transcriber:
         try:
             with self.engine_lock:
                 out = with_retries(
-                    lambda: engine.transcribe(samples, language=event.options.language, task=event.options.task,
-                                              deadline=deadline, word_timestamps=event.options.word_timestamps,
-                                              vad_filter=event.options.vad_filter,
+                    lambda: engine.transcribe(samples, EngineOptions.for_job(event.options), deadline=deadline,
                                               on_segment=self.segment_hook(progress),
-                                              should_continue=self.cancel_check(event.job_id),
-                                              prompt=event.options.prompt, temperature=event.options.temperature),
+                                              should_continue=self.cancel_check(event.job_id)),
                     stage=self.name, attempts=self.settings.transient_retries,
                 )
             progress.fraction(1.0, force=True)
@@ -421,4 +418,4 @@ def job_cancelled(jobs: JobStore, job_id: str) -> bool:
     if check is not None:
         return bool(check(job_id))
     job = jobs.get(job_id)
-    return job is not None and job["status"] == "cancelled"
+    return job is not None and job["status"] == CANCELLED

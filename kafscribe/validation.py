@@ -5,9 +5,10 @@ that decodes may still carry a NaN duration, a model the operator never
 allowed, a timestamp from next year or a partition that does not exist. Each
 check returns the reason in words (``None`` = fine); the consume loop turns a
 reason into the stage's ``failure_outputs`` (an ``Upload`` ends as a failed
-job with that reason; an event that names no usable job goes to the DLQ), and
-the ingress's worker view ignores a ``WorkerStatus`` with a reason. Nothing
-here raises: a check that cannot make sense of a value refuses it.
+job with that reason; an event that names no usable job goes to the DLQ). A
+``WorkerStatus`` is judged where every view of the workers reads it
+(``kafscribe.kafka.workers.check_worker_status``). Nothing here raises: a
+check that cannot make sense of a value refuses it.
 
 Limits (all settings): ``KAFSCRIBE_MAX_AUDIO_S`` (durations),
 ``KAFSCRIBE_MAX_UPLOAD_BYTES`` (sizes), ``KAFSCRIBE_ALLOWED_MODELS``
@@ -24,6 +25,7 @@ from collections.abc import Iterable
 from kafscribe.languages import CODES
 from kafscribe.settings import Settings
 from kafscribe.speech import decoding
+from kafscribe.statuses import COMPLETED, FAILED
 from schemas.events import (
     CallbackAttempt,
     Chunk,
@@ -33,7 +35,6 @@ from schemas.events import (
     Result,
     Transcript,
     Upload,
-    WorkerStatus,
     embedded_upload,
     now_ms,
 )
@@ -43,8 +44,7 @@ MAX_ID_CHARS = 128
 _ID = re.compile(rf"[A-Za-z0-9._:@+=-]{{1,{MAX_ID_CHARS}}}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 TASKS = ("transcribe", "translate")
-RESULT_STATUSES = ("completed", "failed")
-WORKER_STATES = ("running", "throttled", "stopped")
+RESULT_STATUSES = (COMPLETED, FAILED)  # how a Result ends its job
 # What each stage's input topic carries.
 EXPECTED_TYPES: dict[str, type[Event]] = {
     "uploads": Upload, "transcripts": Transcript, "results": Result, "finished": Result,
@@ -133,20 +133,37 @@ def _check_audio(settings: Settings, event: Upload | Transcript) -> str | None:
 
 
 def check_options(settings: Settings, options: JobOptions) -> str | None:
-    """The job options a producer chose: task, languages, a model the operator allows, the decoder's prompt
-    (at most ``decoding.MAX_PROMPT_CHARS``) and temperature (0..1)."""
+    """Why a job cannot run with ``options``, in the words its client sees, or None.
+
+    The one set of option rules: the door (``producers.submission.parse_options``,
+    a 422) and every worker (``check_event``, a failed job for a direct
+    producer's event) both ask this function, so a job the door accepts is
+    never refused by a worker, and a refusal reads the same from either. The
+    rules: the task, Whisper language codes, a model the operator serves
+    (``model_problem``), the decoder's prompt (at most
+    ``decoding.MAX_PROMPT_CHARS``) and temperature (0..1).
+    """
     if options.task not in TASKS:
-        return f"task {_show(options.task)} must be one of {', '.join(TASKS)}"
+        return f"task={_show(options.task)} must be one of {', '.join(TASKS)}"
     codes = languages()
     for name in ("language", "translate_to"):
         value = getattr(options, name)
         if value is not None and value not in codes:
-            return f"{name} {_show(value)} is not a Whisper language code"
+            return f"{name}={_show(value)} is not a Whisper language code (e.g. en, es, de)"
+    return (model_problem(settings, options.model) or decoding.prompt_problem(options.prompt)
+            or decoding.temperature_problem(options.temperature))
+
+
+def model_problem(settings: Settings, model: str | None) -> str | None:
+    """Why a job may not ask for ``model`` (None: it may; None means the worker's default model).
+
+    Only ``Settings.allowed_model_names`` (``KAFSCRIBE_ALLOWED_MODELS``) are ever loaded; the
+    answer lists them, as that is what the client can choose from.
+    """
     allowed = settings.allowed_model_names()
-    if options.model is not None and options.model not in allowed:
-        return (f"model {_show(options.model)} is not allowed here (KAFSCRIBE_ALLOWED_MODELS:"
-                f" {', '.join(sorted(allowed))})")
-    return decoding.prompt_problem(options.prompt) or decoding.temperature_problem(options.temperature)
+    if model is not None and model not in allowed:
+        return f"model={_show(model)} is not served here; choose one of {', '.join(sorted(allowed))}"
+    return None
 
 
 def _check_transcript(settings: Settings, event: Transcript) -> str | None:
@@ -217,29 +234,6 @@ def _check_callback(event: CallbackAttempt) -> str | None:
         return f"delivery_attempt {_show(event.delivery_attempt)} is out of range"
     if not finite(event.not_before, 0):
         return f"not_before {_show(event.not_before)} is not a timestamp"
-    return None
-
-
-def check_worker_status(
-    settings: Settings, status: WorkerStatus, partition_count: int, now: int | None = None
-) -> str | None:
-    """Why the ingress's view must ignore ``status`` (it would route uploads by it), or None."""
-    if not isinstance(status.worker_id, str) or not 0 < len(status.worker_id) <= 256:
-        return "worker_id must be 1-256 characters"
-    if status.state not in WORKER_STATES:
-        return f"state {_show(status.state)} must be one of {', '.join(WORKER_STATES)}"
-    reason = check_produced_at(settings, status.produced_at, now_ms() if now is None else now)
-    if reason:
-        return reason
-    bad = [p for p in status.partitions if not (isinstance(p, int) and 0 <= p < partition_count)]
-    if bad or len(set(status.partitions)) != len(status.partitions):
-        return f"partitions {status.partitions[:10]} are not distinct partitions of 0-{partition_count - 1}"
-    for name in ("rss_bytes", "host_mem_available", "host_mem_total", "gpu_mem_free", "gpu_mem_total",
-                 "gpu_mem_used", "gpu_device",
-                 "memory_budget", "in_flight"):
-        value = getattr(status, name)
-        if value is not None and not finite(value, 0):
-            return f"{name} {_show(value)} must not be negative"
     return None
 
 

@@ -25,6 +25,7 @@ from kafscribe.speech import probe as audio_probe
 from kafscribe.statuses import FAILED
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.jobs import JobStore
+from kafscribe.validation import check_options
 from kafscribe.webhooks.guard import CallbackRefused, check_url
 from schemas.events import JobOptions, Upload
 
@@ -32,7 +33,6 @@ from .publisher import Publisher, PublishError
 
 log = logging.getLogger("kafscribe.submission")
 
-TASKS = ("transcribe", "translate")
 OPTION_FIELDS = ("language", "task", "translate_to", "callback_url", "model", "callback_include_transcript",
                  "word_timestamps", "vad_filter", "prompt", "temperature")
 TRUE_WORDS, FALSE_WORDS = ("1", "true", "yes", "on"), ("", "0", "false", "no", "off")
@@ -90,26 +90,22 @@ def _languages() -> dict[str, str]:
 
 
 def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
-    """Validate client options (strings from a form or CLI) into ``JobOptions``; 422 on error."""
+    """Client options (strings from a form or CLI) as ``JobOptions``; 422 on error.
+
+    Here the strings are read (trimmed, codes lower-cased, flags and numbers
+    parsed) and the callback URL is checked against the SSRF guard; whether
+    the values are allowed is ``kafscribe.validation.check_options``, the
+    rules every worker applies to the same options, so the door and the
+    workers refuse the same jobs with the same words.
+    """
     unknown = sorted(set(raw) - set(OPTION_FIELDS))
     if unknown:
         raise SubmissionError(422, f"unknown option(s): {', '.join(unknown)}; allowed: {', '.join(OPTION_FIELDS)}")
-    langs = _languages()
     opts = JobOptions()
-    for name in ("language", "translate_to"):
-        value = (raw.get(name) or "").strip().lower() or None
-        if value is not None and value not in langs:
-            raise SubmissionError(422, f"{name}={value!r} is not a Whisper language code (e.g. en, es, de)")
-        setattr(opts, name, value)
-    task = (raw.get("task") or "transcribe").strip().lower()
-    if task not in TASKS:
-        raise SubmissionError(422, f"task={task!r} must be one of {', '.join(TASKS)}")
-    opts.task = task
-    model = (raw.get("model") or "").strip() or None
-    allowed = settings.allowed_model_names()
-    if model is not None and model not in allowed:
-        raise SubmissionError(422, f"model={model!r} is not served here; choose one of {', '.join(sorted(allowed))}")
-    opts.model = model
+    opts.language = (raw.get("language") or "").strip().lower() or None
+    opts.translate_to = (raw.get("translate_to") or "").strip().lower() or None
+    opts.task = (raw.get("task") or "transcribe").strip().lower()
+    opts.model = (raw.get("model") or "").strip() or None
     url = (raw.get("callback_url") or "").strip() or None
     if url is not None:
         try:
@@ -122,13 +118,13 @@ def parse_options(raw: dict[str, str], settings: Settings) -> JobOptions:
     opts.word_timestamps = parse_flag(raw, "word_timestamps")
     opts.vad_filter = parse_flag(raw, "vad_filter")
     opts.prompt = (raw.get("prompt") or "").strip() or None
-    problem = decoding.prompt_problem(opts.prompt)
-    if problem:
-        raise SubmissionError(422, problem)
     try:
         opts.temperature = decoding.parse_temperature(raw.get("temperature") or "")
     except ValueError as exc:
         raise SubmissionError(422, str(exc)) from exc
+    problem = check_options(settings, opts)
+    if problem:
+        raise SubmissionError(422, problem)
     return opts
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import zlib
 
-from kafscribe.kafka.routing import WorkerState
+from kafscribe.kafka.workers import THROTTLED, WorkerState
 
 CHUNK_STAGE = "chunk-transcriber"
 
@@ -36,8 +36,8 @@ def chunk_partition(job_id: str, index: int, partitions: int) -> int:
 def chunk_partitions(job_id: str, count: int, partitions: int, workers: list[WorkerState],
                      need_bytes: int) -> list[int]:
     """The partition of each of the ``count`` chunks of ``job_id`` (see the module's rules)."""
-    live = [w for w in workers if w.liveness == "live" and w.status.stage == CHUNK_STAGE
-            and w.status.state != "throttled" and any(0 <= p < partitions for p in w.status.partitions)]
+    live = [w for w in workers if w.live and w.status.stage == CHUNK_STAGE
+            and w.status.state != THROTTLED and any(0 <= p < partitions for p in w.status.partitions)]
     pool = sorted([w for w in live if w.headroom >= need_bytes] or live, key=lambda w: w.status.worker_id)
     if not pool:
         return [chunk_partition(job_id, i, partitions) for i in range(count)]

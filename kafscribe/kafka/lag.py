@@ -26,6 +26,8 @@ at every scrape (so a scrape is never older than the broker's answer):
   n transactional events shows as up to 2n;
 * every worker's last status (age, state, memory headroom, in-flight jobs),
   so a stale worker and the headroom against job estimates can be graphed.
+  The statuses come through ``kafscribe.kafka.workers.WorkerView``: the same
+  checks and the same staleness rule as the ingress's routing.
 
 Why one separate process, not the workers, the ingress or the supervisor:
 workers cannot see partitions nobody owns (the stranded case) and N of them
@@ -62,6 +64,7 @@ from prometheus_client.registry import Collector
 
 from kafscribe.kafka import clients as kafka_clients
 from kafscribe.kafka.topics import retry_tiers
+from kafscribe.kafka.workers import STOPPED, WorkerState, WorkerView, status_age_s
 from kafscribe.settings import Settings
 
 log = logging.getLogger("kafscribe.kafka.lag")
@@ -120,7 +123,7 @@ class PartitionLag:
 @dataclass
 class Snapshot:
     partitions: list[PartitionLag] = field(default_factory=list)
-    workers: list = field(default_factory=list)  # kafscribe.kafka.routing.WorkerState
+    workers: list[WorkerState] = field(default_factory=list)
     ends: dict[tuple[str, int], int] = field(default_factory=dict)  # (logical topic, partition) -> high watermark
     taken_ms: int = 0
     ok: bool = True
@@ -130,7 +133,7 @@ class Snapshot:
 class LagReader:
     """Reads committed offsets, watermarks, owners and heads from the broker."""
 
-    def __init__(self, settings: Settings, job_created_ms=None, worker_view=None) -> None:
+    def __init__(self, settings: Settings, job_created_ms=None, worker_view: WorkerView | None = None) -> None:
         self.settings = settings
         self.admin = kafka_clients.admin(settings)
         self.heads = kafka_clients.consumer(
@@ -172,7 +175,7 @@ class LagReader:
                 full_group = self.settings.topic_prefix + group
                 committed = self._committed(full_group, counts, topics)
                 owners = self._owned(full_group)
-                busy = {p for w in workers if w.liveness == "live" and w.status.stage == stage
+                busy = {p for w in workers if w.live and w.status.stage == stage
                         and w.status.in_flight > 0 for p in w.status.partitions}
                 for topic in topics:
                     full = self.settings.topic(topic)
@@ -340,12 +343,12 @@ def worker_families(snap: Snapshot, settings: Settings) -> list[GaugeMetricFamil
                                   labels=labels)
     for w in snap.workers:
         status = w.status
-        seconds = (snap.taken_ms - status.produced_at) / 1000
-        if w.liveness == "stopped" or seconds > STATUS_KEEP_S:
+        seconds = status_age_s(status, snap.taken_ms)
+        if w.liveness == STOPPED or seconds > STATUS_KEEP_S:
             continue
         values = [status.worker_id, status.stage]
         age.add_metric(values, max(0.0, seconds))
-        if w.liveness == "live":
+        if w.live:
             headroom.add_metric(values, w.headroom)
             rss.add_metric(values, status.rss_bytes)
             in_flight.add_metric(values, status.in_flight)
@@ -403,7 +406,6 @@ def serve(settings: Settings) -> int:
     from prometheus_client import REGISTRY, start_http_server
 
     from kafscribe import logs
-    from kafscribe.kafka.workers import WorkerView
 
     logs.setup(settings.log_level)
     stop = threading.Event()

@@ -4,8 +4,8 @@ shortest queue.
 Pure functions over the latest ``WorkerStatus`` of each worker, so the rule is
 easy to read and to test:
 
-1. Candidates are transcribers that are live (status younger than
-   ``worker_stale_s`` and not from the future, not ``stopped``) and own
+1. Candidates are transcribers that are live (``kafscribe.kafka.workers.liveness``:
+   status younger than ``worker_stale_s`` and not from the future, not ``stopped``) and own
    partitions of the uploads topic (others are dropped: a partition that
    does not exist would make every upload fail).
 2. Prefer those whose headroom (minus what the ingress already routed to
@@ -28,50 +28,11 @@ No candidate -> ``None``: the producer's key hashing decides.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
 
-from kafscribe.speech import memory
-from schemas.events import WorkerStatus
+from kafscribe.kafka.workers import THROTTLED, WorkerState
 
 HEADROOM_STEP = 256 * 1024 * 1024
 CHUNK_LOOP_PREFIX = "chunks@"  # consumers.chunk_transcriber.ChunkTranscriber.runner_id
-
-
-@dataclass
-class WorkerState:
-    """A worker as the views see it."""
-
-    status: WorkerStatus
-    liveness: str  # live | stale | stopped
-    headroom: int
-
-
-FUTURE_TOLERANCE_S = 300.0  # clock skew between hosts; a status further ahead is not live
-
-
-def liveness(status: WorkerStatus, now_ms: int, stale_s: float) -> str:
-    if status.state == "stopped":
-        return "stopped"
-    age_s = (now_ms - status.produced_at) / 1000
-    return "live" if -FUTURE_TOLERANCE_S <= age_s <= stale_s else "stale"
-
-
-def headroom(status: WorkerStatus) -> int:
-    return memory.headroom_bytes(
-        status.memory_budget or 0, status.rss_bytes, status.host_mem_available, status.gpu_mem_free
-    )
-
-
-def classify(
-    statuses: list[WorkerStatus], now_ms: int, stale_s: float, partition_count: int | None = None
-) -> list[WorkerState]:
-    """Each status with its liveness and headroom; partitions outside ``partition_count`` are dropped."""
-    states = []
-    for s in statuses:
-        if partition_count is not None:
-            s = replace(s, partitions=sorted({p for p in s.partitions if 0 <= p < partition_count}))
-        states.append(WorkerState(s, liveness(s, now_ms, stale_s), headroom(s)))
-    return states
 
 
 def choose_partition(
@@ -85,7 +46,7 @@ def choose_partition(
     rng = rng or random.Random()
     reserved = reserved or {}
     routed = routed or {}
-    live = [w for w in workers if w.liveness == "live" and w.status.stage == "transcriber" and w.status.partitions]
+    live = [w for w in workers if w.live and w.status.stage == "transcriber" and w.status.partitions]
     if not live:
         return None
 
@@ -94,7 +55,7 @@ def choose_partition(
 
     # the chunk loop of a transcriber process (``chunks@<worker_id>``) shares its engine: its queue counts too
     chunk_loops = {w.status.worker_id.removeprefix(CHUNK_LOOP_PREFIX): w for w in workers
-                   if w.liveness == "live" and w.status.worker_id.startswith(CHUNK_LOOP_PREFIX)}
+                   if w.live and w.status.worker_id.startswith(CHUNK_LOOP_PREFIX)}
 
     def rank(w: WorkerState) -> tuple[int, int]:
         queue = w.status.in_flight + max(0, w.status.backlog) + routed.get(w.status.worker_id, 0)
@@ -103,7 +64,7 @@ def choose_partition(
             queue += loop.status.in_flight + max(0, loop.status.backlog)
         return spare(w) // HEADROOM_STEP, -queue
 
-    fitting = [w for w in live if spare(w) >= need_bytes and w.status.state != "throttled"]
+    fitting = [w for w in live if spare(w) >= need_bytes and w.status.state != THROTTLED]
     pool = fitting or live
     best_key = max(rank(w) for w in pool)
     best = rng.choice([w for w in pool if rank(w) == best_key])

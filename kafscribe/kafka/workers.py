@@ -1,11 +1,25 @@
-"""The ingress's live view of ``kafscribe.worker-status`` (for routing and GET /v1/workers).
+"""Worker status, in one place: what a valid ``WorkerStatus`` is, how old one may be, and the live view.
 
-A background thread reads the compacted topic from the beginning (assigned,
-not in a consumer group) and keeps the newest valid status of every worker.
-A status that names partitions the uploads topic does not have, lies in the
-future (``KAFSCRIBE_MAX_CLOCK_SKEW_S``) or carries negative numbers is
-ignored with a log line (``kafscribe.validation.check_worker_status``):
-routing by it would send uploads nowhere, or to a worker forever "live".
+Every worker publishes its status to ``kafscribe.worker-status`` (compacted,
+key = worker_id; ``consumers.status`` builds and publishes it). Everything
+that reads those statuses -- the ingress's routing and ``GET /v1/workers``,
+a transcriber handing on a job it cannot fit, the chunk splitter, the lag
+exporter's worker metrics -- reads them through ``WorkerView`` and judges
+them by the rules here, so no two views can disagree about a worker:
+
+* ``check_worker_status``: a status that names partitions the uploads topic
+  does not have, lies in the future (``KAFSCRIBE_MAX_CLOCK_SKEW_S``) or
+  carries negative numbers is ignored with a log line: routing by it would
+  send uploads nowhere, or to a worker forever "live".
+* ``liveness``: a worker whose last status is older than
+  ``KAFSCRIBE_WORKER_STALE_S`` (30 s by default) is ``stale`` -- dead in every
+  view; one that said ``stopped`` is ``stopped``. Kafka's group membership,
+  not this view, moves a dead worker's partitions.
+* ``headroom``: the memory a worker can still spend on a job, from its status.
+
+A background thread of ``WorkerView`` reads the compacted topic from the
+beginning (assigned, not in a consumer group) and keeps the newest valid
+status of every worker.
 """
 
 from __future__ import annotations
@@ -13,20 +27,100 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from dataclasses import dataclass, replace
 
 from confluent_kafka import KafkaException, TopicPartition
 
 from kafscribe.kafka import clients as kafka_clients
-from kafscribe.kafka.routing import WorkerState, classify
 from kafscribe.settings import Settings
-from kafscribe.validation import check_worker_status
+from kafscribe.speech import memory
+from kafscribe.validation import _show, check_produced_at, finite
 from schemas.codec import DecodeError
 from schemas.events import WorkerStatus, decode_event, now_ms
 
 log = logging.getLogger("kafscribe.worker_view")
 
+# What a worker says it is doing (``WorkerStatus.state``).
+RUNNING, THROTTLED, STOPPED = "running", "throttled", "stopped"
+WORKER_STATES = (RUNNING, THROTTLED, STOPPED)
+# What a view makes of a worker (``WorkerState.liveness``): ``stopped`` as it said, or by the age of its status.
+LIVE, STALE = "live", "stale"
+FUTURE_TOLERANCE_S = 300.0  # clock skew between hosts; a status further ahead is not live
+MAX_WORKER_ID_CHARS = 256
+_COUNTS = ("rss_bytes", "host_mem_available", "host_mem_total", "gpu_mem_free", "gpu_mem_total", "gpu_mem_used",
+           "gpu_device", "memory_budget", "in_flight")
+
+
+def check_worker_status(
+    settings: Settings, status: WorkerStatus, partition_count: int, now: int | None = None
+) -> str | None:
+    """Why every view must ignore ``status`` (it would route uploads by it), or None."""
+    if not isinstance(status.worker_id, str) or not 0 < len(status.worker_id) <= MAX_WORKER_ID_CHARS:
+        return f"worker_id must be 1-{MAX_WORKER_ID_CHARS} characters"
+    if status.state not in WORKER_STATES:
+        return f"state {_show(status.state)} must be one of {', '.join(WORKER_STATES)}"
+    reason = check_produced_at(settings, status.produced_at, now_ms() if now is None else now)
+    if reason:
+        return reason
+    bad = [p for p in status.partitions if not (isinstance(p, int) and 0 <= p < partition_count)]
+    if bad or len(set(status.partitions)) != len(status.partitions):
+        return f"partitions {status.partitions[:10]} are not distinct partitions of 0-{partition_count - 1}"
+    for name in _COUNTS:
+        value = getattr(status, name)
+        if value is not None and not finite(value, 0):
+            return f"{name} {_show(value)} must not be negative"
+    return None
+
+
+@dataclass
+class WorkerState:
+    """A worker as the views see it."""
+
+    status: WorkerStatus
+    liveness: str  # live | stale | stopped
+    headroom: int
+
+    @property
+    def live(self) -> bool:
+        return self.liveness == LIVE
+
+
+def status_age_s(status: WorkerStatus, now_ms: int) -> float:
+    """Seconds since ``status`` was produced (negative: it claims to come from the future)."""
+    return (now_ms - status.produced_at) / 1000
+
+
+def liveness(status: WorkerStatus, now_ms: int, stale_s: float) -> str:
+    """``stopped`` when the worker said so; else ``live`` while its status is at most ``stale_s`` old (and not
+    further than ``FUTURE_TOLERANCE_S`` ahead), ``stale`` after: the one staleness rule of every view."""
+    if status.state == STOPPED:
+        return STOPPED
+    return LIVE if -FUTURE_TOLERANCE_S <= status_age_s(status, now_ms) <= stale_s else STALE
+
+
+def headroom(status: WorkerStatus) -> int:
+    """The memory the worker can still spend on a job, by its own report (``memory.headroom_bytes``)."""
+    return memory.headroom_bytes(
+        status.memory_budget or 0, status.rss_bytes, status.host_mem_available, status.gpu_mem_free
+    )
+
+
+def classify(
+    statuses: list[WorkerStatus], now_ms: int, stale_s: float, partition_count: int | None = None
+) -> list[WorkerState]:
+    """Each status with its liveness and headroom; partitions outside ``partition_count`` are dropped."""
+    states = []
+    for s in statuses:
+        if partition_count is not None:
+            s = replace(s, partitions=sorted({p for p in s.partitions if 0 <= p < partition_count}))
+        states.append(WorkerState(s, liveness(s, now_ms, stale_s), headroom(s)))
+    return states
+
 
 class WorkerView:
+    """The newest valid status of every worker, followed in a background thread; ``workers()`` classifies
+    them with ``KAFSCRIBE_WORKER_STALE_S``."""
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.topic = settings.topic("worker-status")

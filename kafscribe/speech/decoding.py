@@ -1,9 +1,9 @@
-"""The job options that steer Whisper's decoder: ``prompt`` and ``temperature``.
+"""The job options that steer Whisper's decoder (``prompt``, ``temperature``), and ``EngineOptions``, all of them.
 
-One set of rules for the door (``producers.submission.parse_options``), the
-consumers' check of events from direct producers (``kafscribe.validation``)
-and the engines (``engine_kwargs``), so a value accepted in one place is
-never refused in another.
+One set of rules for the door (``producers.submission.parse_options``) and the
+consumers' check of events from direct producers (both through
+``kafscribe.validation.check_options``) and the engines (``EngineOptions``),
+so a value accepted in one place is never refused in another.
 
 - ``prompt``: Whisper's initial prompt (names, spellings, style), at most
   ``MAX_PROMPT_CHARS`` characters: OpenAI documents 224 tokens for it, and
@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import math
 import unicodedata
+from dataclasses import dataclass
 from typing import Any
+
+from schemas.events import JobOptions
 
 MAX_PROMPT_CHARS = 896
 PROMPT_CONTROLS = "\n\r\t"  # the control characters a prompt may contain
@@ -63,27 +66,64 @@ def parse_temperature(raw: str) -> float | None:
     try:
         value = float(raw)
     except ValueError:
-        value = math.nan
-    problem = temperature_problem(value)
+        raise ValueError(
+            f"temperature={raw[:40]!r} must be a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}"
+        ) from None
+    problem = temperature_problem(value)  # a number out of range: the words a worker uses for it too
     if problem:
-        raise ValueError(f"temperature={raw[:40]!r} must be a number from {MIN_TEMPERATURE:g} to {MAX_TEMPERATURE:g}")
+        raise ValueError(problem)
     return value
 
 
-def engine_kwargs(prompt: str | None, temperature: float | None) -> dict[str, Any]:
-    """The keyword arguments both Whisper engines take for these options (same names in both).
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an engine decodes one job: what faster-whisper calls ``TranscriptionOptions``, in one value.
 
-    An empty prompt is no prompt; no temperature leaves the engine's own
-    fallback schedule in place. Absent options are omitted, not passed as None:
-    faster-whisper given ``initial_prompt=None`` explicitly decoded the VAD test
-    clip differently from its default (tests/e2e/test_words.py failed 4 of 4 runs).
+    Built from the job's options (``for_job``) by both call sites (the
+    transcriber, the chunk transcriber) and read the same way by both engines,
+    so a new decoding option is added here once rather than to every engine's
+    signature and every call. What is not about decoding -- the job's deadline,
+    its progress and cancellation hooks -- stays a keyword of ``transcribe``.
+
+    ``language``: the spoken language (None: detected). ``task``: transcribe or
+    translate (into English). ``word_timestamps``: each segment carries its
+    words. ``vad_filter``: only what the Silero VAD hears as speech is decoded.
+    ``prompt`` and ``temperature``: see the module. ``beam_size``: None is the
+    engine's ``KAFSCRIBE_BEAM_SIZE``. An English-only model ignores
+    ``language`` and ``task`` (it can only transcribe English).
     """
-    kwargs: dict[str, Any] = {}
-    if prompt:
-        kwargs["initial_prompt"] = prompt
-    if temperature is not None:
-        kwargs["temperature"] = float(temperature)
-    return kwargs
+
+    language: str | None = None
+    task: str = "transcribe"
+    word_timestamps: bool = False
+    vad_filter: bool = False
+    prompt: str | None = None
+    temperature: float | None = None
+    beam_size: int | None = None
+
+    @classmethod
+    def for_job(cls, options: JobOptions) -> EngineOptions:
+        """The decoding options a job asked for (the rest of ``JobOptions`` is not the engine's business)."""
+        return cls(language=options.language, task=options.task, word_timestamps=bool(options.word_timestamps),
+                   vad_filter=bool(options.vad_filter), prompt=options.prompt, temperature=options.temperature)
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        """The prompt and temperature as the keyword arguments both Whisper engines take (same names in both).
+
+        An empty prompt is no prompt; no temperature leaves the engine's own
+        fallback schedule in place. Absent options are omitted, not passed as None:
+        faster-whisper given ``initial_prompt=None`` explicitly decoded the VAD test
+        clip differently from its default (tests/e2e/test_words.py failed 4 of 4 runs).
+        """
+        kwargs: dict[str, Any] = {}
+        if self.prompt:
+            kwargs["initial_prompt"] = self.prompt
+        if self.temperature is not None:
+            kwargs["temperature"] = float(self.temperature)
+        return kwargs
+
+
+DEFAULT_ENGINE_OPTIONS = EngineOptions()  # detect the language, transcribe, the engine's own decoding defaults
 
 
 def _show(value: object, limit: int = 40) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kafscribe.speech import audio
-from kafscribe.speech.engines import Engine, load_engine
+from kafscribe.speech.engines import Engine, EngineOptions, load_engine
 from kafscribe.store import blobs as blobstore
 from schemas.events import Transcript, Translation
 
@@ -33,8 +33,8 @@ class WhisperTranslator:
         data = blobstore.read_verified(self.settings, self.session, transcript.blob_ref, transcript.audio_sha256)
         # The job's temperature, not its prompt: that is in the spoken language and would pull the English
         # back towards it (docs/transcription.md, "Prompt and temperature").
-        out = self.engine.transcribe(audio.decode(data), language=transcript.language, task="translate",
-                                     temperature=transcript.options.temperature)
+        out = self.engine.transcribe(audio.decode(data), EngineOptions(
+            language=transcript.language, task="translate", temperature=transcript.options.temperature))
         return Translation(
             source_language=transcript.language, target_language="en", backend=self.name,
             text=out.text, segments=out.segments,

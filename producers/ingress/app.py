@@ -18,6 +18,7 @@ from kafscribe.settings import Settings
 from kafscribe.store import retention
 
 from . import auth, upload
+from .appkeys import BACKENDS, SETTINGS
 from .backends import Backends
 from .routes import audio, callbacks, docs, events, health, jobs, workers
 
@@ -42,9 +43,9 @@ def build_app(settings: Settings, backends: Backends | None = None) -> web.Appli
         middlewares=[count_requests, audio.openai_errors, auth.authenticate],
         client_max_size=settings.max_upload_bytes + (1 << 20),
     )
-    app["settings"] = settings
+    app[SETTINGS] = settings
     auth.setup(app, settings)  # refuses auth off on a non-loopback address before anything starts
-    app["backends"] = backends if backends is not None else Backends(settings)
+    app[BACKENDS] = backends if backends is not None else Backends(settings)
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
     docs.setup(app, ROUTE_MODULES)  # /openapi.json from the modules' OPENAPI_PATHS, /docs, its assets
@@ -53,7 +54,7 @@ def build_app(settings: Settings, backends: Backends | None = None) -> web.Appli
         await asyncio.to_thread(upload.remove_orphans)
 
     async def close(app: web.Application) -> None:
-        await asyncio.to_thread(app["backends"].close)
+        await asyncio.to_thread(app[BACKENDS].close)
 
     app.on_startup.append(sweep)
     app.cleanup_ctx.append(_retention_sweep)
@@ -83,7 +84,7 @@ ROUTE_MODULES = [jobs, events, callbacks, audio, workers, health, docs]
 
 async def _retention_sweep(app: web.Application):
     """Remove audio past KAFSCRIBE_AUDIO_RETENTION_S every KAFSCRIBE_RETENTION_SWEEP_S (kafscribe.store.retention)."""
-    settings: Settings = app["settings"]
+    settings: Settings = app[SETTINGS]
     task = asyncio.create_task(_sweep_forever(app)) if settings.retention_sweep_s > 0 else None
     yield
     if task is not None:
@@ -93,13 +94,13 @@ async def _retention_sweep(app: web.Application):
 
 
 async def _sweep_forever(app: web.Application) -> None:
-    settings: Settings = app["settings"]
+    settings: Settings = app[SETTINGS]
     sweeper = None
     while True:
         await asyncio.sleep(settings.retention_sweep_s)  # not at start: a restarting ingress adds no load
         try:
             if sweeper is None:
-                session = (await asyncio.to_thread(app["backends"].submitter)).session
+                session = (await asyncio.to_thread(app[BACKENDS].submitter)).session
                 sweeper = retention.AudioSweeper(settings, session)
             await asyncio.to_thread(sweeper.sweep)
         except Exception as exc:  # noqa: BLE001 - Cassandra down: try again next round

@@ -36,6 +36,7 @@ from kafscribe.store import apikeys, quotas
 from kafscribe.store import session as cassandra_session
 
 from ..submission import Unavailable
+from .appkeys import BACKENDS, SETTINGS
 
 log = logging.getLogger("kafscribe.ingress.auth")
 
@@ -99,7 +100,7 @@ class Gate:
         return record
 
     def _keys(self) -> apikeys.KeyStore:
-        session = self.app["backends"].submitter().session  # connects (or raises Unavailable)
+        session = self.app[BACKENDS].submitter().session  # connects (or raises Unavailable)
         with self._lock:
             if self._store is None or self._store.session is not session:
                 self._store = apikeys.KeyStore(session)
@@ -107,7 +108,7 @@ class Gate:
 
     def redeliveries(self) -> quotas.RedeliverLimiter:
         """The per-job redelivery limit (blocking: prepares statements on first use)."""
-        session = self.app["backends"].submitter().session
+        session = self.app[BACKENDS].submitter().session
         with self._lock:
             if self._redeliveries is None or self._redeliveries.session is not session:
                 self._redeliveries = quotas.RedeliverLimiter(session, self.settings)
@@ -134,7 +135,7 @@ def _refuse(exc_cls: type[web.HTTPException], reason: str, **headers: str) -> we
 
 
 async def _identify(request: web.Request) -> Caller:
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     if not settings.auth_required:
         return Caller(tenant=_wanted_tenant(request) or DEFAULT_TENANT, admin=True)
     scheme, _, token = request.headers.get("Authorization", "").partition(" ")
@@ -170,8 +171,8 @@ def _wanted_tenant(request: web.Request) -> str:
 
 
 async def _check_quota(request: web.Request, who: Caller) -> None:
-    settings: Settings = request.app["settings"]
-    backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends = request.app[BACKENDS]
     if settings.tenant_max_unfinished <= 0:
         return
     try:

@@ -16,6 +16,8 @@ from aiohttp import web
 from kafscribe.settings import Settings
 from kafscribe.webhooks import links
 
+from .appkeys import SETTINGS
+
 _HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
 
 
@@ -25,7 +27,7 @@ def job_links(request: web.Request, job_id: str) -> dict[str, str]:
 
 def base_url(request: web.Request) -> str:
     """Scheme and authority of links (``""``: relative links)."""
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     if settings.public_url:
         return settings.public_url.rstrip("/")
     host = request.headers.get("Host", "")

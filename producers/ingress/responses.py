@@ -13,6 +13,7 @@ from kafscribe.settings import Settings
 from kafscribe.store import session as cassandra_session
 
 from ..submission import Unavailable
+from .appkeys import SETTINGS
 
 T = TypeVar("T")
 
@@ -42,7 +43,7 @@ def cassandra_outage(request: web.Request, exc: BaseException) -> web.HTTPServic
     reason = str(exc) if str(exc).startswith("Cassandra unavailable") else f"Cassandra unavailable: {exc}"
     return web.HTTPServiceUnavailable(
         text=json.dumps({"error": reason, "status": 503}), content_type="application/json",
-        headers={"Retry-After": str(request.app["settings"].retry_after_s)},
+        headers={"Retry-After": str(request.app[SETTINGS].retry_after_s)},
     )
 
 

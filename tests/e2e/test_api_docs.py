@@ -17,6 +17,7 @@ from aiohttp import web
 from bench.harness import free_port
 from kafscribe.settings import PROJECT_ROOT
 from producers.ingress import build_app
+from producers.ingress.appkeys import BACKENDS
 from producers.ingress.routes.docs import SPEC, build_spec
 from tests.conftest import base_test_settings
 
@@ -35,7 +36,7 @@ def app_routes(app: web.Application) -> set[tuple[str, str]]:
 def app() -> Iterator[web.Application]:
     application = build_app(base_test_settings())
     yield application
-    application["backends"].close()
+    application[BACKENDS].close()
 
 
 def test_every_route_is_described_and_every_description_is_a_route(app):

@@ -12,6 +12,7 @@ from aiohttp.test_utils import TestClient, TestServer, make_mocked_request
 from bench.harness import free_port
 from kafscribe.settings import Settings, SettingsError
 from producers.ingress import build_app
+from producers.ingress.appkeys import SETTINGS
 from producers.ingress.links import job_links
 
 
@@ -73,7 +74,7 @@ def test_cassandra_down_behind_a_job_route_is_503_with_retry_after(method, path)
 )
 def test_links_come_from_public_url_or_an_allowed_host(public_url, host, base):
     app = web.Application()
-    app["settings"] = Settings(public_url=public_url)
+    app[SETTINGS] = Settings(public_url=public_url)
     request = make_mocked_request("GET", "/v1/jobs/j1", headers={"Host": host} if host else {}, app=app)
     assert job_links(request, "j1") == {"self": f"{base}/v1/jobs/j1", "transcript": f"{base}/v1/jobs/j1/transcript"}
 

@@ -137,8 +137,7 @@ def test_long_recording_is_split_shared_and_merged_with_the_whole_recordings_tim
     from kafscribe.speech import audio
     from kafscribe.speech.engines import load_engine
 
-    single = load_engine(pipe.settings).transcribe(audio.decode(long_clip.read_bytes()), language=None,
-                                                   task="transcribe")
+    single = load_engine(pipe.settings).transcribe(audio.decode(long_clip.read_bytes()))
     merged, whole = recall(SPOKEN, result["text"]), recall(SPOKEN, single.text)
     print(f"word recall: merged {merged:.3f}, single pass {whole:.3f}; {count} chunks")
     # 10 s chunks cost tiny.en some context at each cut (measured 0.95 of the single pass here); the

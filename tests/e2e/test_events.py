@@ -91,14 +91,13 @@ def test_engines_report_each_segment_as_decoded_and_stop_when_told(engine_name, 
     engine = load_engine(Settings(model="tiny.en", device="cpu", cpu_threads=2), engine=engine_name)
     samples = audio.decode(short_clip.read_bytes())
     seen: list[tuple[Segment | None, float]] = []
-    out = engine.transcribe(samples, language=None, task="transcribe",
-                            on_segment=lambda s, f: seen.append((s, f)))
+    out = engine.transcribe(samples, on_segment=lambda s, f: seen.append((s, f)))
     assert [s for s, _ in seen if s is not None] == out.segments  # every segment, once, in order
     fractions = [f for _, f in seen]
     assert fractions == sorted(fractions) and 0.0 <= fractions[0] and fractions[-1] <= 1.0
     assert fractions[-1] >= 0.8  # the last segment ends near the end of the clip
     with pytest.raises(Cancelled):  # cancelled before it starts: nothing is decoded
-        engine.transcribe(samples, language=None, task="transcribe", should_continue=lambda: False)
+        engine.transcribe(samples, should_continue=lambda: False)
     if engine_name == "faster-whisper":  # (openai-whisper checks per 30 s window: the same path, slower)
         asked = []
         got: list[Segment] = []
@@ -108,7 +107,7 @@ def test_engines_report_each_segment_as_decoded_and_stop_when_told(engine_name, 
             return not got  # stop once the first segment is in
 
         with pytest.raises(Cancelled):
-            engine.transcribe(audio.decode(long_clip.read_bytes()), language=None, task="transcribe",
+            engine.transcribe(audio.decode(long_clip.read_bytes()),
                               on_segment=lambda s, f: got.append(s), should_continue=go_on)
         assert len(got) == 1 and len(asked) >= 2
 

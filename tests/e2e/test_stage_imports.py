@@ -38,19 +38,20 @@ def heavy():
 
 
 from producers.ingress import build_app
+from producers.ingress.appkeys import BACKENDS
 from producers.submission import parse_options
 
 app = build_app(settings)
 parse_options({"language": "de", "translate_to": "en", "task": "translate"}, settings)
-app["backends"].submitter()  # the Cassandra side of a submission
-app["backends"].close()
+app[BACKENDS].submitter()  # the Cassandra side of a submission
+app[BACKENDS].close()
 report["ingress"] = heavy()
 
 from consumers.loop import StageRunner
 from consumers.status import StatusReporter
 from kafscribe.validation import check_event
 from consumers.worker import build_stages
-from kafscribe import cassandra_session
+from kafscribe.store import session as cassandra_session
 from schemas.events import JobOptions, Result, Transcript
 
 session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)

@@ -11,7 +11,7 @@ import pytest
 
 from kafscribe.settings import Settings
 from kafscribe.speech import audio
-from kafscribe.speech.engines import load_engine, vad
+from kafscribe.speech.engines import EngineOptions, load_engine, vad
 from tests.audio_clips import ENGLISH, speak
 from tests.conftest import fresh_settings, make_pipeline
 
@@ -67,13 +67,12 @@ def assert_sane_words(segments) -> None:
 
 def test_words_have_sane_monotonic_times_inside_their_segments(word_clips):
     engine = load_engine(Settings(model="tiny.en", device="cpu", cpu_threads=2), engine="faster-whisper")
-    out = engine.transcribe(audio.decode(word_clips["en"].read_bytes()), language=None, task="transcribe",
-                            word_timestamps=True)
+    out = engine.transcribe(audio.decode(word_clips["en"].read_bytes()), EngineOptions(word_timestamps=True))
     assert_sane_words(out.segments)
     words = [w.word.strip(" .,").lower() for s in out.segments for w in s.words]
     for expected in ("quick", "fox", "lazy", "dog"):
         assert expected in words, words
-    plain = engine.transcribe(audio.decode(word_clips["en"].read_bytes()), language=None, task="transcribe")
+    plain = engine.transcribe(audio.decode(word_clips["en"].read_bytes()))
     assert plain.segments and all(s.words == [] for s in plain.segments)
 
 
@@ -88,7 +87,7 @@ def test_vad_finds_the_speech_after_the_leading_silence(word_clips):
 
 def test_vad_filter_keeps_times_on_the_original_clock(engine, word_clips):
     samples = audio.decode(word_clips["late"].read_bytes())
-    out = engine.transcribe(samples, language=None, task="transcribe", word_timestamps=True, vad_filter=True)
+    out = engine.transcribe(samples, EngineOptions(word_timestamps=True, vad_filter=True))
     # tiny.en hears "brown fox jumps" variously ("round fox jump", "brown fog stumps", "groundhog stumps": seen
     # from run to run with the same weights); "lazy dog" it always got
     assert "lazy dog" in out.text.lower(), out.text
@@ -96,8 +95,8 @@ def test_vad_filter_keeps_times_on_the_original_clock(engine, word_clips):
     first_word = out.segments[0].words[0]
     assert first_word.start >= SILENCE_S - 1.0, first_word  # nothing decoded from the silence
     assert_sane_words(out.segments)
-    silent = engine.transcribe(audio.decode(word_clips["silence"].read_bytes()), language=None,
-                               task="transcribe", vad_filter=True)
+    silent = engine.transcribe(audio.decode(word_clips["silence"].read_bytes()),
+                               EngineOptions(vad_filter=True))
     assert silent.segments == [] and silent.text == ""
 
 
@@ -149,10 +148,10 @@ def test_prompt_and_temperature_reach_the_engine(engine, tmp_path):
     """A spoken name tiny.en misspells is spelled with a prompt that names it (the case measured in docs/transcription.md,
     "Prompt and temperature"); each segment reports the one temperature given."""
     clip = audio.decode(speak("We use Kafscribe every day.", tmp_path / "name.wav").read_bytes())
-    plain = engine.transcribe(clip, language=None, task="transcribe")
+    plain = engine.transcribe(clip)
     assert "kafscribe" not in plain.text.lower() and "every day" in plain.text.lower(), plain.text
-    primed = engine.transcribe(clip, language=None, task="transcribe", prompt="Glossary: Kafscribe.", temperature=0.0)
+    primed = engine.transcribe(clip, EngineOptions(prompt="Glossary: Kafscribe.", temperature=0.0))
     assert "Kafscribe" in primed.text, primed.text
     assert primed.segments and all(s.temperature == 0.0 for s in primed.segments)
-    warm = engine.transcribe(clip, language=None, task="transcribe", temperature=0.4)
+    warm = engine.transcribe(clip, EngineOptions(temperature=0.4))
     assert warm.segments and all(s.temperature == 0.4 for s in warm.segments)

@@ -85,7 +85,7 @@ def test_engines_stop_at_the_deadline(engine, clips, monkeypatch):
     eng = load_engine(Settings(model="tiny.en", engine=engine))
     samples = audio.decode(clips["en"].read_bytes(), max_duration_s=60)
     with pytest.raises(TimeLimitExceeded):
-        eng.transcribe(samples, language=None, task="transcribe", deadline=time.monotonic() - 1)
+        eng.transcribe(samples, deadline=time.monotonic() - 1)
     if engine == "openai-whisper":
         # The deadline is also checked before every 30 s window that whisper decodes.
         from kafscribe.speech.engines import openai_whisper_engine as mod
@@ -99,9 +99,9 @@ def test_engines_stop_at_the_deadline(engine, clips, monkeypatch):
 
         monkeypatch.setattr(mod, "check_deadline", second_call_fails)
         with pytest.raises(TimeLimitExceeded, match="window"):
-            eng.transcribe(samples, language=None, task="transcribe", deadline=time.monotonic() + 3600)
+            eng.transcribe(samples, deadline=time.monotonic() + 3600)
         assert "decode" not in eng._model.__dict__  # the model's own decode is back
         monkeypatch.undo()
-    out = eng.transcribe(samples, language=None, task="transcribe", deadline=time.monotonic() + 3600)
+    out = eng.transcribe(samples, deadline=time.monotonic() + 3600)
     assert "fox" in out.text.lower()
     assert isinstance(samples, np.ndarray)

@@ -13,7 +13,7 @@ from consumers.chunk_transcriber import chunk_blob_id, shifted
 from consumers.merger import assemble, done_prefix, renumbered, vote_language
 from kafscribe import validation
 from kafscribe.kafka.chunk_routing import chunk_partition, chunk_partitions
-from kafscribe.kafka.routing import WorkerState
+from kafscribe.kafka.workers import WorkerState
 from kafscribe.settings import Settings
 from kafscribe.speech import chunking
 from schemas.events import (

@@ -40,13 +40,14 @@ def test_settings_page_shows_every_setting_and_no_machine_paths():
 def openapi() -> Iterator[dict]:
     """The ingress app's /openapi.json, built as the ingress builds it (no server is contacted)."""
     from producers.ingress import build_app
+    from producers.ingress.appkeys import BACKENDS
     from producers.ingress.routes.docs import SPEC
 
     app = build_app(Settings())
     try:
         yield app[SPEC]
     finally:
-        app["backends"].close()
+        app[BACKENDS].close()
 
 
 def spec_operations(spec: dict) -> set[tuple[str, str]]:

@@ -279,3 +279,23 @@ def test_routes_that_need_no_backend_answer_through_the_test_client(tmpdir_of_in
             assert (await client.get("/nowhere")).status == 404
 
     asyncio.run(scenario())
+
+
+def test_the_ingress_keeps_its_state_under_app_keys():
+    """String keys make aiohttp warn (NotAppKeyWarning): every piece of app state has a ``web.AppKey``."""
+    import warnings
+
+    from aiohttp import web
+
+    from kafscribe.settings import Settings
+    from producers.ingress import build_app
+    from producers.ingress.appkeys import BACKENDS, SETTINGS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", web.NotAppKeyWarning)
+        app = build_app(Settings())
+    try:
+        assert app[SETTINGS].http_port == Settings().http_port
+        assert all(isinstance(key, web.AppKey) for key in app), list(app)
+    finally:
+        app[BACKENDS].close()

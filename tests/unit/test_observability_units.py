@@ -11,7 +11,7 @@ import yaml
 from infra import prometheus_server
 from kafscribe.cli import services
 from kafscribe.kafka import lag
-from kafscribe.kafka.routing import WorkerState
+from kafscribe.kafka.workers import WorkerState
 from kafscribe.settings import PROJECT_ROOT, Settings
 from schemas.events import WorkerStatus
 

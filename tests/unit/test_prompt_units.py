@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from kafscribe.cli.jobs import add_parsers
 from kafscribe.settings import Settings
 from kafscribe.speech import decoding
+from kafscribe.speech.decoding import EngineOptions
 from kafscribe.speech.engines import openai_whisper_engine
 from kafscribe.speech.engines.faster_whisper_engine import FasterWhisperEngine
 from kafscribe.validation import check_event
@@ -48,11 +49,11 @@ def test_prompt_and_temperature_parse_into_the_jobs_options():
     ({"prompt": "a\x00b"}, "prompt contains a control character"),
     ({"prompt": "a\u2028b"}, "prompt contains a control character"),
     ({"prompt": "a\udcffb"}, "prompt is not valid UTF-8"),
-    ({"temperature": "1.01"}, "temperature='1.01' must be a number from 0 to 1"),
-    ({"temperature": "-0.2"}, "temperature='-0.2' must be a number from 0 to 1"),
+    ({"temperature": "1.01"}, "temperature=1.01 must be a number from 0 to 1"),
+    ({"temperature": "-0.2"}, "temperature=-0.2 must be a number from 0 to 1"),
     ({"temperature": "warm"}, "temperature='warm'"),
-    ({"temperature": "nan"}, "temperature='nan'"),
-    ({"temperature": "inf"}, "temperature='inf'"),
+    ({"temperature": "nan"}, "temperature=nan must be a number"),
+    ({"temperature": "inf"}, "temperature=inf must be a number"),
 ])
 def test_bad_values_are_422_with_the_reason(raw, reason):
     with pytest.raises(SubmissionError) as err:
@@ -125,7 +126,7 @@ async def _doors() -> None:
     async with TestClient(TestServer(build_app(settings, DoorOnly()))) as http:
         r = await http.post("/v1/audio/transcriptions", data=form(model="whisper-1", temperature="1.5"))
         assert r.status == 400
-        assert (await r.json()) == {"error": {"message": "temperature='1.5' must be a number from 0 to 1",
+        assert (await r.json()) == {"error": {"message": "temperature=1.5 must be a number from 0 to 1",
                                               "type": "invalid_request_error", "param": "temperature",
                                               "code": "invalid_value"}}
         r = await http.post("/v1/audio/translations", data=form(model="whisper-1", prompt=LONG))
@@ -207,12 +208,21 @@ def test_a_transcript_with_a_bad_segment_temperature_is_refused():
 
 
 # --- the engines ---------------------------------------------------------------------------------------
-def test_engine_kwargs():
-    assert decoding.engine_kwargs(None, None) == {}  # the engine's own defaults, untouched
-    assert decoding.engine_kwargs("", None) == {}
-    assert decoding.engine_kwargs("Kafscribe", 0.3) == {"initial_prompt": "Kafscribe", "temperature": 0.3}
-    got = decoding.engine_kwargs(None, 0)
+def test_engine_decoder_kwargs():
+    assert EngineOptions().decoder_kwargs() == {}  # the engine's own defaults, untouched
+    assert EngineOptions(prompt="").decoder_kwargs() == {}
+    assert EngineOptions(prompt="Kafscribe", temperature=0.3).decoder_kwargs() == {"initial_prompt": "Kafscribe",
+                                                                                   "temperature": 0.3}
+    got = EngineOptions(temperature=0).decoder_kwargs()
     assert got == {"temperature": 0.0} and isinstance(got["temperature"], float)
+
+
+def test_engine_options_are_the_jobs_decoding_options():
+    job = JobOptions(language="de", task="translate", translate_to="en", model="base", callback_url="https://x",
+                     word_timestamps=True, vad_filter=True, prompt="Kafscribe", temperature=0.2)
+    assert EngineOptions.for_job(job) == EngineOptions(language="de", task="translate", word_timestamps=True,
+                                                       vad_filter=True, prompt="Kafscribe", temperature=0.2)
+    assert EngineOptions.for_job(JobOptions()) == EngineOptions()  # detect, transcribe, the engine's defaults
 
 
 class RecordingModel:
@@ -242,13 +252,28 @@ def test_faster_whisper_gets_the_prompt_and_the_one_temperature(batch):
     import numpy as np
 
     engine, model = faster_engine(batch)
-    out = engine.transcribe(np.zeros(16000, np.float32), language=None, task="translate", prompt="Kafscribe",
-                            temperature=0.6)
+    out = engine.transcribe(np.zeros(16000, np.float32),
+                            EngineOptions(task="translate", prompt="Kafscribe", temperature=0.6))
     assert model.calls[-1]["initial_prompt"] == "Kafscribe" and model.calls[-1]["temperature"] == 0.6
     assert model.calls[-1]["task"] == "translate"
     assert out.segments[0].temperature == 0.6 and isinstance(out.segments[0].temperature, float)
-    engine.transcribe(np.zeros(16000, np.float32), language=None, task="transcribe")
+    engine.transcribe(np.zeros(16000, np.float32))
     assert "initial_prompt" not in model.calls[-1] and "temperature" not in model.calls[-1]  # the engine's defaults
+
+
+def test_faster_whisper_gets_every_engine_option():
+    import numpy as np
+
+    engine, model = faster_engine()
+    engine.transcribe(np.zeros(16000, np.float32), EngineOptions(language="de", word_timestamps=True, vad_filter=True))
+    call = model.calls[-1]
+    assert (call["language"], call["task"], call["beam_size"]) == ("de", "transcribe", 5)  # KAFSCRIBE_BEAM_SIZE
+    assert call["word_timestamps"] is True and call["vad_filter"] is True
+    engine.transcribe(np.zeros(16000, np.float32), EngineOptions(beam_size=2))
+    assert model.calls[-1]["beam_size"] == 2 and model.calls[-1]["language"] is None
+    engine.multilingual = False  # an English-only model: English, transcribed, whatever the job asked
+    engine.transcribe(np.zeros(16000, np.float32), EngineOptions(language="de", task="translate"))
+    assert (model.calls[-1]["language"], model.calls[-1]["task"]) == ("en", "transcribe")
 
 
 def test_openai_whisper_segments_carry_their_temperature():
@@ -296,8 +321,8 @@ def test_the_whisper_translator_gets_the_jobs_temperature_not_its_prompt(tmp_pat
     class Engine:
         multilingual, model_name = True, "base"
 
-        def transcribe(self, audio, **kwargs):
-            calls.append(kwargs)
+        def transcribe(self, audio, options, **controls):
+            calls.append((options, controls))
             return TranscriptionOutput(language="en", language_probability=1.0, duration=1.0, text="", segments=[])
 
     translator = WhisperTranslator(settings, None)
@@ -308,7 +333,7 @@ def test_the_whisper_translator_gets_the_jobs_temperature_not_its_prompt(tmp_pat
                             processing_seconds=0.1,
                             options=JobOptions(prompt="Hola, Karlos.", temperature=0.3, translate_to="en"))
     translator.translate(transcript, "en")
-    assert calls == [{"language": "es", "task": "translate", "temperature": 0.3}]
+    assert calls == [(EngineOptions(language="es", task="translate", temperature=0.3), {})]
 
 
 def test_the_door_reads_a_multi_line_prompt_and_refuses_other_control_characters():

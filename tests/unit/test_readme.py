@@ -33,13 +33,14 @@ def test_every_setting_is_on_the_settings_page():
 def test_every_route_is_documented_on_the_api_page():
     from kafscribe.settings import Settings
     from producers.ingress import build_app
+    from producers.ingress.appkeys import BACKENDS
 
     page = (DOCS / "api.md").read_text()
     app = build_app(Settings())
     try:
         missing = [r.canonical for r in app.router.resources() if r.canonical not in page]
     finally:
-        app["backends"].close()
+        app[BACKENDS].close()
     assert missing == []
 
 

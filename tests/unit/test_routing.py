@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from kafscribe.kafka.routing import choose_partition, classify, liveness
+from kafscribe.kafka.routing import choose_partition
+from kafscribe.kafka.workers import classify, liveness
 from kafscribe.speech import memory
 from schemas.events import WorkerStatus
 
@@ -172,3 +173,24 @@ def test_chunks_queued_in_a_processs_chunk_loop_count_against_its_transcriber():
 def test_no_live_transcriber_means_key_hashing():
     assert choose_partition([], GIB) is None
     assert choose_partition(classify([status("old", age_s=99)], NOW, 30), GIB) is None
+
+
+def test_a_status_older_than_worker_stale_s_is_dead_in_every_view():
+    """One staleness rule (``kafscribe.kafka.workers.liveness``) for upload routing, chunk routing and the
+    lag exporter's worker metrics: 30 s by default, a second past it is dead everywhere."""
+    from kafscribe.kafka import lag
+    from kafscribe.kafka.chunk_routing import chunk_partition, chunk_partitions
+    from kafscribe.settings import Settings
+
+    settings = Settings()
+    assert settings.worker_stale_s == 30.0
+    for age_s, alive in ((settings.worker_stale_s - 1, True), (settings.worker_stale_s + 1, False)):
+        statuses = [status("t", age_s=age_s, partitions=(1,)), status("c", age_s=age_s, partitions=(2,),
+                                                                      stage="chunk-transcriber")]
+        workers = classify(statuses, NOW, settings.worker_stale_s, 4)
+        assert [w.live for w in workers] == [alive, alive]
+        assert choose_partition(workers, GIB) == ((1, "t") if alive else None)
+        assert chunk_partitions("job", 1, 4, workers, GIB) == ([2] if alive else [chunk_partition("job", 0, 4)])
+        families = {f.name: f for f in lag.worker_families(lag.Snapshot(workers=workers, taken_ms=NOW), settings)}
+        assert bool(families["kafscribe_worker_headroom_bytes"].samples) is alive
+        assert len(families["kafscribe_worker_status_age_seconds"].samples) == 2  # stale: its age still shows

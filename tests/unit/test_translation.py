@@ -107,7 +107,7 @@ def test_whisper_backend_translates_real_speech_to_english(clips, tmp_path, clip
     data = clips[clip].read_bytes()
     ref = FileBlobStore(tmp_path).put("clip", data)
     engine = load_engine(settings)
-    source = engine.transcribe(audio.decode(data), language=None, task="transcribe")
+    source = engine.transcribe(audio.decode(data))
     assert source.language == language
     t = transcript([s.text for s in source.segments], language=language, blob_ref=ref,
                    sha=hashlib.sha256(data).hexdigest())

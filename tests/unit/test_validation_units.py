@@ -7,10 +7,12 @@ from dataclasses import replace
 
 import pytest
 
-from kafscribe.kafka.routing import choose_partition, classify
+from kafscribe.kafka.routing import choose_partition
+from kafscribe.kafka.workers import check_worker_status, classify
 from kafscribe.settings import Settings
 from kafscribe.speech import memory
-from kafscribe.validation import check_event, check_worker_status, is_job_id
+from kafscribe.validation import check_event, is_job_id
+from producers.submission import SubmissionError, parse_options
 from schemas.events import CallbackAttempt, JobOptions, Result, Segment, Upload, WorkerStatus
 
 NOW = 1_800_000_000_000
@@ -41,15 +43,48 @@ def test_a_good_upload_passes():
     ({"attempt": -1}, "attempt -1"),
     ({"produced_at": NOW + 301_000}, "in the future"),
     ({"produced_at": -5}, "produced_at -5"),
-    ({"options": JobOptions(model="large-v3")}, "model 'large-v3' is not allowed"),
-    ({"options": JobOptions(model="/srv/models/evil")}, "is not allowed here"),
-    ({"options": JobOptions(task="dance")}, "task 'dance'"),
-    ({"options": JobOptions(language="xx")}, "language 'xx'"),
-    ({"options": JobOptions(translate_to="klingon")}, "translate_to 'klingon'"),
+    ({"options": JobOptions(model="large-v3")}, "model='large-v3' is not served here"),
+    ({"options": JobOptions(model="/srv/models/evil")}, "is not served here"),
+    ({"options": JobOptions(task="dance")}, "task='dance'"),
+    ({"options": JobOptions(language="xx")}, "language='xx'"),
+    ({"options": JobOptions(translate_to="klingon")}, "translate_to='klingon'"),
 ])
 def test_bad_uploads_are_refused_with_the_reason(changes, reason):
     got = check_event(SETTINGS, "uploads", replace(GOOD, **changes), NOW)
     assert got is not None and reason in got, got
+
+
+# The same option values as the door receives them (form strings) and as a direct producer's Upload carries them.
+SAME_REFUSALS = [
+    ({"task": "dance"}, JobOptions(task="dance")),
+    ({"language": "xx"}, JobOptions(language="xx")),
+    ({"translate_to": "klingon"}, JobOptions(translate_to="klingon")),
+    ({"model": "large-v3"}, JobOptions(model="large-v3")),
+    ({"model": "/srv/models/evil"}, JobOptions(model="/srv/models/evil")),
+    ({"prompt": "x" * 1000}, JobOptions(prompt="x" * 1000)),
+    ({"prompt": "a\x1bb"}, JobOptions(prompt="a\x1bb")),
+    ({"temperature": "1.5"}, JobOptions(temperature=1.5)),
+    ({"temperature": "-0.1"}, JobOptions(temperature=-0.1)),
+    ({"temperature": "nan"}, JobOptions(temperature=math.nan)),
+]
+
+
+@pytest.mark.parametrize(("raw", "options"), SAME_REFUSALS, ids=[repr(raw)[:40] for raw, _ in SAME_REFUSALS])
+def test_the_door_and_the_workers_refuse_the_same_options_with_the_same_words(raw, options):
+    """One rule (``kafscribe.validation.check_options``): a value the door refuses with a 422, a worker
+    refuses in a direct producer's Upload (the job fails), and the client reads the same reason."""
+    with pytest.raises(SubmissionError) as door:
+        parse_options(raw, SETTINGS)
+    worker = check_event(SETTINGS, "uploads", replace(GOOD, options=options), NOW)
+    assert door.value.status == 422 and door.value.reason == worker, (door.value.reason, worker)
+
+
+def test_the_door_and_the_workers_accept_the_same_options():
+    for raw, options in [({"task": "translate", "language": "de", "translate_to": "en", "model": "base"},
+                          JobOptions(task="translate", language="de", translate_to="en", model="base")),
+                         ({"prompt": "Kafscribe", "temperature": "0.3"}, JobOptions(prompt="Kafscribe", temperature=0.3))]:
+        assert parse_options(raw, SETTINGS) == options
+        assert check_event(SETTINGS, "uploads", replace(GOOD, options=options), NOW) is None
 
 
 def test_clock_skew_within_the_setting_is_accepted():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from kafscribe.settings import Settings
+from kafscribe.speech.decoding import EngineOptions
 from kafscribe.speech.engines.base import (
     Cancelled,
     Engine,
@@ -13,7 +14,8 @@ from kafscribe.speech.engines.base import (
 
 ENGINES = ("faster-whisper", "openai-whisper")
 
-__all__ = ["ENGINES", "Cancelled", "Engine", "EngineError", "TimeLimitExceeded", "TranscriptionOutput", "load_engine"]
+__all__ = ["ENGINES", "Cancelled", "Engine", "EngineError", "EngineOptions", "TimeLimitExceeded", "TranscriptionOutput",
+           "load_engine"]
 
 
 def load_engine(settings: Settings, engine: str | None = None, model: str | None = None) -> Engine:

@@ -12,6 +12,7 @@ import numpy as np
 
 from kafscribe.settings import Settings
 from kafscribe.speech import memory
+from kafscribe.speech.decoding import DEFAULT_ENGINE_OPTIONS, EngineOptions
 from kafscribe.speech.models import offline
 from schemas.events import Segment, Word
 
@@ -61,23 +62,19 @@ class Engine(Protocol):
     multilingual: bool
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
-        word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
-        should_continue: ShouldContinue | None = None, prompt: str | None = None,
-        temperature: float | None = None,
+        self, audio: np.ndarray, options: EngineOptions = DEFAULT_ENGINE_OPTIONS, *, deadline: float | None = None,
+        on_segment: OnSegment | None = None, should_continue: ShouldContinue | None = None,
     ) -> TranscriptionOutput:
-        """Transcribe; past ``deadline`` (a ``time.monotonic()`` value) raise ``TimeLimitExceeded``.
+        """Transcribe 16 kHz mono ``audio`` as ``options`` say (``EngineOptions.for_job``: the job's language,
+        task, word timestamps, VAD, prompt, temperature; the defaults: detect the language and transcribe).
 
-        ``prompt``: Whisper's initial prompt (None: none). ``temperature``: the one
-        temperature to decode with (None: the engine's fallback schedule); each
-        segment reports the temperature it was decoded with (``kafscribe.speech.decoding``).
+        Each segment reports the temperature it was decoded with. With ``vad_filter`` only the stretches
+        the Silero VAD hears as speech are decoded; times stay on the original audio's clock.
 
-        ``word_timestamps``: each segment carries its words with times and probabilities.
-        ``vad_filter``: only the stretches the Silero VAD hears as speech are decoded;
-        times stay on the original audio's clock.
+        The job's controls: past ``deadline`` (a ``time.monotonic()`` value) raise ``TimeLimitExceeded``.
         ``on_segment(segment, fraction)``: called as each segment is decoded, with the fraction
-        (0..1) of the audio done (segment None: a window without speech was done). ``should_continue()``: asked before decoding and between
-        segments (windows); False raises ``Cancelled``.
+        (0..1) of the audio done (segment None: a window without speech was done). ``should_continue()``: asked
+        before decoding and between segments (windows); False raises ``Cancelled``.
         """
         ...
 

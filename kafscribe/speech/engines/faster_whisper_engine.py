@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from kafscribe.settings import Settings
-from kafscribe.speech.decoding import engine_kwargs
+from kafscribe.speech.decoding import DEFAULT_ENGINE_OPTIONS, EngineOptions
 from kafscribe.speech.engines.base import (
     EngineError,
     OnSegment,
@@ -65,27 +65,26 @@ class FasterWhisperEngine:
             self._batched = BatchedInferencePipeline(self._model)
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
-        word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
-        should_continue: ShouldContinue | None = None, prompt: str | None = None,
-        temperature: float | None = None,
+        self, audio: np.ndarray, options: EngineOptions = DEFAULT_ENGINE_OPTIONS, *, deadline: float | None = None,
+        on_segment: OnSegment | None = None, should_continue: ShouldContinue | None = None,
     ) -> TranscriptionOutput:
-        decoding = engine_kwargs(prompt, temperature)  # initial_prompt=, and temperature= when given
-        if not self.multilingual:
-            language, task = "en", "transcribe"
+        """``base.Engine.transcribe``."""
+        decoding = options.decoder_kwargs()  # initial_prompt=, and temperature= when given
+        language, task = (options.language, options.task) if self.multilingual else ("en", "transcribe")
+        beam_size = options.beam_size or self.beam_size
         check_deadline(deadline)
         check_continue(should_continue)
         # vad_filter runs the Silero model bundled in faster-whisper's package (ONNX): no download.
         if self._batched is not None and len(audio) >= self.batch_min_audio_s * 16000:
             # the batched pipeline cuts the audio at VAD speech stretches itself (vad_filter is its default)
             segments_iter, info = self._batched.transcribe(
-                audio, language=language, task=task, beam_size=self.beam_size, batch_size=self.batch_size,
-                word_timestamps=word_timestamps, vad_filter=True, **decoding,
+                audio, language=language, task=task, beam_size=beam_size, batch_size=self.batch_size,
+                word_timestamps=options.word_timestamps, vad_filter=True, **decoding,
             )
         else:
             segments_iter, info = self._model.transcribe(
-                audio, language=language, task=task, beam_size=self.beam_size,
-                word_timestamps=word_timestamps, vad_filter=vad_filter, **decoding,
+                audio, language=language, task=task, beam_size=beam_size,
+                word_timestamps=options.word_timestamps, vad_filter=options.vad_filter, **decoding,
             )
         segments = []
         for i, s in enumerate(segments_iter):  # a generator: each step decodes a window

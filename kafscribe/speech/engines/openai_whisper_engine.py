@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from kafscribe.settings import Settings
-from kafscribe.speech.decoding import engine_kwargs
+from kafscribe.speech.decoding import DEFAULT_ENGINE_OPTIONS, EngineOptions
 from kafscribe.speech.engines import vad
 from kafscribe.speech.engines.base import (
     EngineError,
@@ -66,20 +66,21 @@ class OpenAIWhisperEngine:
         self.multilingual = self._model.is_multilingual
 
     def transcribe(
-        self, audio: np.ndarray, *, language: str | None, task: str, deadline: float | None = None,
-        word_timestamps: bool = False, vad_filter: bool = False, on_segment: OnSegment | None = None,
-        should_continue: ShouldContinue | None = None, prompt: str | None = None,
-        temperature: float | None = None,
+        self, audio: np.ndarray, options: EngineOptions = DEFAULT_ENGINE_OPTIONS, *, deadline: float | None = None,
+        on_segment: OnSegment | None = None, should_continue: ShouldContinue | None = None,
     ) -> TranscriptionOutput:
+        """``base.Engine.transcribe``."""
         import torch
         import whisper
+
+        language, task = options.language, options.task
 
         check_deadline(deadline)
         check_continue(should_continue)
         duration = len(audio) / whisper.audio.SAMPLE_RATE
         clips: str | list[float] = "0"  # whisper's default: from the start to the end
         first_speech = 0.0  # where language detection listens
-        if vad_filter:  # openai-whisper has no VAD: decode only where Silero hears speech
+        if options.vad_filter:  # openai-whisper has no VAD: decode only where Silero hears speech
             # A clip may not end past whisper's last frame: there it would never advance (a hang).
             last = (len(audio) // whisper.audio.HOP_LENGTH) / whisper.audio.FRAMES_PER_SECOND
             speech = [(start, min(end, last)) for start, end in vad.speech_clips(audio) if min(end, last) - start >= 0.02]
@@ -127,11 +128,11 @@ class OpenAIWhisperEngine:
                     language=language,
                     task=task,
                     fp16=self.device.startswith("cuda"),
-                    beam_size=self.beam_size,
+                    beam_size=options.beam_size or self.beam_size,
                     verbose=None,
-                    word_timestamps=word_timestamps,
+                    word_timestamps=options.word_timestamps,
                     clip_timestamps=clips,
-                    **engine_kwargs(prompt, temperature),  # initial_prompt=, and temperature= when given
+                    **options.decoder_kwargs(),  # initial_prompt=, and temperature= when given
                 )
         finally:
             del model.decode  # back to the class's method

@@ -37,6 +37,7 @@ from kafscribe.speech.decoding import MAX_PROMPT_CHARS
 from kafscribe.statuses import CANCELLED, COMPLETED, FAILED
 
 from ...submission import SubmissionError, Unavailable, _languages, check_trace_id, parse_options
+from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
 from ..links import job_links
 from ..upload import read_upload
@@ -138,8 +139,8 @@ async def translations(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> web.StreamResponse:
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
     path = None
     try:
         trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))

@@ -13,6 +13,7 @@ from schemas.events import CallbackAttempt, now_ms
 
 from ...publisher import PublishError
 from .. import auth
+from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
 from ..responses import error, json_response, unavailable
 from .jobs import load_job
@@ -20,7 +21,7 @@ from .jobs import load_job
 
 async def get_callbacks(request: web.Request) -> web.Response:
     """Every delivery attempt of the job's callback event."""
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     job, _ = await load_job(request)
 
     def load():
@@ -44,8 +45,8 @@ async def get_callbacks(request: web.Request) -> web.Response:
 
 async def redeliver_callback(request: web.Request) -> web.Response:
     """Send the job's callback event again, now (one attempt; the usual schedule while attempts remain)."""
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
     job, _ = await load_job(request)
 
     def send():

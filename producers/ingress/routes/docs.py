@@ -18,6 +18,8 @@ from typing import Any
 from aiohttp import web
 from swagger_ui_bundle import swagger_ui_path
 
+from kafscribe.statuses import STATUSES
+
 from ..responses import json_response
 
 SPEC = web.AppKey("openapi", dict)
@@ -85,8 +87,7 @@ COMPONENTS: dict[str, Any] = {
             "text": {"type": "string"}, "avg_logprob": {"type": "number"}, "no_speech_prob": {"type": "number"}}},
         "Job": {"type": "object", "properties": {
             "job_id": {"type": "string"},
-            "status": {"type": "string", "enum": ["queued", "transcribing", "translating", "completed", "failed",
-                                                  "cancelled"]},
+            "status": {"type": "string", "enum": list(STATUSES)},
             "tenant": {"type": "string"}, "created_at": {"type": "string", "format": "date-time"},
             "updated_at": {"type": "string", "format": "date-time"}, "attempts": {"type": "integer"},
             "worker_id": {"type": "string", "nullable": True}, "error": {"type": "string", "nullable": True},

@@ -38,17 +38,17 @@ from typing import Any
 from aiohttp import web
 
 from kafscribe.settings import Settings
-from kafscribe.statuses import STATUSES
+from kafscribe.statuses import COMPLETED, QUEUED, STATUSES, TRANSCRIBING, TRANSLATING
 from kafscribe.store import session as cassandra_session
 
 from .. import auth
+from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
 from ..responses import cassandra_outage, error
 
 log = logging.getLogger("kafscribe.ingress")
 
-RUNNING = ("queued", "transcribing", "translating")
-COMPLETED = "completed"
+RUNNING = (QUEUED, TRANSCRIBING, TRANSLATING)  # not finished: a stream of the job goes on
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,14 @@ def read_snapshot(backends: Backends, job_id: str, scope: str | None, after: int
         if result is not None:
             snap.segments = [s for s in result["segments"] if s["id"] > after]
             snap.text = result["text"]
-    elif job["status"] != "queued":
+    elif job["status"] != QUEUED:
         snap.segments = jobs.live_segments(job_id, after=after)
     return snap
 
 
 def progress_fraction(job: dict[str, Any], recorded: float | None) -> float:
     """What a client sees: 1 once transcribed, else the highest fraction recorded (0 before any)."""
-    if job["status"] in ("translating", COMPLETED):
+    if job["status"] in (TRANSLATING, COMPLETED):
         return 1.0
     return round(min(max(recorded or 0.0, 0.0), 1.0), 4)
 
@@ -126,8 +126,8 @@ async def job_events(
 
     Raises ``web.HTTPNotFound`` before the first event if the caller may not see the job.
     """
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
     scope = auth.job_scope(request)
     last_id, status, fraction = since.last_id, since.status, since.fraction
     first = True
@@ -155,7 +155,7 @@ async def job_events(
             status = job["status"]
             yield "status", status_data(job), Cursor(last_id, status, fraction)
         now = progress_fraction(job, snap.fraction)
-        if now > fraction and (job["status"] != "queued" or now > 0):
+        if now > fraction and (job["status"] != QUEUED or now > 0):
             fraction = now
             yield "progress", {"fraction": now}, Cursor(last_id, status, fraction)
         for segment in snap.segments:
@@ -195,7 +195,7 @@ async def _open_stream(request: web.Request) -> web.StreamResponse:
 async def _pump(request: web.Request, job_id: str, render, since: Cursor = Cursor()) -> web.StreamResponse:
     """Send ``render(event, data, cursor)`` of each job event (None: skip), with keep-alive comments between;
     ``204`` when there is nothing newer than ``since`` and the job has ended."""
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     events = job_events(request, job_id, since)
     response: web.StreamResponse | None = None
     last_write = time.monotonic()
@@ -264,7 +264,7 @@ async def stream_openai_segments(request: web.Request, job_id: str) -> web.Strea
 
 async def partial_text(request: web.Request, job: dict[str, Any]) -> str:
     """The text of the segments transcribed so far, in order (a split job: its done chunks' prefix)."""
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     try:
         segments = await asyncio.to_thread(lambda: backends.jobs().live_segments(job["job_id"]))
     except Exception as exc:  # noqa: BLE001 - the view still answers; partial text is best effort
@@ -275,7 +275,7 @@ async def partial_text(request: web.Request, job: dict[str, Any]) -> str:
 
 async def progress_view(request: web.Request, job: dict[str, Any]) -> dict[str, float]:
     """``progress`` of the job view: ``{"fraction": ...}`` (see ``progress_fraction``)."""
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     try:
         recorded = await asyncio.to_thread(lambda: backends.jobs().progress(job["job_id"]))
     except Exception as exc:  # noqa: BLE001 - the view still answers; progress is best effort

@@ -10,6 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from kafscribe.kafka.clients import kafka_reachable
 from kafscribe.settings import Settings
 
+from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
 from ..responses import json_response
 
@@ -19,8 +20,8 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
 
     def check() -> dict[str, bool]:
         kafka = kafka_reachable(settings, timeout_s=2)

@@ -16,13 +16,14 @@ from aiohttp import web
 from kafscribe import formats, metrics
 from kafscribe.settings import Settings
 from kafscribe.speech.decoding import MAX_PROMPT_CHARS
-from kafscribe.statuses import COMPLETED, STATUSES, TERMINAL
+from kafscribe.statuses import CANCELLED, COMPLETED, QUEUED, STATUSES, TERMINAL
 from kafscribe.store import retention
 from kafscribe.webhooks.guard import mask_url
 from schemas.events import JobOptions, Upload
 
 from ...submission import SubmissionError, Submitter, Unavailable, check_trace_id, parse_options
 from .. import auth
+from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
 from ..links import job_links
 from ..responses import error, in_store, json_response, unavailable
@@ -33,7 +34,7 @@ log = logging.getLogger("kafscribe.ingress")
 
 
 async def create_job(request: web.Request) -> web.Response:
-    settings: Settings = request.app["settings"]
+    settings: Settings = request.app[SETTINGS]
     path = None  # the temp file while this handler owns it
     try:
         trace_id = check_trace_id(request.headers.get("X-Trace-Id", ""))
@@ -60,7 +61,7 @@ async def create_job(request: web.Request) -> web.Response:
     metrics.UPLOAD_BYTES.inc(upload.audio_bytes)
     log.info("accepted %.1fs of audio", upload.audio_duration, extra={"job_id": upload.job_id, "trace_id": upload.trace_id})
     return json_response(
-        {"job_id": upload.job_id, "status": "queued", "links": job_links(request, upload.job_id)},
+        {"job_id": upload.job_id, "status": QUEUED, "links": job_links(request, upload.job_id)},
         status=202,
         headers={"Location": f"/v1/jobs/{upload.job_id}"},
     )
@@ -72,7 +73,7 @@ async def submit(request: web.Request, received: Received, options: JobOptions, 
     Shielded: a client that goes away mid-submission must not leave a blob
     without its row or event. The temp file (if any) is removed when it ends.
     """
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     try:
         submitter = backends.submitter() if backends.connected() else await asyncio.to_thread(backends.submitter)
     except BaseException:
@@ -128,7 +129,7 @@ def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, An
 
 
 async def load_job(request: web.Request) -> tuple[dict, dict | None]:
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     job_id = request.match_info["job_id"]
     scope = auth.job_scope(request)
 
@@ -200,8 +201,8 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
 
 async def list_jobs(request: web.Request) -> web.Response:
     """The caller's tenant's jobs, newest first: ``limit``, ``cursor`` (from ``next_cursor``), ``status``."""
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
     q = request.query
     try:
         limit = int(q.get("limit", LIST_DEFAULT))
@@ -239,8 +240,8 @@ async def list_jobs(request: web.Request) -> web.Response:
 async def delete_job(request: web.Request) -> web.Response:
     """A finished job is removed with its audio, result and segments (200, then 404); an unfinished one is
     cancelled (202): a worker that holds it stops at its next check and it ends ``cancelled``."""
-    settings: Settings = request.app["settings"]
-    backends: Backends = request.app["backends"]
+    settings: Settings = request.app[SETTINGS]
+    backends: Backends = request.app[BACKENDS]
     job, _ = await load_job(request)
     job_id = job["job_id"]
 
@@ -249,7 +250,7 @@ async def delete_job(request: web.Request) -> web.Response:
         if job["status"] in TERMINAL:
             retention.delete_job(settings, backends.submitter().session, store, job)
             return "deleted"
-        return "cancelled" if store.cancel(job_id) else "finished"
+        return CANCELLED if store.cancel(job_id) else "finished"
 
     outcome = await in_store(request, act)
     if outcome == "deleted":
@@ -258,7 +259,7 @@ async def delete_job(request: web.Request) -> web.Response:
     if outcome == "finished":
         return error(409, "the job finished meanwhile; DELETE it again to remove it")
     log.info("job cancelled", extra={"job_id": job_id, "trace_id": job["trace_id"]})
-    return json_response({"job_id": job_id, "status": "cancelled", "links": job_links(request, job_id)}, status=202)
+    return json_response({"job_id": job_id, "status": CANCELLED, "links": job_links(request, job_id)}, status=202)
 
 
 _JOB_ID = {"$ref": "#/components/parameters/JobId"}

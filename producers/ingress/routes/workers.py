@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
 from ..responses import json_response
 
 
 async def list_workers(request: web.Request) -> web.Response:
     """Every worker seen on the status topic: live, stale (no status for worker_stale_s) or stopped."""
-    backends: Backends = request.app["backends"]
+    backends: Backends = request.app[BACKENDS]
     workers = []
     for w in sorted(backends.view.workers(), key=lambda w: (w.status.stage, w.status.worker_id)):
         s = w.status
@@ -23,7 +24,7 @@ async def list_workers(request: web.Request) -> web.Response:
                        "gpu_device": s.gpu_device, "budget": s.memory_budget,
                        "headroom": w.headroom},
         })
-    return json_response({"stale_after_s": request.app["settings"].worker_stale_s, "workers": workers})
+    return json_response({"stale_after_s": request.app[SETTINGS].worker_stale_s, "workers": workers})
 
 
 OPENAPI_PATHS: dict = {
