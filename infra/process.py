@@ -74,21 +74,7 @@ class ServerProcess:
 
     def stop(self, timeout_s: float = 30.0) -> bool:
         """SIGTERM, wait, then SIGKILL. Returns True if a process was stopped."""
-        pid = self.pid()
-        if pid is None:
-            return False
-        _signal(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and _exists(pid):
-            _reap(pid)
-            time.sleep(0.2)
-        if _exists(pid):
-            _signal(pid, signal.SIGKILL)
-            while _exists(pid):
-                _reap(pid)
-                time.sleep(0.1)
-        self.pid_file.unlink(missing_ok=True)
-        return True
+        return bool(stop_together([self], timeout_s))
 
     def log_tail(self, lines: int = 40) -> str:
         try:
@@ -133,3 +119,27 @@ def _signal(pid: int, sig: int) -> None:
         os.kill(pid, sig)
     except ProcessLookupError:
         pass
+
+
+def stop_together(procs: list[ServerProcess], timeout_s: float = 30.0) -> list[ServerProcess]:
+    """SIGTERM every running one at once, wait for all within one deadline, then SIGKILL the rest.
+
+    Returns the ones that were running. Stopping a group together costs the slowest member's shutdown,
+    not the sum of all of them (the test session's two stacks: eight JVMs).
+    """
+    running = [(proc, pid) for proc in procs if (pid := proc.pid()) is not None]
+    for _, pid in running:
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_exists(pid) for _, pid in running):
+        for _, pid in running:
+            _reap(pid)
+        time.sleep(0.2)
+    for proc, pid in running:
+        if _exists(pid):
+            _signal(pid, signal.SIGKILL)
+            while _exists(pid):
+                _reap(pid)
+                time.sleep(0.1)
+        proc.pid_file.unlink(missing_ok=True)
+    return [proc for proc, _ in running]

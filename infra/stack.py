@@ -25,7 +25,7 @@ from kafscribe.store.session import cassandra_reachable
 
 from . import bootstrap, cassandra_server, jars, kafka_server
 from .nodes import Node, cassandra_nodes, kafka_nodes
-from .process import ServerProcess
+from .process import ServerProcess, stop_together
 
 
 class StackError(RuntimeError):
@@ -189,21 +189,28 @@ def _wait_ready(settings: Settings, log: Callable[[str], None]) -> None:
         time.sleep(1.0)
 
 
-def down(settings: Settings, log: Callable[[str], None] = print, timeout_s: float = 60.0) -> list[str]:
-    """Stop every node our pid files name (Kafka's first: they flush faster)."""
+def down(settings: Settings, log: Callable[[str], None] = print, timeout_s: float = 60.0,
+         together: bool = False) -> list[str]:
+    """Stop every node our pid files name (Kafka's first: they flush faster).
+
+    ``together``: signal every node at once and wait for them as a group (the test session's teardown,
+    whose data is disposable): a node that outlasts ``timeout_s`` is killed.
+    """
     names = [n.name for n in nodes(settings)]
     for pid_file in sorted(settings.state_dir.glob("*.pid")):  # nodes of a larger layout than configured
         name = pid_file.stem
         if name.split("-")[0] in ("kafka", "cassandra") and name not in names:
             names.append(name)
     names.sort(key=lambda n: (not n.startswith("kafka"), n))
+    groups = [names] if together else [[name] for name in names]
     stopped = []
-    for name in names:
-        proc = ServerProcess(name, settings.state_dir)
-        pid = proc.pid()
-        if proc.stop(timeout_s):
-            stopped.append(name)
-            log(f"{name}: stopped pid {pid}")
-        else:
-            log(f"{name}: not running (no kafscribe pid file)")
+    for group in groups:
+        pids = {name: ServerProcess(name, settings.state_dir).pid() for name in group}
+        ended = {p.name for p in stop_together([ServerProcess(name, settings.state_dir) for name in group], timeout_s)}
+        for name in group:
+            if name in ended:
+                stopped.append(name)
+                log(f"{name}: stopped pid {pids[name]}")
+            else:
+                log(f"{name}: not running (no kafscribe pid file)")
     return stopped
