@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kafscribe.errors import PermanentError
+
 SAMPLE_RATE = 16000
 PCM_BYTES_PER_SECOND = SAMPLE_RATE * 2  # s16le mono
 # Containers of audio (and of video with audio) that ffmpeg may demux. Deliberately no
@@ -43,7 +45,7 @@ DEMUXERS = (
 _CHUNK = 1 << 20
 
 
-class AudioError(ValueError):
+class AudioError(PermanentError, ValueError):
     """The bytes are not decodable audio (permanent: the job fails with this reason)."""
 
 

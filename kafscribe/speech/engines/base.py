@@ -10,13 +10,14 @@ from typing import Protocol
 
 import numpy as np
 
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.speech import memory
 from kafscribe.speech.models import offline
 from schemas.events import Segment, Word
 
 
-class EngineError(RuntimeError):
+class EngineError(PermanentError, RuntimeError):
     """The engine cannot be loaded or used as configured."""
 
 
