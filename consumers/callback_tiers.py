@@ -20,7 +20,7 @@ from kafscribe.kafka.topics import RETRY_TOPIC, retry_tiers
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, now_ms
 
-from .loop import Output
+from .stage import Output
 
 
 def shortest_delay_s() -> float:

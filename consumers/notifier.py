@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from confluent_kafka import Message
 
 from kafscribe import metrics
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.store.callbacks import CallbackStore
 from kafscribe.store.webhook_secrets import WebhookSecrets
@@ -50,8 +51,7 @@ from kafscribe.webhooks.guard import CallbackRefused, Resolver, check_url
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
 from .callback_tiers import RETRY_TOPIC, TierClock, retry_output, retry_tiers, shortest_delay_s
-from .loop import Abandoned, Output, park
-from .retry import PermanentFailure
+from .stage import Abandoned, Output, Stage, park
 
 log = logging.getLogger("kafscribe.notifier")
 
@@ -149,7 +149,7 @@ def _ms(started: float) -> float:
     return (time.monotonic() - started) * 1000
 
 
-class Notifier:
+class Notifier(Stage):
     name = "notifier"
     group = "notifier"
     input_topic = "finished"  # what the sink has stored, never a result the API cannot show yet
@@ -161,7 +161,7 @@ class Notifier:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Result):
-            raise PermanentFailure(f"expected a Result on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a Result on {message.topic()}, got {type(event).__name__}")
         if not event.options.callback_url:
             return []
         event_type, body = event_body(self.settings, event)
@@ -177,7 +177,7 @@ class Notifier:
         return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
 
 
-class CallbackRetrier:
+class CallbackRetrier(Stage):
     """Later attempts: waits in the delay tiers (held by the consume loop), then delivers or forwards."""
 
     name = "callback-retry"
@@ -199,7 +199,7 @@ class CallbackRetrier:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, CallbackAttempt):
-            raise PermanentFailure(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
         wait_s = (event.not_before - now_ms()) / 1000
         if wait_s >= self._shortest:
             return [retry_output(self.settings, event)]  # not due: on to the tier that fits

@@ -28,7 +28,8 @@ from schemas.events import WorkerStatus
 from .loop import StageRunner
 
 log = logging.getLogger("kafscribe.status")
-# whose backlog the ingress routes by (asking the broker costs a round trip): a transcriber process's two loops
+# whose backlog the ingress routes by: a transcriber process's two loops (the runner's background probe
+# asks the broker; a snapshot only reads its cache)
 ROUTED_STAGES = ("transcriber", "chunk-transcriber")
 
 
@@ -48,7 +49,7 @@ class StatusReporter:
     def state(self) -> str:
         if self.runner.stopped:
             return "stopped"
-        return "throttled" if getattr(self.runner.stage, "throttled", False) else "running"
+        return "throttled" if self.runner.stage.throttled else "running"
 
     def snapshot(self, state: str | None = None) -> WorkerStatus:
         vm = psutil.virtual_memory()
