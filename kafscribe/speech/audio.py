@@ -53,6 +53,10 @@ class AudioTooLong(AudioError):
     """The audio decodes to more than the allowed duration (refused at the door: 413)."""
 
 
+class FormatRefused(AudioError):
+    """A container format that is never read (playlists, formats that read other files or URLs)."""
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     duration: float  # decoded seconds (never the header's claim)
