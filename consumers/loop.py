@@ -27,11 +27,10 @@ commit its outputs and offset in one transaction (``commit``, through
    group really committed, after the producer is recovered (``recover``);
    until then every partition is held paused and the loop keeps polling.
 
-Why a partition is paused is recorded per reason (``consumers.pauses``). A
-stage with ``concurrency > 1`` runs in the concurrent mode
-(``consumers.concurrent``), which composes this runner's parts. Broker look-ups
-that are not the job's work (backlog, idle lag) run in a background thread
-(``consumers.probes``): a job reaching an idle worker starts at once.
+Pauses are recorded per reason (``consumers.pauses``); ``concurrency > 1``
+runs the concurrent mode (``consumers.concurrent``) on this runner's parts;
+broker look-ups that are not the job's work (backlog, idle lag) run in a
+background thread (``consumers.probes``), so a job starts at once.
 
 SIGTERM stops the loop after the current job (``stop()``); a job that
 outlives the grace period is abandoned uncommitted and redone elsewhere.
@@ -40,6 +39,7 @@ outlives the grace period is abandoned uncommitted and redone elsewhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -58,7 +58,7 @@ from schemas.events import Event, decode_event
 from . import deadline
 from .concurrent import ConcurrentRunner
 from .kept import Kept
-from .pauses import PartitionKey, Pauses
+from .pauses import STOPPING, PartitionKey, Pauses
 from .probes import LagProbe
 from .retry import Failure, classify, recover_delay_s, redo_delay_s
 from .stage import Abandoned, Output, Stage, park
@@ -67,14 +67,14 @@ from .transactions import Transactions, rewind_to_committed
 log = logging.getLogger("kafscribe.loop")
 
 IDLE_CHECK_S = 10.0  # how often an idle worker looks for lag on partitions it owns
-PROBE_INTERVAL_S = 2.0  # how often the background probe asks the broker for the owned partitions' lag
+PROBE_INTERVAL_S = 1.0  # how often the background probe asks the broker for the owned partitions' lag
+PROBE_TIMEOUT_S = 2.0  # longest the probe waits for one broker answer
 
 # Why partitions are paused (consumers.pauses); the concurrent mode adds its own.
 RECOVERING = "recovering the producer"
 REDO_BACKOFF = "backing off before a redo"
 KEPT = "next message kept"
 JOINED_MID_JOB = "assigned while a job runs"
-STOPPING = "stopping"
 
 
 @dataclass
@@ -98,8 +98,6 @@ class Verdict:
 class StageRunner:
     """One stage's consume loop on one consumer and one transactional producer."""
 
-    STOPPING = STOPPING
-
     def __init__(self, settings: Settings, stage: Stage, worker_id: str | None = None, *,
                  consumer=None, producer_factory: Callable[[], object] | None = None) -> None:
         """``consumer`` and ``producer_factory`` default to real Kafka clients (tests pass doubles)."""
@@ -108,7 +106,8 @@ class StageRunner:
         self.worker_id = worker_id or settings.effective_worker_id(stage.name)
         self.topic = settings.topic(stage.input_topic)
         self.log_extra = {"stage": stage.name, "worker_id": self.worker_id}
-        self.consumer = consumer or kafka_clients.consumer(settings, settings.topic_prefix + stage.group)
+        group = settings.topic_prefix + stage.group
+        self.consumer = consumer or kafka_clients.consumer(settings, group)
         self.transactional_id = f"{settings.topic_prefix}{stage.name}.{self.worker_id}"
         self.transactions = Transactions(producer_factory or (lambda: kafka_clients.producer(
             settings, transactional_id=self.transactional_id, error_cb=self.transactions.on_producer_error,
@@ -117,7 +116,8 @@ class StageRunner:
         self.shutdown_grace_s = settings.max_poll_interval_ms / 1000 / 2
         self.concurrent = ConcurrentRunner(self) if stage.concurrency > 1 else None
         self.pauses = Pauses(self.consumer, on_resume=self.concurrent.resumed if self.concurrent else None)
-        self.probe = LagProbe(self.consumer, lambda: self._owned, PROBE_INTERVAL_S, self.call_timeout_s, stage.name)
+        self.probe = LagProbe((lambda: consumer) if consumer else (lambda: kafka_clients.consumer(settings, group)),
+                              PROBE_INTERVAL_S, PROBE_TIMEOUT_S, stage.name, close_client=consumer is None)
         self._stop = threading.Event()
         self._owned: set[PartitionKey] = set()  # kept by the rebalance callbacks; rebound, read by other threads
         self.resync: set[PartitionKey] = set()  # partitions to rewind to their committed offset
@@ -160,10 +160,8 @@ class StageRunner:
 
     def close(self) -> None:
         self.probe.stop()
-        try:  # leaves the group: partitions move at once (bounded: it needs the broker)
+        with contextlib.suppress(KafkaException, RuntimeError, deadline.Overrun):  # leaves the group at once
             deadline.call(self.consumer.close, self.call_timeout_s, "consumer.close")
-        except (KafkaException, RuntimeError, deadline.Overrun):
-            pass
         self.transactions.close()
         self.stopped = True
         for fn in self.on_close:
@@ -182,8 +180,7 @@ class StageRunner:
         yet fetched, from the broker's high watermarks as the background probe last saw them (so paused
         partitions count too). The ingress routes to the shortest queue by it. Never asks the broker."""
         lags = self.probe.sample.lags
-        waiting = sum(lags.get(key, 0) for key in list(self._owned) if key[0] == self.topic)
-        return waiting + self.kept.count(self.topic)
+        return sum(lags.get(key, 0) for key in list(self._owned) if key[0] == self.topic) + self.kept.count(self.topic)
 
     # --- one iteration, one message ---------------------------------------------------------
     def _poll_iteration(self) -> None:
@@ -272,14 +269,14 @@ class StageRunner:
                     self.kept.keep(fetched, self._owned)
                 self.pauses.discard(JOINED_MID_JOB)
                 self.pauses.set(KEPT, bool(self.kept))
-                if not self._stop.is_set():
-                    self.kept.start_prefetch()
-                self.tick()
                 if self._stop.is_set():
                     self.pauses.add(STOPPING)
                     stop_seen_at = stop_seen_at or time.monotonic()
                     if time.monotonic() - stop_seen_at > self.shutdown_grace_s:
                         raise Abandoned("shutdown grace period over")
+                else:
+                    self.kept.start_prefetch()
+                self.tick()
                 thread.join(0.05)
             if "error" in box:
                 raise box["error"]  # type: ignore[misc]
@@ -361,6 +358,9 @@ class StageRunner:
     def tick(self) -> None:
         self.last_beat = time.monotonic()
         self.transactions.poll()  # serves its error callback (brokers down)
+        if self.last_beat - self.probe.noted_at >= PROBE_INTERVAL_S:  # local: no broker call
+            with contextlib.suppress(KafkaException, RuntimeError):
+                self.probe.note_positions(self.consumer.position([TopicPartition(*k) for k in sorted(self._owned)]))
         for fn in self.on_idle:
             fn()
 

@@ -177,6 +177,7 @@ def test_an_idle_worker_resumes_what_it_owns_and_reports_lag_it_does_not_read(ca
     consumer.high = {(TOPIC, 0): 10, (TOPIC, 1): 10}
     consumer.offsets = {(TOPIC, 1): 3}
     gauge = metrics.IDLE_PARTITION_LAG.labels("transcriber", "1")
+    runner.tick()  # the loop notes its read positions (local to its consumer)
     runner.probe.refresh()  # what the background probe does every few seconds
     runner._idle_checked = 0.0
     runner.check_idle()
@@ -211,6 +212,7 @@ def test_backlog_and_idle_checks_never_ask_the_broker_on_the_loops_thread():
     runner._idle_checked = 0.0
     runner.check_idle()
     assert asked == [], "neither asked the broker"
+    runner.tick()  # the loop notes its read positions (local to its consumer)
     runner.probe.start()
     try:
         deadline = time.monotonic() + 5
