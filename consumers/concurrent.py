@@ -40,6 +40,7 @@ from confluent_kafka import KafkaException, Message, TopicPartition
 from kafscribe import metrics
 from schemas.events import Event
 
+from .pauses import STOPPING
 from .retry import Failure
 from .stage import Output
 
@@ -139,7 +140,7 @@ class ConcurrentRunner:
             while True:
                 if loop.stopping:
                     stop_seen_at = stop_seen_at or time.monotonic()
-                    loop.pauses.add(loop.STOPPING)
+                    loop.pauses.add(STOPPING)
                     if not self.work.pending():
                         break
                     if time.monotonic() - stop_seen_at > loop.shutdown_grace_s:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from confluent_kafka import KafkaException, TopicPartition
 
 PartitionKey = tuple[str, int]
+STOPPING = "stopping"  # a reason both modes use: nothing new is fetched once the worker stops
 
 
 class Pauses:
