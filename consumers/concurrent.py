@@ -191,7 +191,7 @@ class ConcurrentRunner:
     # --- one message in, results out ------------------------------------------------------
     def _accept(self, msg: Message, pool: ThreadPoolExecutor) -> None:
         key = (msg.topic(), msg.partition())
-        if self.loop.pauses.paused(key):
+        if self.loop.stopping or self.loop.pauses.paused(key):
             self._defer(key, msg.offset())  # fetched before the pause took effect: read it again later
             return
         last = self.work.last_offset(key)

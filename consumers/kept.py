@@ -39,10 +39,13 @@ class Prefetch:
 class Kept:
     """Messages fetched while a job ran, in fetch order, and the prefetch of the first one."""
 
-    def __init__(self, stage: Stage, parse: Callable[[Message], tuple[Event | None, str | None]]) -> None:
-        """``parse``: the loop's decode-and-validate (event, why it cannot be handled), without side effects."""
+    def __init__(self, stage: Stage, parse: Callable[[Message], tuple[Event | None, str | None]],
+                 stopping: Callable[[], bool]) -> None:
+        """``parse``: the loop's decode-and-validate (event, why it cannot be handled), without side effects;
+        ``stopping``: whether the worker stops (nothing new is prepared then)."""
         self.stage = stage
         self.parse = parse
+        self.stopping = stopping
         self.messages: deque[Message] = deque()
         # Per partition, the offset after the last message taken (kept or handled): an older one is a
         # repeat (never handled twice). Forgotten wherever the partition is rewound, moved or re-assigned.
@@ -91,7 +94,7 @@ class Kept:
 
     def start_prefetch(self) -> None:
         """Let the stage prepare the head kept message while the current job runs (depth 1)."""
-        if not self.stage.prefetches or not self.messages or self.prefetch is not None:
+        if not self.stage.prefetches or not self.messages or self.prefetch is not None or self.stopping():
             return
         head = self.messages[0]
         event, reason = self.parse(head)

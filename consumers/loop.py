@@ -116,14 +116,15 @@ class StageRunner:
         self.shutdown_grace_s = settings.max_poll_interval_ms / 1000 / 2
         self.concurrent = ConcurrentRunner(self) if stage.concurrency > 1 else None
         self.pauses = Pauses(self.consumer, on_resume=self.concurrent.resumed if self.concurrent else None)
-        self.probe = LagProbe((lambda: consumer) if consumer else (lambda: kafka_clients.consumer(settings, group)),
-                              PROBE_INTERVAL_S, PROBE_TIMEOUT_S, stage.name, close_client=consumer is None)
+        own_client = consumer is None  # else a test's double, which the probe shares
+        self.probe = LagProbe((lambda: kafka_clients.consumer(settings, group)) if own_client else (lambda: consumer),
+                              PROBE_INTERVAL_S, PROBE_TIMEOUT_S, stage.name, close_client=own_client)
         self._stop = threading.Event()
         self._owned: set[PartitionKey] = set()  # kept by the rebalance callbacks; rebound, read by other threads
         self.resync: set[PartitionKey] = set()  # partitions to rewind to their committed offset
         self._in_flight: PartitionKey | None = None
         self._lost_in_flight = False
-        self.kept = Kept(stage, self._parse)  # fetched while a job ran: handled next, never fetched again
+        self.kept = Kept(stage, self._parse, self._stop.is_set)  # fetched while a job ran: handled next
         self._recover_failures = 0
         self._outages = 0  # store outages in a row (the redo backoff grows with them)
         self._idle_checked = time.monotonic()
@@ -137,8 +138,7 @@ class StageRunner:
 
     # --- lifecycle ---------------------------------------------------------------------------
     def run(self) -> None:
-        self.consumer.subscribe([self.settings.topic(t) for t in self.stage.topics()], on_assign=self._on_assign,
-                                on_revoke=self._on_revoke, on_lost=self._on_lost)
+        self._subscribe()
         self.probe.start()
         try:
             if self.concurrent is not None:
@@ -153,6 +153,10 @@ class StageRunner:
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe([self.settings.topic(t) for t in self.stage.topics()], on_assign=self._on_assign,
+                                on_revoke=self._on_revoke, on_lost=self._on_lost)
 
     @property
     def stopping(self) -> bool:
@@ -274,8 +278,7 @@ class StageRunner:
                     stop_seen_at = stop_seen_at or time.monotonic()
                     if time.monotonic() - stop_seen_at > self.shutdown_grace_s:
                         raise Abandoned("shutdown grace period over")
-                else:
-                    self.kept.start_prefetch()
+                self.kept.start_prefetch()
                 self.tick()
                 thread.join(0.05)
             if "error" in box:
@@ -343,11 +346,9 @@ class StageRunner:
 
     def record_lag(self, msg: Message) -> None:
         """The partition's lag after ``msg``, from librdkafka's cached watermarks (no broker call)."""
-        try:
+        with contextlib.suppress(KafkaException):
             _, high = self.consumer.get_watermark_offsets(TopicPartition(msg.topic(), msg.partition()), cached=True)
             metrics.CONSUMER_LAG.labels(self.stage.name, str(msg.partition())).set(max(0, high - msg.offset() - 1))
-        except KafkaException:
-            pass
 
     def msg_extra(self, msg: Message, event: Event | None = None) -> dict:
         extra = {"stage": self.stage.name, "topic": msg.topic(), "partition": msg.partition(), "offset": msg.offset()}
@@ -435,8 +436,7 @@ class StageRunner:
             self.tick()
         if not self._stop.is_set():
             log.info("rejoining the group", extra=self.log_extra)
-            self.consumer.subscribe([self.settings.topic(t) for t in self.stage.topics()],
-                                    on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_lost)
+            self._subscribe()
 
     def check_idle(self) -> None:
         """Idle: nothing owned stays paused without a reason; report partitions with lag this worker does
