@@ -50,7 +50,7 @@ from consumers.loop import StageRunner
 from consumers.status import StatusReporter
 from kafscribe.validation import check_event
 from consumers.worker import build_stages
-from kafscribe import cassandra_session
+from kafscribe.store import session as cassandra_session
 from schemas.events import JobOptions, Result, Transcript
 
 session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
