@@ -333,3 +333,48 @@ def test_status_partitions_are_the_main_topics_only():
                                  TopicPartition("t.callbacks.retry.5s", 7)])
     assert {("t.callbacks.retry.5s", 0), ("t.callbacks.retry.5s", 7)} <= runner._owned  # owned and handled ...
     assert runner.assignment() == sorted({*before, 7})  # ... but reported: the main topic's, once each
+
+
+def test_a_partition_is_paused_while_any_reason_names_it_and_resumed_when_the_last_goes():
+    from consumers.pauses import Pauses
+
+    consumer = FakeConsumer(TOPIC)
+    pauses = Pauses(consumer)
+    pauses.assigned({(TOPIC, 0), (TOPIC, 1)})
+    pauses.add("held", [(TOPIC, 0)])
+    pauses.add("recovering")  # every partition, also those assigned later
+    assert consumer.paused == {(TOPIC, 0), (TOPIC, 1)}
+    pauses.assigned({(TOPIC, 2)})
+    assert (TOPIC, 2) in consumer.paused
+    pauses.discard("recovering")
+    assert consumer.paused == {(TOPIC, 0)}, "still held"
+    pauses.revoked({(TOPIC, 0)})
+    pauses.assigned({(TOPIC, 0)})
+    assert consumer.paused == set(), "a partition's own reasons go with it"
+
+
+def test_failures_are_told_apart_by_type_never_by_message():
+    from cassandra.cluster import NoHostAvailable
+
+    from consumers.retry import Failure, classify, with_retries
+    from consumers.stage import Abandoned
+    from kafscribe.errors import PermanentError, RetriesExhausted
+    from kafscribe.speech.audio import AudioError
+
+    assert classify(NoHostAvailable("down", {})) is Failure.REDO_LATER
+    assert classify(LeaveGroup("short of memory")) is Failure.LEAVE_GROUP
+    assert classify(Abandoned("stopping")) is Failure.ABANDON
+    assert classify(RuntimeError("gave up after transient failures")) is Failure.CRASH  # the words mean nothing
+
+    def fail(exc: Exception):
+        def call():
+            raise exc
+        return call
+
+    with pytest.raises(PermanentError) as permanent:
+        with_retries(fail(AudioError("not audio")), stage="t", attempts=3, base_delay_s=0)
+    assert not isinstance(permanent.value, RetriesExhausted) and str(permanent.value) == "not audio"
+    with pytest.raises(RetriesExhausted):
+        with_retries(fail(RuntimeError("CUDA out of memory")), stage="t", attempts=1, base_delay_s=0)
+    with pytest.raises(NoHostAvailable):
+        with_retries(fail(NoHostAvailable("down", {})), stage="t", attempts=3, base_delay_s=0)
