@@ -152,7 +152,7 @@ class ConcurrentRunner:
                         self._release_hold(key)
                     loop.recover()
                     continue
-                msg = loop.consumer.poll(self._poll_timeout())
+                msg = loop.poll(self._poll_timeout())
                 loop.tick()
                 if msg is None:
                     if self.idle:
@@ -184,7 +184,7 @@ class ConcurrentRunner:
             offset = self.rewind.pop(key, None)
             if offset is not None:
                 try:
-                    self.loop.consumer.seek(TopicPartition(*key, offset))
+                    self.loop.seek(TopicPartition(*key, offset))
                 except KafkaException as exc:
                     log.warning("seek %s to %d failed: %s", key, offset, exc, extra=self.loop.log_extra)
 

@@ -45,7 +45,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from confluent_kafka import KafkaError, KafkaException, Message, TopicPartition
 
@@ -60,7 +60,7 @@ from .concurrent import ConcurrentRunner
 from .kept import Kept
 from .pauses import STOPPING, PartitionKey, Pauses
 from .probes import LagProbe
-from .retry import Failure, classify, recover_delay_s, redo_delay_s
+from .retry import Failure, Verdict, classify, recover_delay_s, redo_delay_s
 from .stage import Abandoned, Output, Stage, park
 from .transactions import Transactions, rewind_to_committed
 
@@ -68,7 +68,6 @@ log = logging.getLogger("kafscribe.loop")
 
 IDLE_CHECK_S = 10.0  # how often an idle worker looks for lag on partitions it owns
 PROBE_INTERVAL_S = 1.0  # how often the background probe asks the broker for the owned partitions' lag
-PROBE_TIMEOUT_S = 2.0  # longest the probe waits for one broker answer
 
 # Why partitions are paused (consumers.pauses); the concurrent mode adds its own.
 RECOVERING = "recovering the producer"
@@ -84,15 +83,6 @@ class Decoded:
     event: Event | None
     outputs: list[Output] | None = None  # undecodable (DLQ) or invalid (failure outputs): nothing to handle
     outcome: str = "ok"
-
-
-@dataclass
-class Verdict:
-    """What the loop does with a message whose handler raised (``failed``)."""
-
-    failure: Failure
-    outputs: list[Output] = field(default_factory=list)  # CRASH: the job still ends with these
-    delay_s: float = 0.0  # REDO_LATER: the backoff before the redo
 
 
 class StageRunner:
@@ -118,7 +108,7 @@ class StageRunner:
         self.pauses = Pauses(self.consumer, on_resume=self.concurrent.resumed if self.concurrent else None)
         own_client = consumer is None  # else a test's double, which the probe shares
         self.probe = LagProbe((lambda: kafka_clients.consumer(settings, group)) if own_client else (lambda: consumer),
-                              PROBE_INTERVAL_S, PROBE_TIMEOUT_S, stage.name, close_client=own_client)
+                              lambda: self._owned, PROBE_INTERVAL_S, name=stage.name, close_client=own_client)
         self._stop = threading.Event()
         self._owned: set[PartitionKey] = set()  # kept by the rebalance callbacks; rebound, read by other threads
         self.resync: set[PartitionKey] = set()  # partitions to rewind to their committed offset
@@ -205,7 +195,7 @@ class StageRunner:
             self.tick()
             return self.kept.pop()
         self.pauses.discard(KEPT)
-        msg = self.consumer.poll(0.5)
+        msg = self.poll(0.5)
         self.tick()
         if msg is not None and not msg.error() and not self.kept.take(msg):
             return None
@@ -268,7 +258,7 @@ class StageRunner:
         stop_seen_at: float | None = None
         try:
             while thread.is_alive():
-                fetched = self.consumer.poll(0.2)
+                fetched = self.poll(0.2)
                 if fetched is not None and not fetched.error():
                     self.kept.keep(fetched, self._owned)
                 self.pauses.discard(JOINED_MID_JOB)
@@ -356,12 +346,20 @@ class StageRunner:
             extra.update(job_id=event.job_id, trace_id=event.trace_id)
         return extra
 
+    def poll(self, timeout: float) -> Message | None:
+        """``consumer.poll``; the read position is noted for the lag probe (no librdkafka call for it)."""
+        msg = self.consumer.poll(timeout)
+        if msg is not None and not msg.error():
+            self.probe.read(msg)
+        return msg
+
+    def seek(self, tp: TopicPartition) -> None:
+        self.consumer.seek(tp)
+        self.probe.seeked(tp)
+
     def tick(self) -> None:
         self.last_beat = time.monotonic()
         self.transactions.poll()  # serves its error callback (brokers down)
-        if self.last_beat - self.probe.noted_at >= PROBE_INTERVAL_S:  # local: no broker call
-            with contextlib.suppress(KafkaException, RuntimeError):
-                self.probe.note_positions(self.consumer.position([TopicPartition(*k) for k in sorted(self._owned)]))
         for fn in self.on_idle:
             fn()
 
@@ -389,7 +387,7 @@ class StageRunner:
             self.transactions.ensure()
             if self.resync:
                 self.kept.drop(set(self.resync))  # read again from the committed offset
-                rewind_to_committed(self.consumer, self.resync & self._owned, self.call_timeout_s, self.log_extra)
+                rewind_to_committed(self.consumer, self.resync & self._owned, self.seek, self.call_timeout_s, self.log_extra)
                 self.resync.clear()
         except (KafkaException, deadline.Overrun) as exc:
             self._recover_failures += 1
@@ -406,12 +404,12 @@ class StageRunner:
         """Read ``msg`` again (its offset was not committed), if this worker still owns its partition."""
         self.kept.drop({(msg.topic(), msg.partition())})
         if (msg.topic(), msg.partition()) in self._owned:
-            self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+            self.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
 
     def _redo_later(self, msg: Message, delay_s: float) -> None:
         """Leave the offset uncommitted, wait (polling, partitions paused), then redo the event."""
         self.kept.drop({(msg.topic(), msg.partition())})
-        self.consumer.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
+        self.seek(TopicPartition(msg.topic(), msg.partition(), msg.offset()))
         self.pauses.add(REDO_BACKOFF)
         self._wait_polling(delay_s)
         self.pauses.discard(REDO_BACKOFF)
@@ -420,7 +418,7 @@ class StageRunner:
         """Wait, still polling (rebalances, heartbeat of the loop); fetched strays are read again later."""
         until = time.monotonic() + seconds
         while time.monotonic() < until and not self._stop.is_set():
-            stray = self.consumer.poll(0.2)
+            stray = self.poll(0.2)
             if stray is not None and not stray.error():
                 self.resync.add((stray.topic(), stray.partition()))
             self.tick()
@@ -432,7 +430,7 @@ class StageRunner:
         self._owned = set()
         self.kept.drop(None)
         while not self._stop.is_set() and not self.stage.can_resume():
-            self.consumer.poll(1.0)  # serves the revocation; nothing else arrives
+            self.poll(1.0)  # serves the revocation; nothing else arrives
             self.tick()
         if not self._stop.is_set():
             log.info("rejoining the group", extra=self.log_extra)
@@ -470,6 +468,7 @@ class StageRunner:
         if self.concurrent is not None:
             self.concurrent.forget(keys)
         consumer.incremental_assign(partitions)
+        self.probe.forget(keys)
         self._owned = self._owned | keys
         if self._in_flight is not None:
             self.pauses.add(JOINED_MID_JOB, keys)
@@ -490,6 +489,7 @@ class StageRunner:
         keys = {(p.topic, p.partition) for p in partitions}
         self._owned = self._owned - keys
         self.pauses.revoked(keys)
+        self.probe.forget(keys)
         if self._in_flight in keys:
             self._lost_in_flight = True
         dropped = self.kept.drop(keys)

@@ -11,9 +11,10 @@ answer; the loop and the status reporter read the cache.
 The probe asks through a client of its own (same group, never subscribed):
 the loop's consumer was seen to starve a second thread for minutes (its
 ``position()`` waited while the loop's thread polled), and a consumer must not
-be closed under a call running in another thread. The read positions are
-local to the loop's consumer, so the loop hands them over (``note_positions``,
-a local call on its own thread, no broker round trip).
+be closed under a call running in another thread. Nor does the loop ask its
+consumer for its read positions: it notes them as it polls and seeks
+(``read``, ``seeked``); a partition not read since it was assigned is read
+from the group's committed offset.
 """
 
 from __future__ import annotations
@@ -53,27 +54,43 @@ def lags(client, positions: dict[PartitionKey, int], timeout_s: float = 5.0) -> 
 
 
 class LagProbe:
-    """A daemon thread that samples the lags of the noted positions every ``interval_s``; ``sample`` is the
-    latest. ``client`` makes the probe's own Kafka client (a consumer in the loop's group)."""
+    """A daemon thread that samples the lags of the ``owned()`` partitions every ``interval_s``; ``sample`` is
+    the latest. ``client`` makes the probe's own Kafka client (a consumer in the loop's group)."""
 
-    def __init__(self, client: Callable[[], object], interval_s: float, timeout_s: float, name: str,
-                 close_client: bool = True) -> None:
+    def __init__(self, client: Callable[[], object], owned: Callable[[], set[PartitionKey]], interval_s: float, *,
+                 name: str, timeout_s: float = 2.0, close_client: bool = True) -> None:
+        """``timeout_s``: the longest it waits for one broker answer; ``close_client``: the client is its own."""
         self._new_client = client
         self._close_client = close_client
         self._client = None
+        self.owned = owned
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.name = name
-        self.positions: dict[PartitionKey, int] = {}  # rebound by the loop's thread
-        self.noted_at = 0.0
+        self._positions: dict[PartitionKey, int] = {}  # next offset the loop reads, per partition
+        self._lock = threading.Lock()
         self.sample = LagSample()  # rebound, never mutated: safe to read from any thread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def note_positions(self, positions: list[TopicPartition]) -> None:
-        """The loop's read positions of the partitions it owns (from its own thread)."""
-        self.positions = {(tp.topic, tp.partition): tp.offset for tp in positions}
-        self.noted_at = time.monotonic()
+    def read(self, msg) -> None:
+        """The loop's poll returned ``msg``: its partition is read up to there."""
+        with self._lock:
+            self._positions[(msg.topic(), msg.partition())] = msg.offset() + 1
+
+    def seeked(self, tp: TopicPartition) -> None:
+        """The loop moved a partition's read position (a logical offset: not known until read)."""
+        with self._lock:
+            if tp.offset >= 0:
+                self._positions[(tp.topic, tp.partition)] = tp.offset
+            else:
+                self._positions.pop((tp.topic, tp.partition), None)
+
+    def forget(self, keys: set[PartitionKey]) -> None:
+        """Partitions assigned or revoked: read from the committed offset until the loop reads them."""
+        with self._lock:
+            for key in keys:
+                self._positions.pop(key, None)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name=f"{self.name}-lag-probe", daemon=True)
@@ -87,7 +104,10 @@ class LagProbe:
         """Sample now (in the calling thread)."""
         if self._client is None:
             self._client = self._new_client()
-        self.sample = LagSample(lags(self._client, dict(self.positions), self.timeout_s), time.monotonic())
+        owned = self.owned()
+        with self._lock:
+            positions = {key: self._positions.get(key, -1001) for key in owned}
+        self.sample = LagSample(lags(self._client, positions, self.timeout_s), time.monotonic())
         return self.sample
 
     def _run(self) -> None:

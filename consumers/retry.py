@@ -21,13 +21,14 @@ import enum
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from kafscribe import metrics
 from kafscribe.errors import PermanentError, RetriesExhausted
 from kafscribe.store.session import is_outage as is_infrastructure_outage
 
-from .stage import Abandoned, LeaveGroup
+from .stage import Abandoned, LeaveGroup, Output
 
 T = TypeVar("T")
 log = logging.getLogger("kafscribe.retry")
@@ -39,6 +40,15 @@ class Failure(enum.Enum):
     LEAVE_GROUP = "left"  # the worker cannot take work for a while: its partitions move to others
     REDO_LATER = "deferred"  # the job store is unreachable: uncommitted, redone after a backoff
     CRASH = "crashed"  # a bug in the handler: the job ends with ``failure_outputs``
+
+
+@dataclass
+class Verdict:
+    """What the loop does with a message whose handler raised (``StageRunner.failed``)."""
+
+    failure: Failure
+    outputs: list[Output] = field(default_factory=list)  # CRASH: the job still ends with these
+    delay_s: float = 0.0  # REDO_LATER: the backoff before the redo
 
 
 def classify(exc: BaseException) -> Failure:

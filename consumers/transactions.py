@@ -140,15 +140,16 @@ class Transactions:
                 pass
 
 
-def rewind_to_committed(consumer, partitions: Iterable[tuple[str, int]], timeout_s: float, extra: dict) -> None:
-    """Seek each partition to the group's committed offset, read back from the broker (bounded)."""
+def rewind_to_committed(consumer, partitions: Iterable[tuple[str, int]], seek: Callable[[TopicPartition], None],
+                        timeout_s: float, extra: dict) -> None:
+    """``seek`` each partition to the group's committed offset, read back from the broker (bounded)."""
     wanted = [TopicPartition(t, p) for t, p in sorted(partitions)]
     if not wanted:
         return
     committed = deadline.call(lambda: consumer.committed(wanted, timeout=timeout_s), timeout_s + 1, "committed")
     for tp in committed:
         offset = tp.offset if tp.offset >= 0 else OFFSET_BEGINNING  # never committed: all of it
-        consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+        seek(TopicPartition(tp.topic, tp.partition, offset))
         log.info("rewound partition %d to committed offset %d", tp.partition, tp.offset, extra=extra)
 
 

@@ -173,11 +173,10 @@ def test_an_idle_worker_resumes_what_it_owns_and_reports_lag_it_does_not_read(ca
 
     runner, consumer, _ = make_runner([FakeProducer()])
     consumer.paused = {(TOPIC, 1)}  # stranded: paused, never fetched since it came back
-    consumer.positions = {(TOPIC, 0): 10}  # partition 1: nothing read yet, so from its committed offset
+    runner.probe.read(FakeMessage(TOPIC, 0, 9, b""))  # read up to 10; partition 1 from its committed offset
     consumer.high = {(TOPIC, 0): 10, (TOPIC, 1): 10}
     consumer.offsets = {(TOPIC, 1): 3}
     gauge = metrics.IDLE_PARTITION_LAG.labels("transcriber", "1")
-    runner.tick()  # the loop notes its read positions (local to its consumer)
     runner.probe.refresh()  # what the background probe does every few seconds
     runner._idle_checked = 0.0
     runner.check_idle()
@@ -199,7 +198,8 @@ def test_backlog_and_idle_checks_never_ask_the_broker_on_the_loops_thread():
     what the background probe found; only the probe's thread asks the broker."""
     runner, consumer, _ = make_runner([FakeProducer()])
     consumer.high = {(TOPIC, 0): 12, (TOPIC, 1): 10}
-    consumer.positions = {(TOPIC, 0): 10, (TOPIC, 1): 10}
+    for partition in (0, 1):
+        runner.probe.read(FakeMessage(TOPIC, partition, 9, b""))  # what the loop's poll notes
     asked: list[str] = []
     real = consumer.get_watermark_offsets
 
@@ -212,7 +212,6 @@ def test_backlog_and_idle_checks_never_ask_the_broker_on_the_loops_thread():
     runner._idle_checked = 0.0
     runner.check_idle()
     assert asked == [], "neither asked the broker"
-    runner.tick()  # the loop notes its read positions (local to its consumer)
     runner.probe.start()
     try:
         deadline = time.monotonic() + 5
