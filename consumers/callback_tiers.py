@@ -6,7 +6,7 @@ tier (and redeliveries). Each ``kafscribe.callbacks.retry.<tier>`` topic
 FIFO delay queue: a message there is not read before its append time + the
 tier's delay (or its due time, if sooner). In one partition append times only
 grow, so the head is always the next one due and the consume loop can simply
-hold the partition until then (``ConcurrentMode``'s ``hold_until``). Released,
+hold the partition until then (``Stage.hold_until``, in ``consumers.concurrent``). Released,
 an attempt is delivered when due or forwarded to the largest tier not longer
 than its remaining wait: each tier passed costs one message, at most ~30 for
 a 10 h backoff with the shipped tiers.
@@ -20,7 +20,7 @@ from kafscribe.kafka.topics import RETRY_TOPIC, retry_tiers
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, now_ms
 
-from .loop import Output
+from .stage import Output
 
 
 def shortest_delay_s() -> float:

@@ -33,17 +33,18 @@ from dataclasses import replace
 from confluent_kafka import Message
 
 from kafscribe import metrics
+from kafscribe.errors import PermanentError, RetriesExhausted
 from kafscribe.kafka.chunk_routing import chunk_partitions
 from kafscribe.speech import audio, chunking, memory
-from kafscribe.speech.engines import Cancelled, EngineOptions, TimeLimitExceeded
+from kafscribe.speech.engines import Cancelled, EngineOptions
 from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.chunks import ChunkStore
 from kafscribe.validation import is_job_id
 from schemas.events import Chunk, ChunkTranscript, Event, Result, Segment, Upload, Word, embedded_upload
 
-from .loop import Output, park
-from .retry import PermanentFailure, with_retries
+from .retry import with_retries
+from .stage import Output, Stage, park
 
 log = logging.getLogger("kafscribe.chunks")
 
@@ -82,14 +83,13 @@ def split_upload(transcriber, event: Upload) -> list[Output]:
             tmp.seek(0)
             pcm = chunking.decode_stream(tmp, transcriber.max_decode_s(event), deadline)
             pieces = chunking.split(pcm, settings.chunk_s, event.audio_duration, write)
-    except (PermanentFailure, audio.AudioError) as exc:
+    except PermanentError as exc:  # audio.AudioError included
         reason = str(exc)
         if isinstance(exc, audio.AudioTooLong):
             reason = (f"the audio decodes to more than {transcriber.max_decode_s(event):.1f} s, longer than the"
                       f" Upload's audio_duration ({event.audio_duration:.1f} s) or KAFSCRIBE_MAX_AUDIO_S")
         log.warning("job failed while splitting: %s", reason, extra=extra)
-        return transcriber.failure_outputs(event, reason, attempt,
-                                           dead_letter=reason.startswith("gave up after transient failures"))
+        return transcriber.failure_outputs(event, reason, attempt, dead_letter=isinstance(exc, RetriesExhausted))
     jobs.set_chunks(event.job_id, len(pieces))
     upload = event.encode()
     topic = settings.topic("chunks")
@@ -117,7 +117,7 @@ def shifted(segments: list[Segment], offset_s: float) -> list[Segment]:
             for s in segments]
 
 
-class ChunkTranscriber:
+class ChunkTranscriber(Stage):
     """Stage ``chunk-transcriber`` (group ``chunk-transcribers``): Chunk -> ChunkTranscript."""
 
     name = "chunk-transcriber"
@@ -151,7 +151,7 @@ class ChunkTranscriber:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Chunk):
-            raise PermanentFailure(f"expected a Chunk on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a Chunk on {message.topic()}, got {type(event).__name__}")
         upload = embedded_upload(event)  # validated already
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "chunk": event.index}
         finished = self.jobs.finished_status(event.job_id)
@@ -188,7 +188,7 @@ class ChunkTranscriber:
                                               should_continue=self.transcriber.cancel_check(event.job_id)),
                     stage=self.name, attempts=self.settings.transient_retries,
                 )
-        except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
+        except PermanentError as exc:  # audio.AudioError and TimeLimitExceeded included
             if isinstance(exc.__cause__, Cancelled):
                 log.info("job cancelled; chunk stopped", extra=extra)
                 return [self.outcome(event, upload, attempt, error="job cancelled")]  # the merger cleans up

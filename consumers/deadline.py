@@ -1,7 +1,7 @@
 """Calls that really end by a deadline, even when the library's own timeout does not hold.
 
 librdkafka's transactional calls take a timeout, yet one was seen blocked for
-more than six minutes in ``send_offsets_to_transaction(..., 30)`` after a
+more than six minutes in a transaction's offset commit (timeout 30 s) after a
 broker crash. ``call`` runs the function in a daemon thread and
 stops waiting at the deadline: the caller gets ``Overrun`` and must treat the
 object it called (a producer) as lost; the stuck thread is left behind.

@@ -33,6 +33,7 @@ from collections import defaultdict
 from confluent_kafka import Message
 
 from kafscribe import metrics
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.chunks import ChunkStore
@@ -41,8 +42,7 @@ from kafscribe.validation import is_job_id
 from schemas.events import ChunkTranscript, Event, Result, Segment, Transcript, Upload, embedded_upload
 
 from .chunk_transcriber import chunk_blob_id
-from .loop import Output, park
-from .retry import PermanentFailure
+from .stage import Output, Stage, park
 
 log = logging.getLogger("kafscribe.merger")
 
@@ -101,7 +101,7 @@ def done_prefix(parts: dict[int, ChunkTranscript]) -> list[ChunkTranscript]:
     return out
 
 
-class Merger:
+class Merger(Stage):
     name = "merger"
     group = "mergers"
     input_topic = "chunk-transcripts"
@@ -115,7 +115,7 @@ class Merger:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, ChunkTranscript):
-            raise PermanentFailure(f"expected a ChunkTranscript on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a ChunkTranscript on {message.topic()}, got {type(event).__name__}")
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "chunk": event.index}
         finished = self.jobs.finished_status(event.job_id)
         merged_by = self.chunks.merged_by(event.job_id)

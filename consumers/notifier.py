@@ -40,6 +40,7 @@ from datetime import UTC, datetime
 from confluent_kafka import Message
 
 from kafscribe import metrics
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.statuses import COMPLETED
 from kafscribe.store.callbacks import CallbackStore
@@ -51,8 +52,7 @@ from kafscribe.webhooks.guard import CallbackRefused, Resolver, check_url
 from schemas.events import CallbackAttempt, Event, Result, now_ms
 
 from .callback_tiers import RETRY_TOPIC, TierClock, next_tier, retry_output, retry_tiers
-from .loop import Abandoned, Output, park
-from .retry import PermanentFailure
+from .stage import Abandoned, Output, Stage, park
 
 log = logging.getLogger("kafscribe.notifier")
 
@@ -150,7 +150,7 @@ def _ms(started: float) -> float:
     return (time.monotonic() - started) * 1000
 
 
-class Notifier:
+class Notifier(Stage):
     name = "notifier"
     group = "notifier"
     input_topic = "finished"  # what the sink has stored, never a result the API cannot show yet
@@ -162,7 +162,7 @@ class Notifier:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Result):
-            raise PermanentFailure(f"expected a Result on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a Result on {message.topic()}, got {type(event).__name__}")
         if not event.options.callback_url:
             return []
         event_type, body = event_body(self.settings, event)
@@ -178,7 +178,7 @@ class Notifier:
         return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
 
 
-class CallbackRetrier:
+class CallbackRetrier(Stage):
     """Later attempts: waits in the delay tiers (held by the consume loop), then delivers or forwards."""
 
     name = "callback-retry"
@@ -199,7 +199,7 @@ class CallbackRetrier:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, CallbackAttempt):
-            raise PermanentFailure(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
         wait_s = (event.not_before - now_ms()) / 1000
         if next_tier(wait_s) is not None:
             return [retry_output(self.settings, event)]  # not due: on to the tier that fits

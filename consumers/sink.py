@@ -17,17 +17,18 @@ import logging
 
 from confluent_kafka import Message
 
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.store.jobs import JobStore
 from schemas.events import Event, Result
 
-from .loop import Output, park
-from .retry import PermanentFailure, with_retries
+from .retry import with_retries
+from .stage import Output, Stage, park
 
 log = logging.getLogger("kafscribe.sink")
 
 
-class Sink:
+class Sink(Stage):
     name = "sink"
     group = "sink"
     input_topic = "results"
@@ -39,7 +40,7 @@ class Sink:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Result):
-            raise PermanentFailure(f"expected a Result on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a Result on {message.topic()}, got {type(event).__name__}")
         extra = {"job_id": event.job_id, "trace_id": event.trace_id}
         stored = with_retries(lambda: self.jobs.save_result(event), stage=self.name,
                               attempts=self.settings.transient_retries)

@@ -29,7 +29,8 @@ from schemas.events import WorkerStatus
 from .loop import StageRunner
 
 log = logging.getLogger("kafscribe.status")
-# whose backlog the ingress routes by (asking the broker costs a round trip): a transcriber process's two loops
+# whose backlog the ingress routes by: a transcriber process's two loops (the runner's background probe
+# asks the broker; a snapshot only reads its cache)
 ROUTED_STAGES = ("transcriber", "chunk-transcriber")
 
 
@@ -49,7 +50,7 @@ class StatusReporter:
     def state(self) -> str:
         if self.runner.stopped:
             return STOPPED
-        return THROTTLED if getattr(self.runner.stage, "throttled", False) else RUNNING
+        return THROTTLED if self.runner.stage.throttled else RUNNING
 
     def snapshot(self, state: str | None = None) -> WorkerStatus:
         vm = psutil.virtual_memory()

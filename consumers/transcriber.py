@@ -61,11 +61,12 @@ import psutil
 from confluent_kafka import Message
 
 from kafscribe import metrics
+from kafscribe.errors import PermanentError, RetriesExhausted
 from kafscribe.kafka.routing import choose_partition
 from kafscribe.kafka.workers import WorkerView
 from kafscribe.settings import Settings
 from kafscribe.speech import audio, chunking, memory
-from kafscribe.speech.engines import Cancelled, Engine, EngineOptions, TimeLimitExceeded, load_engine
+from kafscribe.speech.engines import Cancelled, Engine, EngineOptions, load_engine
 from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
 from kafscribe.store.jobs import JobStore
@@ -74,8 +75,8 @@ from kafscribe.validation import is_job_id
 from schemas.events import Event, Result, Transcript, Upload, now_ms
 
 from .chunk_transcriber import split_upload
-from .loop import LeaveGroup, Output, park
-from .retry import PermanentFailure, with_retries
+from .retry import with_retries
+from .stage import LeaveGroup, Output, Stage, park
 
 MIB = 2**20
 MAX_HANDOFFS = 3  # an Upload handed on this often (views can be stale) fails instead
@@ -101,7 +102,7 @@ def prefetch_bytes(duration_s: float) -> int:
     return int(max(duration_s, 0.0) * memory.AUDIO_BYTES_PER_SECOND)
 
 
-class Transcriber:
+class Transcriber(Stage):
     name = "transcriber"
     group = "transcribers"
     input_topic = "uploads"
@@ -126,7 +127,7 @@ class Transcriber:
         model = model or self.settings.model
         if model not in self._engines:
             if model not in self.settings.allowed_model_names():  # validated already; never load the rest
-                raise PermanentFailure(f"model {model!r} is not allowed here (KAFSCRIBE_ALLOWED_MODELS)")
+                raise PermanentError(f"model {model!r} is not allowed here (KAFSCRIBE_ALLOWED_MODELS)")
             self._engines[model] = load_engine(self.settings, model=model)
         return self._engines[model]
 
@@ -242,7 +243,7 @@ class Transcriber:
     # --- one job -------------------------------------------------------------------------
     def handle(self, event: Event, message: Message, prefetched: Future | None = None) -> list[Output]:
         if not isinstance(event, Upload):
-            raise PermanentFailure(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
         began = time.monotonic()
         phases = {"queue_wait": max(0.0, (now_ms() - event.produced_at) / 1000)} if event.produced_at else {}
         finished = self.jobs.finished_status(event.job_id)
@@ -295,7 +296,7 @@ class Transcriber:
                 try:
                     samples = audio.decode(data, max_audio_s, timeout_s=deadline - time.monotonic())
                 except audio.AudioTooLong as exc:
-                    raise PermanentFailure(
+                    raise PermanentError(
                         f"the audio decodes to more than {max_audio_s:.1f} s, longer than the Upload's"
                         f" audio_duration ({event.audio_duration:.1f} s) or the limit"
                         f" ({self.settings.max_audio_s:.0f} s, KAFSCRIBE_MAX_AUDIO_S)"
@@ -306,16 +307,18 @@ class Transcriber:
             t = time.monotonic()
             out = self.run_engine(engine, samples, event, attempt, deadline)
             phases["engine"] = time.monotonic() - t
-        except (PermanentFailure, audio.AudioError, TimeLimitExceeded) as exc:
+        except PermanentError as exc:  # audio.AudioError and TimeLimitExceeded included
             if isinstance(exc.__cause__, Cancelled):
                 return self.skip_cancelled(event, attempt)
             reason = str(exc)
-            if time.monotonic() > deadline:
+            timed_out = time.monotonic() > deadline
+            if timed_out:
                 reason = (f"the job exceeded its time limit of {limit_s:.1f} s (KAFSCRIBE_JOB_TIME_LIMIT_MIN_S +"
                           f" KAFSCRIBE_JOB_TIME_LIMIT_FACTOR x {event.audio_duration:.1f} s of audio): {exc}")
             log.warning("job failed: %s", reason, extra=extra)
-            transient = reason.startswith("gave up after transient failures")
-            return self.failure_outputs(event, reason, attempt, dead_letter=transient)
+            # transient failures that outlasted the retries: parked for an operator too (not when out of time)
+            dead_letter = isinstance(exc, RetriesExhausted) and not timed_out
+            return self.failure_outputs(event, reason, attempt, dead_letter=dead_letter)
         seconds = time.monotonic() - started
         metrics.AUDIO_SECONDS.labels(self.name).inc(out.duration)
         if out.duration > 0:

@@ -16,20 +16,21 @@ import logging
 
 from confluent_kafka import Message
 
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.statuses import COMPLETED, FAILED, TRANSLATING
 from kafscribe.store.jobs import JobStore
-from kafscribe.translation import TranslationError, Translator, backend_name
+from kafscribe.translation import Translator, backend_name
 from kafscribe.validation import is_job_id
 from schemas.events import Event, Result, Transcript
 
-from .loop import Output, park
-from .retry import PermanentFailure, with_retries
+from .retry import with_retries
+from .stage import Output, Stage, park
 
 log = logging.getLogger("kafscribe.translator")
 
 
-class TranslatorStage:
+class TranslatorStage(Stage):
     name = "translator"
     group = "translators"
     input_topic = "transcripts"
@@ -55,7 +56,7 @@ class TranslatorStage:
 
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Transcript):
-            raise PermanentFailure(f"expected a Transcript on {message.topic()}, got {type(event).__name__}")
+            raise PermanentError(f"expected a Transcript on {message.topic()}, got {type(event).__name__}")
         result = result_from_transcript(event)
         target = event.options.translate_to
         if target and target != event.language:
@@ -68,7 +69,7 @@ class TranslatorStage:
                     lambda: backend.translate(event, target), stage=self.name,
                     attempts=self.settings.transient_retries,
                 )
-            except (PermanentFailure, TranslationError) as exc:
+            except PermanentError as exc:  # TranslationError included
                 log.warning("translation failed: %s", exc, extra=extra)
                 result.status, result.error = FAILED, f"translation to {target!r} failed: {exc}"
         return [Output(self.settings.topic("results"), result)]

@@ -20,6 +20,7 @@ from kafscribe.settings import Settings
 from kafscribe.store import session as cassandra_session
 
 from .loop import StageRunner
+from .stage import Stage
 from .status import StatusReporter
 from .watchdog import Watchdog
 from .watchdog import serve as serve_http
@@ -31,7 +32,7 @@ DEFAULT_METRICS_PORTS = {"transcriber": 9101, "translator": 9102, "sink": 9103, 
 log = logging.getLogger("kafscribe.worker")
 
 
-def build_stages(name: str, settings: Settings, session, worker_id: str, stop: threading.Event) -> list:
+def build_stages(name: str, settings: Settings, session, worker_id: str, stop: threading.Event) -> list[Stage]:
     if name == "transcriber":
         from .chunk_transcriber import ChunkTranscriber
         from .transcriber import Transcriber
@@ -63,9 +64,8 @@ def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     runners = []
     for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop)):
-        runner_id = stage.runner_id(worker_id) if hasattr(stage, "runner_id") else f"{worker_id}-{stage.name}"
-        runner = StageRunner(settings, stage, worker_id if i == 0 else runner_id)
-        reporter = StatusReporter(settings, runner, model=getattr(stage, "model_name", ""))
+        runner = StageRunner(settings, stage, worker_id if i == 0 else stage.runner_id(worker_id))
+        reporter = StatusReporter(settings, runner, model=stage.model_name)
         runner.on_idle.append(reporter.tick)
         runner.on_close.append(reporter.stopped)
         runners.append(runner)

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from kafscribe.errors import PermanentError
+
 SAMPLE_RATE = 16000
 PCM_BYTES_PER_SECOND = SAMPLE_RATE * 2  # s16le mono
 # Containers of audio (and of video with audio) that ffmpeg may demux. Deliberately no
@@ -43,12 +45,16 @@ DEMUXERS = (
 _CHUNK = 1 << 20
 
 
-class AudioError(ValueError):
+class AudioError(PermanentError, ValueError):
     """The bytes are not decodable audio (permanent: the job fails with this reason)."""
 
 
 class AudioTooLong(AudioError):
     """The audio decodes to more than the allowed duration (refused at the door: 413)."""
+
+
+class FormatRefused(AudioError):
+    """A container format that is never read (playlists, formats that read other files or URLs)."""
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import BinaryIO
 import av
 import av.logging
 
-from kafscribe.speech.audio import DEMUXERS, AudioError, AudioInfo, AudioTooLong
+from kafscribe.speech.audio import DEMUXERS, AudioError, AudioInfo, AudioTooLong, FormatRefused
 
 # libav reports why it refused a file in the exception (``exc.log``) only while its log
 # callback is installed; its lines are not worth a log record each (a hostile upload makes hundreds).
@@ -92,9 +92,9 @@ def _measure(source: Source, limit_s: float, timeout_s: float | None) -> Generat
             if not container.streams.audio:
                 container.close()
                 raise AudioError("the file has no audio stream")
-        except AudioError as exc:
-            if "accepted audio format" in str(exc):
-                raise
+        except FormatRefused:
+            raise
+        except AudioError:
             f.seek(0)
             yield
             container = _open_container(f, {})
@@ -109,7 +109,8 @@ def _open_container(f: BinaryIO, extra: dict[str, str]):
     try:
         return av.open(f, mode="r", container_options={**CONTAINER_OPTIONS, **extra})
     except av.FFmpegError as exc:
-        raise AudioError(f"not a readable audio file: {_reason(exc)}") from exc
+        kind = FormatRefused if _refused_format(exc) else AudioError
+        raise kind(f"not a readable audio file: {_reason(exc)}") from exc
     except (ValueError, OSError, EOFError) as exc:  # PyAV's own complaints about odd inputs
         raise AudioError(f"not a readable audio file: {exc}") from exc
 
@@ -183,7 +184,13 @@ def _refuse_playlists(f: BinaryIO) -> None:
     f.seek(0)
     for magic, name in _SNIFF:
         if head.startswith(magic):
-            raise AudioError("not a readable audio file: " + REFUSED_FORMAT.format(name))
+            raise FormatRefused("not a readable audio file: " + REFUSED_FORMAT.format(name))
+
+
+def _refused_format(exc: av.FFmpegError) -> bool:
+    """Whether libav refused the container format (its whitelist): its log line is all it says."""
+    log = getattr(exc, "log", None)
+    return bool(log) and "not on whitelist" in log[2] and log[2].startswith("Format")
 
 
 def _reason(exc: av.FFmpegError | None) -> str:
@@ -191,7 +198,7 @@ def _reason(exc: av.FFmpegError | None) -> str:
     if exc is None:
         return "unknown error"
     log = getattr(exc, "log", None)  # (level, item name, message) of the last libav error line
-    if log and "not on whitelist" in log[2] and log[2].startswith("Format"):
+    if _refused_format(exc):
         return REFUSED_FORMAT.format(log[1])
     if log and log[2].strip():
         return f"{exc.strerror} ({log[2].strip()})" if exc.strerror else log[2].strip()

@@ -26,11 +26,12 @@ from typing import BinaryIO, Protocol
 
 from cassandra.query import SimpleStatement
 
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.store import cql_async
 
 
-class BlobError(RuntimeError):
+class BlobError(PermanentError, RuntimeError):
     """The blob is missing or does not match its checksum."""
 
 

@@ -18,6 +18,7 @@ import urllib.request
 
 from schemas.events import Segment, Transcript, Translation
 
+from ..errors import TransientError
 from ..settings import Settings
 from .base import TranslationError, language_name
 
@@ -30,8 +31,8 @@ SYSTEM_PROMPT = (
 )
 
 
-class _Retryable(Exception):
-    pass
+class _Retryable(TransientError):
+    """A failed call worth making again (timeouts, 429, 5xx)."""
 
 
 def batches(segments: list[Segment], max_segments: int, max_chars: int) -> list[list[Segment]]:

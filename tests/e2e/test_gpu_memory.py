@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from consumers.stage import Stage
 from kafscribe.speech import memory
 from kafscribe.speech.engines.base import EngineError, resolve_device, split_device
 from tests.fakes import FakeNVML
@@ -112,7 +113,7 @@ def test_headroom_and_idle_capacity_on_the_gpu(nvml):
 
 
 # --- real stack ------------------------------------------------------------------------------
-class IdleStage:
+class IdleStage(Stage):
     """A stand-in transcriber stage (the status path is under test, not the model)."""
 
     name = "transcriber"

@@ -13,7 +13,8 @@ import pytest
 from confluent_kafka import TopicPartition
 
 from bench.harness import wait_until
-from consumers.loop import LeaveGroup, Output, StageRunner
+from consumers.loop import StageRunner
+from consumers.stage import LeaveGroup, Output, Stage
 from kafscribe.kafka import clients as kafka_clients
 from schemas.events import Result, Upload
 from tests.conftest import fresh_settings
@@ -22,7 +23,7 @@ from tests.kafka_read import read_topic
 pytestmark = [pytest.mark.stack]
 
 
-class BlockingStage:
+class BlockingStage(Stage):
     """Completes each Upload; a job whose id starts with ``slow`` waits for ``release``."""
 
     name = "transcriber"

@@ -1,8 +1,8 @@
 """The concurrent mode of the consume loop: what runs at once, and what gets committed when.
 
-Fast tests with an in-memory consumer and transactional producer (the
+Fast tests with the in-memory consumer and transactional producer of tests/fakes.py (the
 ordering and commit decisions, rebalances and failed transactions at exact
-moments); the real-stack behaviour is covered by tests/test_callback_retry*.py.
+moments); the real-stack behaviour is covered by tests/e2e/test_callback_retry*.py.
 """
 
 from __future__ import annotations
@@ -13,11 +13,13 @@ from collections import defaultdict
 
 import pytest
 from cassandra.cluster import NoHostAvailable
-from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from consumers.loop import InOrderCommits, Output, StageRunner, _Slot
+from consumers.concurrent import InOrderCommits, Slot
+from consumers.loop import StageRunner
+from consumers.stage import Output, Stage
 from kafscribe.settings import Settings
 from schemas.events import CallbackAttempt, decode_event
+from tests.fakes import FakeConsumer, FakeMessage, FakeProducer
 
 TOPIC = "t.in"
 
@@ -27,138 +29,7 @@ def event(job_id: str) -> CallbackAttempt:
                            body="{}", delivery_attempt=1, not_before=0)
 
 
-class FakeMessage:
-    def __init__(self, topic: str, partition: int, offset: int, value: bytes) -> None:
-        self._t, self._p, self._o, self._v = topic, partition, offset, value
-
-    def topic(self): return self._t
-    def partition(self): return self._p
-    def offset(self): return self._o
-    def value(self): return self._v
-    def key(self): return b"k"
-    def error(self): return None
-    def timestamp(self): return (1, int(time.time() * 1000))
-
-
-class FakeConsumer:
-    """A consumer group of one over an in-memory log; the test can revoke and re-assign partitions."""
-
-    def __init__(self, partitions: int = 2) -> None:
-        self.log: dict[tuple[str, int], list[bytes]] = {(TOPIC, p): [] for p in range(partitions)}
-        self.offsets: dict[tuple[str, int], int] = {}
-        self.assigned: set[tuple[str, int]] = set()
-        self.paused: set[tuple[str, int]] = set()
-        self.position: dict[tuple[str, int], int] = {}
-        self.lock = threading.Lock()
-        self.to_revoke: list[tuple[str, int]] = []
-        self.to_assign: list[tuple[str, int]] = []
-        self.callbacks = None
-
-    def append(self, partition: int, value: bytes) -> None:
-        with self.lock:
-            self.log[(TOPIC, partition)].append(value)
-
-    def subscribe(self, topics, on_assign, on_revoke, on_lost) -> None:
-        self.callbacks = (on_assign, on_revoke, on_lost)
-        self.to_assign = list(self.log)
-
-    def incremental_assign(self, tps) -> None:
-        for tp in tps:
-            key = (tp.topic, tp.partition)
-            self.assigned.add(key)
-            self.position[key] = self.offsets.get(key, 0)
-
-    def assignment(self):
-        return [TopicPartition(*k) for k in sorted(self.assigned)]
-
-    def pause(self, tps) -> None:
-        self.paused |= {(tp.topic, tp.partition) for tp in tps}
-
-    def resume(self, tps) -> None:
-        self.paused -= {(tp.topic, tp.partition) for tp in tps}
-
-    def seek(self, tp) -> None:
-        self.position[(tp.topic, tp.partition)] = max(0, tp.offset)  # OFFSET_BEGINNING (-2): the start
-
-    def committed(self, tps, timeout=None):
-        return [TopicPartition(tp.topic, tp.partition, self.offsets.get((tp.topic, tp.partition), -1001))
-                for tp in tps]
-
-    def poll(self, timeout: float):
-        if self.to_revoke:
-            keys, self.to_revoke = self.to_revoke, []
-            self.callbacks[1](self, [TopicPartition(*k) for k in keys])
-            self.assigned -= set(keys)
-            self.paused -= set(keys)
-        if self.to_assign:
-            keys, self.to_assign = self.to_assign, []
-            tps = [TopicPartition(*k) for k in keys]
-            self.callbacks[0](self, tps)
-            if not set(keys) <= self.assigned:  # the callback did not assign: the client does (confluent-kafka)
-                self.incremental_assign(tps)
-        with self.lock:
-            for key in sorted(self.assigned - self.paused):
-                pos = self.position.get(key, 0)
-                if pos < len(self.log[key]):
-                    self.position[key] = pos + 1
-                    return FakeMessage(key[0], key[1], pos, self.log[key][pos])
-        time.sleep(min(timeout, 0.005))
-        return None
-
-    def consumer_group_metadata(self):
-        return "group-metadata"
-
-    def get_watermark_offsets(self, tp, cached=False, timeout=None):
-        return 0, len(self.log[(tp.topic, tp.partition)])
-
-    def close(self) -> None:
-        pass
-
-    def unsubscribe(self) -> None:
-        pass
-
-
-class FakeProducer:
-    """A transactional producer whose committed transactions the test reads; can fail the next commit."""
-
-    def __init__(self, consumer: FakeConsumer) -> None:
-        self.consumer = consumer
-        self.transactions: list[tuple[list[tuple[str, bytes]], dict]] = []
-        self.fail_next_commit = False
-        self._open: list | None = None
-        self._offsets: dict = {}
-
-    def init_transactions(self, *a) -> None: pass
-    def flush(self, *a) -> int: return 0
-    def poll(self, *a) -> int: return 0
-    def purge(self, *a) -> None: pass
-
-    def begin_transaction(self, *a) -> None:
-        self._open, self._offsets = [], {}
-
-    def produce(self, topic, key=None, value=None, **kw) -> None:
-        self._open.append((topic, value))
-
-    def send_offsets_to_transaction(self, offsets, metadata, *a) -> None:
-        self._offsets = {(tp.topic, tp.partition): tp.offset for tp in offsets}
-
-    def commit_transaction(self, *a) -> None:
-        if self.fail_next_commit:
-            self.fail_next_commit = False
-            raise KafkaException(KafkaError(KafkaError._TIMED_OUT, "scripted commit failure"))
-        self.transactions.append((self._open, self._offsets))
-        self.consumer.offsets.update(self._offsets)
-        self._open = None
-
-    def abort_transaction(self, *a) -> None:
-        self._open = None
-
-    def outputs(self) -> list[str]:
-        """Job ids of every committed output, in commit order."""
-        return [decode_event(v).job_id for txn, _ in self.transactions for _, v in txn]
-
-
-class GateStage:
+class GateStage(Stage):
     """Each job waits for its gate (opened by the test) unless listed as free; records what ran when."""
 
     name = "fake"
@@ -210,7 +81,7 @@ class GateStage:
 
 @pytest.fixture
 def fakes() -> tuple[FakeConsumer, FakeProducer]:
-    consumer = FakeConsumer()
+    consumer = FakeConsumer(TOPIC)
     return consumer, FakeProducer(consumer)
 
 
@@ -241,7 +112,7 @@ def until(predicate, timeout_s: float = 10.0, what: str = "condition"):
 
 def test_in_order_commits_hands_out_only_finished_prefixes():
     work = InOrderCommits()
-    slots = {o: _Slot(FakeMessage(TOPIC, 0, o, b""), 0.0) for o in range(4)}
+    slots = {o: Slot(FakeMessage(TOPIC, 0, o, b""), 0.0) for o in range(4)}
     for slot in slots.values():
         work.add((TOPIC, 0), slot)
     slots[1].outputs = slots[2].outputs = []

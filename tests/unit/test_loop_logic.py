@@ -1,4 +1,4 @@
-"""The consume loop's commit / abort / rewind / pause decisions, with a fake consumer and producer (no broker).
+"""The consume loop's commit / abort / rewind / pause decisions, with tests/fakes.py's consumer and producer (no broker).
 
 The real-broker versions of these paths are tests/e2e/test_broker_crash_e2e.py and
 tests/e2e/test_loop_rebalance.py; here each decision is pinned down in milliseconds,
@@ -10,161 +10,22 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-from consumers.loop import LeaveGroup, Output, StageRunner
+from consumers.loop import StageRunner
+from consumers.stage import LeaveGroup, Output, Stage
 from consumers.watchdog import Watchdog
 from consumers.watchdog import serve as serve_http
 from kafscribe.settings import Settings
 from schemas.events import Result, Upload
+from tests.fakes import FakeConsumer, FakeMessage, FakeProducer, kafka_error
 
 TOPIC = "t.uploads"
 
 
-@dataclass
-class FakeMessage:
-    _topic: str
-    _partition: int
-    _offset: int
-    _value: bytes
-    _error: KafkaError | None = None
-
-    def topic(self) -> str:
-        return self._topic
-
-    def partition(self) -> int:
-        return self._partition
-
-    def offset(self) -> int:
-        return self._offset
-
-    def value(self) -> bytes:
-        return self._value
-
-    def key(self) -> bytes:
-        return b"job"
-
-    def error(self) -> KafkaError | None:
-        return self._error
-
-
-@dataclass
-class FakeConsumer:
-    """Records what the loop asks of it; ``committed`` answers what the broker would."""
-
-    owned: list[int] = field(default_factory=lambda: [0, 1])
-    committed_offsets: dict[int, int] = field(default_factory=dict)
-    queue: list[FakeMessage] = field(default_factory=list)
-    calls: list[tuple] = field(default_factory=list)
-    paused: set[int] = field(default_factory=set)
-    subscribed: bool = False
-
-    def assignment(self) -> list[TopicPartition]:
-        return [TopicPartition(TOPIC, p) for p in self.owned]
-
-    def subscribe(self, topics, **callbacks) -> None:
-        self.subscribed = True
-        self.calls.append(("subscribe",))
-
-    def unsubscribe(self) -> None:
-        self.subscribed = False
-        self.calls.append(("unsubscribe",))
-
-    def poll(self, timeout: float):
-        if self.queue:
-            return self.queue.pop(0)
-        time.sleep(min(timeout, 0.01))
-        return None
-
-    def pause(self, tps) -> None:
-        self.paused |= {tp.partition for tp in tps}
-        self.calls.append(("pause", sorted(tp.partition for tp in tps)))
-
-    def resume(self, tps) -> None:
-        self.paused -= {tp.partition for tp in tps}
-        self.calls.append(("resume", sorted(tp.partition for tp in tps)))
-
-    def incremental_assign(self, tps) -> None:
-        self.owned = sorted(set(self.owned) | {tp.partition for tp in tps})
-
-    def seek(self, tp: TopicPartition) -> None:
-        self.calls.append(("seek", tp.partition, tp.offset))
-
-    def committed(self, tps, timeout: float):
-        return [TopicPartition(tp.topic, tp.partition, self.committed_offsets.get(tp.partition, -1001))
-                for tp in tps]
-
-    def consumer_group_metadata(self) -> object:
-        return "group-metadata"
-
-    def get_watermark_offsets(self, tp, timeout=None, cached=False):
-        return (0, 10)
-
-    def position(self, tps):
-        return [TopicPartition(tp.topic, tp.partition, 10) for tp in tps]
-
-    def close(self) -> None:
-        self.calls.append(("close",))
-
-    def seeks(self) -> list[tuple]:
-        return [c for c in self.calls if c[0] == "seek"]
-
-
-class FakeProducer:
-    """A transactional producer whose calls can raise or never return."""
-
-    def __init__(self, fail: dict[str, KafkaException] | None = None, block: set[str] | None = None) -> None:
-        self.fail = fail or {}
-        self.block = block or set()
-        self.calls: list[tuple] = []
-        self.released = threading.Event()
-
-    def _call(self, name: str, *args) -> None:
-        self.calls.append((name, *args))
-        if name in self.block:
-            self.released.wait(30)  # a librdkafka call that ignores its timeout
-        if name in self.fail:
-            raise self.fail[name]
-
-    def init_transactions(self, timeout):
-        self._call("init_transactions")
-
-    def begin_transaction(self):
-        self._call("begin_transaction")
-
-    def produce(self, topic, key=None, value=None, **kwargs):
-        self.calls.append(("produce", topic))
-
-    def send_offsets_to_transaction(self, offsets, metadata, timeout):
-        self._call("send_offsets_to_transaction", [(tp.partition, tp.offset) for tp in offsets])
-
-    def commit_transaction(self, timeout):
-        self._call("commit_transaction")
-
-    def abort_transaction(self, timeout):
-        self._call("abort_transaction")
-
-    def purge(self):
-        self.calls.append(("purge",))
-
-    def flush(self, timeout):
-        return 0
-
-    def poll(self, timeout):
-        return 0
-
-    def names(self) -> list[str]:
-        return [c[0] for c in self.calls]
-
-
-def kafka_error(code: int, *, fatal: bool = False, abortable: bool = False) -> KafkaException:
-    return KafkaException(KafkaError(code, "test", fatal=fatal, txn_requires_abort=abortable))
-
-
-class FakeStage:
+class FakeStage(Stage):
     name = "transcriber"
     group = "transcribers"
     input_topic = "uploads"
@@ -193,23 +54,24 @@ class FakeStage:
 def upload_message(partition: int = 0, offset: int = 7, job_id: str = "job-1") -> FakeMessage:
     event = Upload(job_id=job_id, blob_ref="file:x", audio_sha256="0" * 64, audio_bytes=1,
                    audio_duration=1.0, filename="x.wav")
-    return FakeMessage(TOPIC, partition, offset, event.encode())
+    return FakeMessage(TOPIC, partition, offset, event.encode(), key=b"job")
 
 
 def make_runner(producers: list[FakeProducer], consumer: FakeConsumer | None = None, stage=None,
                 timeout_s: float = 0.3) -> tuple[StageRunner, FakeConsumer, list[FakeProducer]]:
-    consumer = consumer or FakeConsumer()
+    consumer = consumer or FakeConsumer(TOPIC)
     made: list[FakeProducer] = []
 
     def factory() -> FakeProducer:
-        made.append(producers.pop(0) if producers else FakeProducer())
+        made.append(producers.pop(0) if producers else FakeProducer(consumer))
         return made[-1]
 
     settings = Settings(topic_prefix="t.", kafka_call_timeout_s=timeout_s, max_poll_interval_ms=10000)
     runner = StageRunner(settings, stage or FakeStage(), "w1", consumer=consumer, producer_factory=factory)
-    runner._on_assign(consumer, consumer.assignment())
-    runner._recover()
-    assert runner.producer is made[0]
+    consumer.callbacks = (runner._on_assign, runner._on_revoke, runner._on_lost)  # as subscribe() would
+    runner._on_assign(consumer, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+    runner.recover()
+    assert runner.transactions.producer is made[0]
     return runner, consumer, made
 
 
@@ -219,36 +81,36 @@ OUTPUTS = [Output("t.results", Result(job_id="job-1", status="completed"))]
 
 def test_a_transaction_produces_and_commits_the_offsets_it_is_given():
     runner, consumer, made = make_runner([FakeProducer()])
-    assert runner._commit(OFFSETS, OUTPUTS, {}) is True
+    assert runner.commit(OFFSETS, OUTPUTS, {}) is True
     assert made[0].names() == ["init_transactions", "begin_transaction", "produce",
                                "send_offsets_to_transaction", "commit_transaction"]
     assert ("send_offsets_to_transaction", [(0, 8)]) in made[0].calls
-    assert not runner._resync and runner.producer is made[0]
+    assert not runner.resync and runner.transactions.producer is made[0]
 
 
 def test_an_abortable_failure_aborts_keeps_the_producer_and_rewinds_to_the_committed_offset():
     failing = FakeProducer(fail={"send_offsets_to_transaction": kafka_error(KafkaError._TIMED_OUT, abortable=True)})
     runner, consumer, made = make_runner([failing])
-    consumer.committed_offsets = {0: 5}
-    assert runner._commit(OFFSETS, OUTPUTS, {}) is False
-    assert "abort_transaction" in made[0].names() and runner.producer is made[0]
-    runner._recover()
+    consumer.offsets = {(TOPIC, 0): 5}
+    assert runner.commit(OFFSETS, OUTPUTS, {}) is False
+    assert "abort_transaction" in made[0].names() and runner.transactions.producer is made[0]
+    runner.recover()
     assert consumer.seeks() == [("seek", 0, 5)]  # the broker's committed offset, not a guess
-    assert not runner._resync and not consumer.paused
+    assert not runner.resync and not consumer.paused
 
 
 def test_a_transaction_that_never_returns_is_given_up_and_the_producer_replaced():
     stuck = FakeProducer(block={"send_offsets_to_transaction"})
     runner, consumer, made = make_runner([stuck], timeout_s=0.2)
     started = time.monotonic()
-    assert runner._commit(OFFSETS, OUTPUTS, {}) is False
+    assert runner.commit(OFFSETS, OUTPUTS, {}) is False
     assert time.monotonic() - started < 3.0, "the deadline must hold even though the call does not return"
-    assert runner.producer is None
-    assert consumer.committed_offsets.get(0) is None
-    consumer.committed_offsets = {0: 8}  # the stuck commit did land before the new producer fenced it
-    runner._recover()
+    assert runner.transactions.producer is None
+    assert consumer.offsets.get((TOPIC, 0)) is None
+    consumer.offsets = {(TOPIC, 0): 8}  # the stuck commit did land before the new producer fenced it
+    runner.recover()
     assert len(made) == 2 and made[1].names() == ["init_transactions"], "a fresh producer, initialised"
-    assert runner.producer is made[1]
+    assert runner.transactions.producer is made[1]
     assert consumer.seeks() == [("seek", 0, 8)], "a commit that landed is not redone"
     stuck.released.set()
 
@@ -256,19 +118,19 @@ def test_a_transaction_that_never_returns_is_given_up_and_the_producer_replaced(
 def test_a_fatal_producer_error_replaces_the_producer():
     fenced = FakeProducer(fail={"commit_transaction": kafka_error(KafkaError._FENCED, fatal=True)})
     runner, consumer, made = make_runner([fenced])
-    assert runner._commit(OFFSETS, OUTPUTS, {}) is False
-    assert runner.producer is None and "abort_transaction" not in fenced.names()
-    runner._recover()
-    assert runner.producer is made[1]
+    assert runner.commit(OFFSETS, OUTPUTS, {}) is False
+    assert runner.transactions.producer is None and "abort_transaction" not in fenced.names()
+    runner.recover()
+    assert runner.transactions.producer is made[1]
     assert consumer.seeks() == [("seek", 0, OFFSET_BEGINNING)], "never committed: read from the beginning"
 
 
 def test_a_producer_that_saw_all_brokers_down_is_replaced_before_its_next_transaction():
     runner, consumer, made = make_runner([FakeProducer(), FakeProducer()])
-    runner._on_producer_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
-    assert runner._commit(OFFSETS, OUTPUTS, {}) is True
+    runner.transactions.on_producer_error(KafkaError(KafkaError._ALL_BROKERS_DOWN))
+    assert runner.commit(OFFSETS, OUTPUTS, {}) is True
     assert "begin_transaction" not in made[0].names(), "the suspect producer is not trusted with it"
-    assert made[1].names()[:2] == ["init_transactions", "begin_transaction"] and runner.producer is made[1]
+    assert made[1].names()[:2] == ["init_transactions", "begin_transaction"] and runner.transactions.producer is made[1]
     assert not consumer.seeks(), "nothing to redo"
 
 
@@ -276,54 +138,89 @@ def test_a_failing_abort_replaces_the_producer():
     bad = FakeProducer(fail={"commit_transaction": kafka_error(KafkaError._TRANSPORT),
                              "abort_transaction": kafka_error(KafkaError._TRANSPORT)})
     runner, _, made = make_runner([bad])
-    assert runner._commit(OFFSETS, OUTPUTS, {}) is False
-    assert runner.producer is None
+    assert runner.commit(OFFSETS, OUTPUTS, {}) is False
+    assert runner.transactions.producer is None
 
 
 def test_while_the_broker_is_away_partitions_are_held_and_newly_assigned_ones_paused():
     down = FakeProducer(fail={"init_transactions": kafka_error(KafkaError._TIMED_OUT, abortable=False)})
-    consumer = FakeConsumer()
+    consumer = FakeConsumer(TOPIC)
     settings = Settings(topic_prefix="t.", kafka_call_timeout_s=0.2)
     runner = StageRunner(settings, FakeStage(), "w1", consumer=consumer,
                          producer_factory=iter([down, FakeProducer()]).__next__)
-    runner._on_assign(consumer, consumer.assignment())
+    runner._on_assign(consumer, [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
     runner._wait_polling = lambda seconds: None  # the backoff itself is not under test
-    runner._recover()
-    assert runner.producer is None and consumer.paused == {0, 1}
+    runner.recover()
+    assert runner.transactions.producer is None and consumer.paused == {(TOPIC, 0), (TOPIC, 1)}
     runner._on_assign(consumer, [TopicPartition(TOPIC, 2)])
-    assert 2 in consumer.paused, "no fetching while the producer cannot commit"
-    runner._recover()
-    assert runner.producer is not None and consumer.paused == set()
+    assert (TOPIC, 2) in consumer.paused, "no fetching while the producer cannot commit"
+    runner.recover()
+    assert runner.transactions.producer is not None and consumer.paused == set()
 
 
 def test_a_partition_assigned_back_while_idle_is_resumed_and_while_busy_paused():
     runner, consumer, _ = make_runner([FakeProducer()])
-    consumer.paused = {3}  # librdkafka kept the pause flag from before the revocation
+    consumer.paused = {(TOPIC, 3)}  # librdkafka kept the pause flag from before the revocation
     runner._on_assign(consumer, [TopicPartition(TOPIC, 3)])
-    assert 3 not in consumer.paused
-    runner._in_flight = TopicPartition(TOPIC, 0, 1)
+    assert (TOPIC, 3) not in consumer.paused
+    runner._in_flight = (TOPIC, 0)  # a job runs
     runner._on_assign(consumer, [TopicPartition(TOPIC, 4)])
-    assert 4 in consumer.paused
+    assert (TOPIC, 4) in consumer.paused
 
 
 def test_an_idle_worker_resumes_what_it_owns_and_reports_lag_it_does_not_read(caplog):
     from kafscribe import metrics
 
     runner, consumer, _ = make_runner([FakeProducer()])
-    consumer.paused = {1}  # stranded: paused, never fetched since it came back
-    consumer.position = lambda tps: [TopicPartition(tp.topic, tp.partition, 10 if tp.partition == 0 else -1001)
-                                     for tp in tps]
-    consumer.committed_offsets = {1: 3}
+    consumer.paused = {(TOPIC, 1)}  # stranded: paused, never fetched since it came back
+    runner.probe.read(FakeMessage(TOPIC, 0, 9, b""))  # read up to 10; partition 1 from its committed offset
+    consumer.high = {(TOPIC, 0): 10, (TOPIC, 1): 10}
+    consumer.offsets = {(TOPIC, 1): 3}
     gauge = metrics.IDLE_PARTITION_LAG.labels("transcriber", "1")
+    runner.probe.refresh()  # what the background probe does every few seconds
     runner._idle_checked = 0.0
-    runner._check_idle()
+    runner.check_idle()
     assert consumer.paused == set(), "idle: nothing it owns stays paused"
     assert gauge._value.get() == 0, "one look is not enough: the lag must persist"
     runner._idle_checked = 0.0
-    runner._check_idle()
+    runner.check_idle()
+    assert gauge._value.get() == 0, "no fresh look at the broker since the last check: no verdict"
+    runner.probe.refresh()
+    runner._idle_checked = 0.0
+    runner.check_idle()
     assert gauge._value.get() == 7
     assert "partition 1 owned by an idle worker, with lag 7" in caplog.text
     assert metrics.IDLE_PARTITION_LAG.labels("transcriber", "0")._value.get() == 0
+
+
+def test_backlog_and_idle_checks_never_ask_the_broker_on_the_loops_thread():
+    """A job that reaches an idle worker starts at once: the status's backlog and the idle check read
+    what the background probe found; only the probe's thread asks the broker."""
+    runner, consumer, _ = make_runner([FakeProducer()])
+    consumer.high = {(TOPIC, 0): 12, (TOPIC, 1): 10}
+    for partition in (0, 1):
+        runner.probe.read(FakeMessage(TOPIC, partition, 9, b""))  # what the loop's poll notes
+    asked: list[str] = []
+    real = consumer.get_watermark_offsets
+
+    def watermarks(tp, timeout=None, cached=False):
+        asked.append(threading.current_thread().name)
+        return real(tp, timeout, cached)
+
+    consumer.get_watermark_offsets = watermarks
+    assert runner.backlog() == 0, "nothing sampled yet"
+    runner._idle_checked = 0.0
+    runner.check_idle()
+    assert asked == [], "neither asked the broker"
+    runner.probe.start()
+    try:
+        deadline = time.monotonic() + 5
+        while runner.backlog() != 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert runner.backlog() == 2
+        assert asked and threading.current_thread().name not in asked
+    finally:
+        runner.probe.stop()
 
 
 def test_a_job_whose_partition_was_revoked_is_not_committed():
@@ -334,12 +231,14 @@ def test_a_job_whose_partition_was_revoked_is_not_committed():
     done = threading.Thread(target=runner._process, args=(upload_message(),))
     done.start()
     deadline = time.monotonic() + 30
-    while not (stage.handled and runner._kept) and time.monotonic() < deadline:
+    while not (stage.handled and runner.kept) and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert [m.offset() for m in runner._kept] == [8], "the next message is fetched and kept while the job runs"
-    assert consumer.paused == {0, 1}, "then the partitions are paused"
-    runner._on_revoke(consumer, [TopicPartition(TOPIC, 0)])
-    assert not runner._kept, "a revoked partition's kept message is left to the next owner"
+    assert [m.offset() for m in runner.kept.messages] == [8], "the next message is fetched and kept while the job runs"
+    assert consumer.paused == {(TOPIC, 0), (TOPIC, 1)}, "then the partitions are paused"
+    consumer.to_revoke = [(TOPIC, 0)]  # served by the poll of the job's loop
+    while runner.kept and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not runner.kept, "a revoked partition's kept message is left to the next owner"
     stage.release.set()
     done.join(5)
     assert "begin_transaction" not in made[0].names()
@@ -380,9 +279,9 @@ def test_leaving_the_group_for_a_shortage_rejoins_and_takes_the_job_again():
 
 def test_eviction_by_max_poll_interval_is_survived():
     runner, consumer, _ = make_runner([FakeProducer()])
-    runner._consumer_error(KafkaError(KafkaError._MAX_POLL_EXCEEDED))  # logged, counted; no exception
+    runner.consumer_error(KafkaError(KafkaError._MAX_POLL_EXCEEDED))  # logged, counted; no exception
     with pytest.raises(KafkaException):
-        runner._consumer_error(KafkaError(KafkaError._FATAL, fatal=True))
+        runner.consumer_error(KafkaError(KafkaError._FATAL, fatal=True))
 
 
 class _Beating:
@@ -433,3 +332,48 @@ def test_status_partitions_are_the_main_topics_only():
                                  TopicPartition("t.callbacks.retry.5s", 7)])
     assert {("t.callbacks.retry.5s", 0), ("t.callbacks.retry.5s", 7)} <= runner._owned  # owned and handled ...
     assert runner.assignment() == sorted({*before, 7})  # ... but reported: the main topic's, once each
+
+
+def test_a_partition_is_paused_while_any_reason_names_it_and_resumed_when_the_last_goes():
+    from consumers.pauses import Pauses
+
+    consumer = FakeConsumer(TOPIC)
+    pauses = Pauses(consumer)
+    pauses.assigned({(TOPIC, 0), (TOPIC, 1)})
+    pauses.add("held", [(TOPIC, 0)])
+    pauses.add("recovering")  # every partition, also those assigned later
+    assert consumer.paused == {(TOPIC, 0), (TOPIC, 1)}
+    pauses.assigned({(TOPIC, 2)})
+    assert (TOPIC, 2) in consumer.paused
+    pauses.discard("recovering")
+    assert consumer.paused == {(TOPIC, 0)}, "still held"
+    pauses.revoked({(TOPIC, 0)})
+    pauses.assigned({(TOPIC, 0)})
+    assert consumer.paused == set(), "a partition's own reasons go with it"
+
+
+def test_failures_are_told_apart_by_type_never_by_message():
+    from cassandra.cluster import NoHostAvailable
+
+    from consumers.retry import Failure, classify, with_retries
+    from consumers.stage import Abandoned
+    from kafscribe.errors import PermanentError, RetriesExhausted
+    from kafscribe.speech.audio import AudioError
+
+    assert classify(NoHostAvailable("down", {})) is Failure.REDO_LATER
+    assert classify(LeaveGroup("short of memory")) is Failure.LEAVE_GROUP
+    assert classify(Abandoned("stopping")) is Failure.ABANDON
+    assert classify(RuntimeError("gave up after transient failures")) is Failure.CRASH  # the words mean nothing
+
+    def fail(exc: Exception):
+        def call():
+            raise exc
+        return call
+
+    with pytest.raises(PermanentError) as permanent:
+        with_retries(fail(AudioError("not audio")), stage="t", attempts=3, base_delay_s=0)
+    assert not isinstance(permanent.value, RetriesExhausted) and str(permanent.value) == "not audio"
+    with pytest.raises(RetriesExhausted):
+        with_retries(fail(RuntimeError("CUDA out of memory")), stage="t", attempts=1, base_delay_s=0)
+    with pytest.raises(NoHostAvailable):
+        with_retries(fail(NoHostAvailable("down", {})), stage="t", attempts=3, base_delay_s=0)

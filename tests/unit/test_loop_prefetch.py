@@ -12,17 +12,17 @@ from collections import Counter
 
 from consumers.loop import StageRunner
 from kafscribe.settings import Settings
-from tests.unit.test_loop_concurrency import TOPIC, FakeConsumer, FakeProducer, GateStage, event, stop, until
+from tests.fakes import FakeConsumer, FakeMessage, FakeProducer
+from tests.unit.test_loop_concurrency import TOPIC, GateStage, event, stop, until
 
 
 class CountingConsumer(FakeConsumer):
-    """Counts every delivery of an offset and every seek; ``leaky`` delivers this many messages of a
+    """Counts every delivery of an offset; ``leaky`` delivers this many messages of a
     partition after it was paused (librdkafka's local queue, before the pause took effect)."""
 
     def __init__(self, partitions: int = 2, leaky: int = 0) -> None:
-        super().__init__(partitions)
+        super().__init__(TOPIC, partitions)
         self.deliveries: Counter = Counter()
-        self.seeks: list[tuple] = []
         self.leaky = leaky
         self._leaks_left: dict = {}
 
@@ -33,29 +33,19 @@ class CountingConsumer(FakeConsumer):
                 self._leaks_left[key] = self.leaky
         super().pause(tps)
 
-    def seek(self, tp) -> None:
-        self.seeks.append((tp.partition, tp.offset))
-        super().seek(tp)
-
     def poll(self, timeout: float):
         with self.lock:
             for key in sorted(self.assigned & self.paused):
-                pos = self.position.get(key, 0)
+                pos = self.positions.get(key, 0)
                 if self._leaks_left.get(key) and pos < len(self.log[key]):
                     self._leaks_left[key] -= 1
-                    self.position[key] = pos + 1
+                    self.positions[key] = pos + 1
                     self.deliveries[(key[1], pos)] += 1
-                    return type(self)._message(key, pos, self.log[key][pos])
+                    return FakeMessage(key[0], key[1], pos, self.log[key][pos])
         msg = super().poll(timeout)
         if msg is not None:
             self.deliveries[(msg.partition(), msg.offset())] += 1
         return msg
-
-    @staticmethod
-    def _message(key, pos, value):
-        from tests.unit.test_loop_concurrency import FakeMessage
-
-        return FakeMessage(key[0], key[1], pos, value)
 
 
 class PrefetchStage(GateStage):
@@ -102,7 +92,7 @@ def test_messages_fetched_while_a_job_runs_are_kept_not_fetched_again():
     assert producer.outputs() == list("abcdef")
     assert [off for _, off in producer.transactions] == [{(TOPIC, 0): n} for n in range(1, 7)]
     assert set(consumer.deliveries.values()) == {1}, f"an offset was fetched twice: {consumer.deliveries}"
-    assert not consumer.seeks, "nothing rewound"
+    assert not consumer.seeks(), "nothing rewound"
 
 
 def test_the_next_job_is_prefetched_while_one_runs_and_handed_to_it():
@@ -131,10 +121,10 @@ def test_a_revoked_partitions_kept_message_and_its_prefetch_are_dropped_and_redo
     stage = PrefetchStage(free=("b",))
     runner, thread, producer = run(consumer, stage)
     try:
-        until(lambda: stage.prefetched == ["b"] and runner._prefetch is not None, what="b prepared")
-        old = runner._prefetch.future
+        until(lambda: stage.prefetched == ["b"] and runner.kept.prefetch is not None, what="b prepared")
+        old = runner.kept.prefetch.future
         consumer.to_revoke = [(TOPIC, 0)]
-        until(lambda: not runner._kept and runner._prefetch is None, what="kept b dropped")
+        until(lambda: not runner.kept and runner.kept.prefetch is None, what="kept b dropped")
         assert old.cancelled() or old.done()
         stage.gates["a"].set()
         until(lambda: "a" in stage.finished, what="a finished")
@@ -160,7 +150,7 @@ def test_a_failed_commit_drops_kept_messages_of_its_partition_and_reads_them_aga
     stage = GateStage(concurrency=1, free=tuple("bcx"))
     runner, thread, producer = run(consumer, stage)
     try:
-        until(lambda: len(runner._kept) >= 1 and "a" in stage.handled, what="a running, next kept")
+        until(lambda: len(runner.kept.messages) >= 1 and "a" in stage.handled, what="a running, next kept")
         producer.fail_next_commit = True
         stage.gates["a"].set()
         until(lambda: set(producer.outputs()) == {"a", "b", "c", "x"}, what="everything committed")
@@ -181,7 +171,7 @@ def test_messages_of_a_partition_assigned_during_a_job_are_taken_after_it():
         until(lambda: "a" in stage.handled, what="a running")
         consumer.log[(TOPIC, 2)] = [event("z").encode()]
         consumer.to_assign = [(TOPIC, 2)]
-        until(lambda: [m.partition() for m in runner._kept] == [2], what="z kept while a runs")
+        until(lambda: [m.partition() for m in runner.kept.messages] == [2], what="z kept while a runs")
         stage.gates["a"].set()
         until(lambda: len(producer.transactions) == 2, what="both committed")
     finally:
@@ -199,7 +189,7 @@ def test_a_message_delivered_again_without_a_rewind_is_not_handled_twice():
     try:
         until(lambda: len(producer.transactions) == 2, what="a and b committed")
         with consumer.lock:
-            consumer.position[(TOPIC, 0)] = 0  # the client hands out offsets 0 and 1 again, unasked
+            consumer.positions[(TOPIC, 0)] = 0  # the client hands out offsets 0 and 1 again, unasked
         until(lambda: consumer.deliveries[(0, 1)] == 2, what="both delivered again")
         time.sleep(0.3)
     finally:

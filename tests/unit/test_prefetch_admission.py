@@ -10,7 +10,7 @@ from concurrent.futures import Future
 import numpy as np
 import pytest
 
-from consumers.loop import LeaveGroup
+from consumers.stage import LeaveGroup
 from consumers.transcriber import Prefetched, Transcriber, prefetch_bytes
 from kafscribe.settings import Settings
 from kafscribe.speech import memory

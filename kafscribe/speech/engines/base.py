@@ -10,6 +10,7 @@ from typing import Protocol
 
 import numpy as np
 
+from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.speech import memory
 from kafscribe.speech.decoding import DEFAULT_ENGINE_OPTIONS, EngineOptions
@@ -17,7 +18,7 @@ from kafscribe.speech.models import offline
 from schemas.events import Segment, Word
 
 
-class EngineError(RuntimeError):
+class EngineError(PermanentError, RuntimeError):
     """The engine cannot be loaded or used as configured."""
 
 
