@@ -63,7 +63,7 @@ class StatusReporter:
             gpu_mem_used=gpu.process_used if gpu else None, gpu_device=gpu.index if gpu else None,
             memory_budget=self.settings.memory_budget_bytes or None,
             in_flight=self.runner.in_flight_count, partitions=self.runner.assignment(), model=self.model,
-            backlog=self.runner.backlog() if self.runner.stage.name in ROUTED_STAGES and state != "stopped" else 0,
+            backlog=self.runner.backlog() if self.runner.stage.name in ROUTED_STAGES and state != STOPPED else 0,
         )
 
     def publish(self, state: str | None = None) -> None:

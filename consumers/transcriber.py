@@ -60,10 +60,10 @@ import numpy as np
 import psutil
 from confluent_kafka import Message
 
-from kafscribe import metrics
+from kafscribe import metrics, validation
 from kafscribe.errors import PermanentError, RetriesExhausted
 from kafscribe.kafka.routing import choose_partition
-from kafscribe.kafka.workers import WorkerView
+from kafscribe.kafka.workers import RUNNING, WorkerView
 from kafscribe.settings import Settings
 from kafscribe.speech import audio, chunking, memory
 from kafscribe.speech.engines import Cancelled, Engine, EngineOptions, load_engine
@@ -126,8 +126,8 @@ class Transcriber(Stage):
     def engine_for(self, model: str | None) -> Engine:
         model = model or self.settings.model
         if model not in self._engines:
-            if model not in self.settings.allowed_model_names():  # validated already; never load the rest
-                raise PermanentError(f"model {model!r} is not allowed here (KAFSCRIBE_ALLOWED_MODELS)")
+            if problem := validation.model_problem(self.settings, model):  # validated already; never load the rest
+                raise PermanentError(problem)
             self._engines[model] = load_engine(self.settings, model=model)
         return self._engines[model]
 
@@ -194,7 +194,7 @@ class Transcriber(Stage):
         extra = {"job_id": event.job_id, "trace_id": event.trace_id}
         need = memory.estimate_for(self.settings, event.audio_duration, event.options.model)
         others = [w for w in self.view.workers() if w.status.worker_id != self.worker_id
-                  and w.status.stage == "transcriber" and w.status.state == "running" and w.headroom >= need]
+                  and w.status.stage == "transcriber" and w.status.state == RUNNING and w.headroom >= need]
         choice = choose_partition(others, need) if event.attempt <= MAX_HANDOFFS else None
         if choice is None:
             log.warning("job refused: %s", too_big, extra=extra)

@@ -17,12 +17,12 @@ from typing import Any
 
 from kafscribe.settings import Settings
 from kafscribe.speech import decoding
-from kafscribe.statuses import STATUSES, TERMINAL
+from kafscribe.statuses import COMPLETED, QUEUED, STATUSES, TERMINAL, TRANSCRIBING, TRANSLATING
 
 AUDIO_SUFFIXES = frozenset({".wav", ".mp3", ".m4a", ".mp4", ".flac", ".ogg", ".oga", ".opus", ".webm", ".aac",
                             ".wma", ".aiff", ".aif", ".mkv", ".mov", ".amr"})
 # Where a job stands when the job view carries no `progress` yet (a bar needs a number).
-STATUS_FRACTION = {"queued": 0.02, "transcribing": 0.1, "translating": 0.9}
+STATUS_FRACTION = {QUEUED: 0.02, TRANSCRIBING: 0.1, TRANSLATING: 0.9}
 
 
 def audio_files(paths: list[str]) -> list[Path]:
@@ -143,7 +143,7 @@ def submit(args: argparse.Namespace, settings: Settings) -> int:
     failed = refused
     for path, job_id in jobs.items():
         job = finished.get(job_id)
-        if job is None or job["status"] != "completed":
+        if job is None or job["status"] != COMPLETED:
             failed += 1
             why = "timed out" if job is None else f"{job['status']}: {job.get('error')}"
             _err(f"{path}: job {job_id} {why}")
@@ -170,7 +170,7 @@ def follow(jobs: dict[Path, str], get, timeout_s: float) -> dict[str, dict[str, 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[status]:<12}"),
                TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=False) as bars:
-        tasks = {job_id: bars.add_task(path.name, total=1.0, status="queued") for path, job_id in jobs.items()}
+        tasks = {job_id: bars.add_task(path.name, total=1.0, status=QUEUED) for path, job_id in jobs.items()}
         while len(done) < len(jobs) and time.monotonic() < deadline:
             for job_id, task in tasks.items():
                 if job_id in done:
@@ -226,7 +226,7 @@ def jobs_command(args: argparse.Namespace, settings: Settings) -> int:
             _err(f"job {args.ids[0]} not finished after {args.timeout:.0f} s")
             return 1
         print(f"{final['job_id']}\t{final['status']}" + (f"\t{final['error']}" if final.get("error") else ""))
-        return 0 if final["status"] == "completed" else 1
+        return 0 if final["status"] == COMPLETED else 1
     except HttpError as exc:
         _err(str(exc))
         return 1
