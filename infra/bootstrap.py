@@ -31,6 +31,7 @@ from kafscribe.store import session as cassandra_session
 
 INFRA_DIR = Path(__file__).resolve().parent
 SCHEMA_FILE = INFRA_DIR / "cql" / "schema.cql"
+SCHEMA_AGREEMENT_WAIT_S = 180.0  # three nodes on two busy cores took up to 2 min to agree on a DDL change
 WARNING = "warning: "  # prefix of the lines of ensure_topics/ensure_schema that need an operator's eye
 
 log = logging.getLogger("kafscribe.bootstrap")
@@ -207,7 +208,9 @@ def ensure_schema(settings: Settings, warn=log.warning) -> int:
         statements = cql_statements(settings.cassandra_keyspace, replication_cql(wanted))
         statements += retention_statements(settings)
         for stmt in statements:
-            session.execute(stmt, timeout=60.0)
+            result = session.execute(stmt, timeout=60.0)
+            if not result.response_future.is_schema_agreed:
+                await_schema_agreement(session, stmt, warn)
         have = _replication_of(session, settings.cassandra_keyspace)
         if have != {"class": "org.apache.cassandra.locator.NetworkTopologyStrategy",
                      **{dc: str(rf) for dc, rf in wanted.items()}}:
@@ -217,6 +220,19 @@ def ensure_schema(settings: Settings, warn=log.warning) -> int:
         return len(statements)
     finally:
         session.cluster.shutdown()
+
+
+def await_schema_agreement(session, stmt: str, warn=log.warning) -> bool:
+    """Wait until every node has the change ``stmt`` made, for up to ``SCHEMA_AGREEMENT_WAIT_S``.
+
+    The driver waits 10 s after a DDL statement and then goes on regardless; on three busy nodes agreement
+    has taken minutes, and the next statement, sent to a node still behind, was refused ("Keyspace
+    'kafscribe_test' doesn't exist" for a table created right after its keyspace).
+    """
+    agreed = session.cluster.control_connection.wait_for_schema_agreement(wait_time=SCHEMA_AGREEMENT_WAIT_S)
+    if not agreed:
+        warn(f"nodes still disagree on the schema {SCHEMA_AGREEMENT_WAIT_S:.0f}s after: {stmt.splitlines()[0]}")
+    return agreed
 
 
 def _replication_of(session, keyspace: str) -> dict[str, str]:
