@@ -53,11 +53,24 @@ def base_test_settings(**overrides) -> Settings:
     return Settings(**values)
 
 
+def _up_or_clean(settings: Settings, name: str) -> list[str]:
+    """``stack.up``; if it fails part way, the nodes it did start are stopped before the error goes on.
+
+    A failed setup runs no teardown: nodes left running would be found by the next run as "not started
+    by kafscribe" and fail every test of that group.
+    """
+    try:
+        return stack.up(settings, log=lambda line: print(f"[{name}] {line}"))
+    except BaseException:
+        stack.down(settings, log=lambda line: print(f"[{name}] {line}"), together=True, timeout_s=20)
+        raise
+
+
 @pytest.fixture(scope="session")
 def stack_settings() -> Settings:
     """A running test stack (started once per session) and its settings."""
     settings = base_test_settings()
-    started = stack.up(settings, log=lambda line: print(f"[stack] {line}"))
+    started = _up_or_clean(settings, "stack")
     yield settings
     if started and not os.environ.get("KAFSCRIBE_TEST_KEEP_STACK"):
         # Test data is disposable: every node at once under one deadline (one by one took 90 s of CI).
@@ -110,7 +123,7 @@ def cluster_settings() -> Settings:
     """A running local cluster (started once per session, stopped at the end unless KEEP_STACK) and its settings."""
     settings = cluster_test_settings()
     t0 = time.monotonic()
-    started = stack.up(settings, log=lambda line: print(f"[cluster] {line}"))
+    started = _up_or_clean(settings, "cluster")
     print(f"[cluster] up in {time.monotonic() - t0:.1f}s (started: {', '.join(started) or 'none'})")
     yield settings
     if started and not os.environ.get("KAFSCRIBE_TEST_KEEP_STACK"):
