@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from kafscribe.store import session as cassandra_session
 
 INFRA_DIR = Path(__file__).resolve().parent
 SCHEMA_FILE = INFRA_DIR / "cql" / "schema.cql"
+NODES_SEEN_WAIT_S = 120.0  # gossip among three fresh nodes on two busy cores
 SCHEMA_AGREEMENT_WAIT_S = 180.0  # three nodes on two busy cores took up to 2 min to agree on a DDL change
 WARNING = "warning: "  # prefix of the lines of ensure_topics/ensure_schema that need an operator's eye
 
@@ -197,13 +199,15 @@ def retention_statements(settings: Settings) -> list[str]:
             for table in ("results", "segments", "job_chunks")]
 
 
-def ensure_schema(settings: Settings, warn=log.warning) -> int:
-    """Run every schema statement; returns how many ran. A keyspace replicated otherwise is reported."""
+def ensure_schema(settings: Settings, warn=log.warning, expect_nodes: int = 0) -> int:
+    """Run every schema statement; returns how many ran. A keyspace replicated otherwise is reported.
+
+    ``expect_nodes``: the nodes a local stack started; the keyspace's default RF counts the nodes the
+    driver sees, so it waits (up to ``NODES_SEEN_WAIT_S``) until it sees them all.
+    """
     session = cassandra_session.connect(settings, timeout_s=30.0)
     try:
-        nodes_per_dc: dict[str, int] = {}
-        for host in session.cluster.metadata.all_hosts():
-            nodes_per_dc[host.datacenter] = nodes_per_dc.get(host.datacenter, 0) + 1
+        nodes_per_dc = await_nodes_seen(session, expect_nodes, warn)
         wanted = keyspace_replication(settings, nodes_per_dc)
         statements = cql_statements(settings.cassandra_keyspace, replication_cql(wanted))
         statements += retention_statements(settings)
@@ -220,6 +224,27 @@ def ensure_schema(settings: Settings, warn=log.warning) -> int:
         return len(statements)
     finally:
         session.cluster.shutdown()
+
+
+def await_nodes_seen(session, expect: int, warn=log.warning) -> dict[str, int]:
+    """{data centre: nodes} as the driver sees them, once it sees ``expect`` nodes (or the wait is over).
+
+    Every node of a fresh local cluster answers before gossip has told the others about it: on two busy
+    cores the driver once saw 2 of 3 nodes and the keyspace was made with RF 2.
+    """
+    deadline = time.monotonic() + NODES_SEEN_WAIT_S
+    while True:
+        nodes_per_dc: dict[str, int] = {}
+        for host in session.cluster.metadata.all_hosts():
+            nodes_per_dc[host.datacenter] = nodes_per_dc.get(host.datacenter, 0) + 1
+        seen = sum(nodes_per_dc.values())
+        if seen >= expect:
+            return nodes_per_dc
+        if time.monotonic() > deadline:
+            warn(f"the driver sees {seen} of the {expect} Cassandra nodes after {NODES_SEEN_WAIT_S:.0f}s")
+            return nodes_per_dc
+        time.sleep(1.0)
+        session.cluster.refresh_nodes(force_token_rebuild=True)
 
 
 def await_schema_agreement(session, stmt: str, warn=log.warning) -> bool:

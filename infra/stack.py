@@ -154,7 +154,8 @@ def up(settings: Settings, log: Callable[[str], None] = print, bootstrap_schema:
     if bootstrap_schema:
         for change in bootstrap.ensure_topics(settings):
             log(f"kafka: {change}")
-        n = bootstrap.ensure_schema(settings, warn=lambda line: log(f"cassandra: {bootstrap.WARNING}{line}"))
+        n = bootstrap.ensure_schema(settings, warn=lambda line: log(f"cassandra: {bootstrap.WARNING}{line}"),
+                                    expect_nodes=settings.cassandra_nodes)
         log(f"cassandra: schema ensured ({n} statements, keyspace {settings.cassandra_keyspace})")
     return started
 
