@@ -89,7 +89,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
-    """Show (creating on first use) or rotate a tenant's webhook secret; the secret is the last line."""
+    """Show (creating on first use), rotate or revoke a tenant's webhook secret; the secret is the last line."""
     from kafscribe.store import session as cassandra_session
     from kafscribe.store.webhook_secrets import WebhookSecrets
 
@@ -104,12 +104,19 @@ def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     try:
         store = WebhookSecrets(session, settings.callback_secret_overlap_s)
-        version = store.rotate(args.tenant) if args.rotate else store.current(args.tenant)
+        revoked: list[int] = []
+        if args.revoke:
+            version, revoked = store.revoke(args.tenant)
+        else:
+            version = store.rotate(args.tenant) if args.rotate else store.current(args.tenant)
         until = store.previous_valid_until(args.tenant)
     finally:
         session.cluster.shutdown()
     print(f"tenant {version.tenant}: webhook secret version {version.version}, "
           f"created {version.created_at.isoformat(timespec='seconds')}")
+    if args.revoke:
+        gone = ", ".join(str(v) for v in revoked) or "none"
+        print(f"revoked version(s) {gone}: from the next delivery on only this secret signs")
     if until is not None:
         print(f"the previous secret also signs until {until.isoformat(timespec='seconds')}")
     print(version.secret)
@@ -204,8 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webhooks", help="tenants' webhook signing secrets")
     p.add_argument("action", choices=["secret"])
     p.add_argument("--tenant", required=True, help="whose secret (created on first use)")
-    p.add_argument("--rotate", action="store_true",
-                   help="make a new secret; the old one keeps signing for KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--rotate", action="store_true",
+                        help="make a new secret; the old one keeps signing for KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S")
+    change.add_argument("--revoke", action="store_true",
+                        help="a secret leaked: make a new secret and end every older one at once (no overlap)")
     p.set_defaults(func=_webhooks)
     p = sub.add_parser("keys", help="API keys of the ingress (stored hashed in Cassandra)")
     p.add_argument("action", choices=["create", "list", "revoke", "local"],
