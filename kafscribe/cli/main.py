@@ -12,6 +12,13 @@ from kafscribe.settings import Settings, SettingsError, settings_markdown, setti
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
     from infra import bootstrap, stack
 
+    if args.action == "bootstrap":  # topics and schema only, on servers that run anywhere
+        try:
+            bootstrap.run(settings, wait_s=args.wait)
+        except (bootstrap.NotReachable, bootstrap.ReplicationError, ValueError) as exc:
+            print(f"kafscribe: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.action == "up":
         try:
             stack.up(settings)
@@ -183,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kafscribe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stack", help="local Kafka + Cassandra")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p = sub.add_parser("stack", help="local Kafka + Cassandra; bootstrap: topics and schema on any servers")
+    p.add_argument("action", choices=["up", "down", "status", "bootstrap"],
+                   help="bootstrap: create the topics of kafscribe/kafka/topics.toml and the tables of"
+                   " infra/cql on the configured Kafka and Cassandra (started elsewhere), then exit")
+    p.add_argument("--wait", type=float, help="bootstrap: seconds to wait for both servers to answer"
+                   " (default KAFSCRIBE_STACK_TIMEOUT_S)")
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("serve", help="run one service in the foreground")
