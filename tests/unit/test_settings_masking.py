@@ -90,3 +90,41 @@ def test_the_settings_page_uses_the_same_rule():
     assert "| `KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S` | `86400.0` |" in page
     for name in DECLARED:
         assert f"`{name.upper()}`" in page.split("| variable |")[0]  # listed as secret above the table
+
+
+def test_an_llm_url_with_userinfo_authenticates_with_basic_auth_and_never_shows_the_password():
+    """The translator sends ``user:password`` of KAFSCRIBE_LLM_BASE_URL as Basic auth, not in the URL; a bad URL's
+    error (a job's error, a log line) holds no password."""
+    import base64
+    import uuid
+
+    from kafscribe.translation import TranslationError
+    from kafscribe.translation.llm_backend import LLMTranslator, endpoint
+    from schemas.events import JobOptions, Segment, Transcript
+    from tests.fakes import FakeLLM
+
+    assert endpoint("https://bob:p%40ss@llm.example.com:8443/v1/") == (
+        "https://llm.example.com:8443/v1/chat/completions",
+        {"Authorization": "Basic " + base64.b64encode(b"bob:p@ss").decode()})
+    assert endpoint("http://[::1]:8000/v1") == ("http://[::1]:8000/v1/chat/completions", {})
+    source = Transcript(job_id=uuid.uuid4().hex, blob_ref="file:none", audio_sha256="", audio_bytes=1,
+                        audio_duration=1.0, options=JobOptions(translate_to="de"), language="es",
+                        language_probability=0.99, duration=1.0, text="Hola.",
+                        segments=[Segment(id=0, start=0.0, end=0.9, text="Hola.")], engine="faster-whisper",
+                        model="base", worker_id="w", processing_seconds=0.1)
+    server = FakeLLM()
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        settings = Settings(llm_base_url=f"http://bob:hunter2@127.0.0.1:{port}/v1", llm_model="m",
+                            llm_retry_base_s=0.01)
+        out = LLMTranslator(settings).translate(source, "de")
+        assert out.segments[0].text == "[German] Hola."
+        (request,) = server.requests
+        assert request["path"] == "/v1/chat/completions"
+        assert request["headers"]["Authorization"] == "Basic " + base64.b64encode(b"bob:hunter2").decode()
+    finally:
+        server.close()
+    broken = Settings(llm_base_url="http://bob:hunter2@/v1", llm_model="m", llm_retries=0)
+    with pytest.raises(TranslationError) as err:
+        LLMTranslator(broken).translate(source, "de")
+    assert "hunter2" not in str(err.value)
