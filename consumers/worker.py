@@ -16,6 +16,7 @@ import signal
 import threading
 
 from kafscribe import logs
+from kafscribe.kafka.workers import check_worker_id
 from kafscribe.settings import Settings
 from kafscribe.store import session as cassandra_session
 
@@ -61,6 +62,9 @@ def build_stages(name: str, settings: Settings, session, worker_id: str, stop: t
 def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[StageRunner]:
     """The stage's runners, each publishing its WorkerStatus while it polls."""
     worker_id = settings.effective_worker_id(name)
+    reason = check_worker_id(worker_id)
+    if reason:  # every view would ignore its statuses: refuse to start rather than run unseen
+        raise ValueError(f"worker id {worker_id[:140]!r} (KAFSCRIBE_WORKER_ID or stage-host-pid): {reason}")
     session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
     runners = []
     for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop)):

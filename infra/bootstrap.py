@@ -3,6 +3,9 @@
 The definitions live in files a reader can open: ``kafscribe/kafka/topics.toml`` and
 ``infra/cql/schema.cql``. Running this twice changes nothing; running it
 after raising a partition count adds partitions (Kafka never removes them).
+``kafscribe stack up`` runs it after starting the local servers; ``kafscribe
+stack bootstrap`` (``run`` below) runs it alone against servers that run
+elsewhere (the compose file's init service, a managed cluster).
 
 Replication is decided here and checked against the cluster: every topic
 (DLQ and worker status included) gets ``KAFSCRIBE_TOPIC_REPLICATION_FACTOR``
@@ -19,6 +22,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +33,7 @@ from kafscribe.kafka import clients as kafka_clients
 from kafscribe.kafka import topics
 from kafscribe.settings import Settings
 from kafscribe.store import session as cassandra_session
+from kafscribe.store.session import cassandra_reachable
 
 INFRA_DIR = Path(__file__).resolve().parent
 SCHEMA_FILE = INFRA_DIR / "cql" / "schema.cql"
@@ -265,3 +270,34 @@ def _replication_of(session, keyspace: str) -> dict[str, str]:
         "SELECT replication FROM system_schema.keyspaces WHERE keyspace_name = %s", (keyspace,)
     ).one()
     return dict(row.replication) if row else {}
+
+
+class NotReachable(RuntimeError):
+    """Kafka or Cassandra did not answer within the wait of ``run``."""
+
+
+def run(settings: Settings, log: Callable[[str], None] = print, wait_s: float | None = None) -> list[str]:
+    """Topics and schema on running servers: wait (up to ``wait_s``, default ``KAFSCRIBE_STACK_TIMEOUT_S``)
+    until Kafka and Cassandra answer, then ``ensure_topics`` and ``ensure_schema``. Returns the lines logged."""
+    lines: list[str] = []
+
+    def say(line: str) -> None:
+        lines.append(line)
+        log(line)
+
+    wait_s = settings.stack_timeout_s if wait_s is None else wait_s
+    deadline = time.monotonic() + wait_s
+    for name, reachable, where in (
+        ("kafka", kafka_clients.kafka_reachable, settings.kafka_bootstrap),
+        ("cassandra", cassandra_reachable, f"{settings.cassandra_hosts}:{settings.cassandra_port}"),
+    ):
+        while not reachable(settings, 3.0):
+            if time.monotonic() > deadline:
+                raise NotReachable(f"{name} at {where} did not answer within {wait_s:.0f}s")
+            time.sleep(1.0)
+    for change in ensure_topics(settings):
+        say(f"kafka: {change}")
+    say(f"kafka: {len(topic_specs(settings))} topics of topics.toml present (prefix {settings.topic_prefix!r})")
+    n = ensure_schema(settings, warn=lambda line: say(f"cassandra: {WARNING}{line}"))
+    say(f"cassandra: schema ensured ({n} statements, keyspace {settings.cassandra_keyspace})")
+    return lines

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import socket
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -25,8 +26,9 @@ class SettingsError(ValueError):
     """A ``KAFSCRIBE_*`` variable holds a value that cannot be used."""
 
 
-def _doc(text: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
-    meta = {"doc": text}
+def _doc(text: str, default: Any = dataclasses.MISSING, secret: bool = False, **kw: Any) -> Any:
+    """A setting with its description; ``secret=True``: its value is never shown (see ``shown_value``)."""
+    meta = {"doc": text, "secret": secret}
     if default is dataclasses.MISSING:
         return field(metadata=meta, **kw)
     return field(default=default, metadata=meta, **kw)
@@ -128,7 +130,7 @@ class Settings:
         " HTTP_HOST only; every request then acts as an admin).", True,
     )
     auth_cache_s: float = _doc("How long the ingress trusts a looked-up API key (a revocation takes effect within this).", 2.0)
-    api_key: str = _doc("API key `kafscribe submit` sends (`kafscribe keys create` makes one).", "")
+    api_key: str = _doc("API key `kafscribe submit` sends (`kafscribe keys create` makes one).", "", secret=True)
     tenant_max_unfinished: int = _doc("Unfinished jobs a tenant may have; more get 429 + Retry-After (0 = no limit).", 100)
     quota_retry_after_s: int = _doc("Retry-After sent with a quota 429.", 30)
     redeliver_interval_s: int = _doc("A job's callback may be redelivered once per this many seconds (429 inside).", 60)
@@ -228,6 +230,13 @@ class Settings:
     prometheus_scrape_s: float = _doc("Scrape (and rule evaluation) interval of that Prometheus.", 5.0)
     prometheus_retention: str = _doc("How long that Prometheus keeps samples (its --storage.tsdb.retention.time).", "7d")
 
+    # --- admin: what forged worker statuses can cost (kafscribe/kafka/lag.py) --------------------------
+    lag_max_workers: int = _doc(
+        "Most workers whose status series the lag exporter exports (live ones first, then recently stale ones);"
+        " the rest are counted in kafscribe_workers_not_exported. Bounds /metrics against forged WorkerStatus"
+        " events.", 100,
+    )
+
     # --- events: progress, live segments, cancel checks (kafscribe/store/progress.py, routes/events.py) ----
     progress_interval_s: float = _doc(
         "Least seconds between two progress writes of a running job (each decoded segment is written anyway).", 1.0
@@ -243,7 +252,7 @@ class Settings:
     )
     llm_base_url: str = _doc("OpenAI-compatible API base (vLLM, Ollama, OpenAI), e.g. http://host:8000/v1.", "")
     llm_model: str = _doc("Chat model used for translation.", "")
-    llm_api_key: str = _doc("Bearer token for the LLM endpoint (empty = none).", "")
+    llm_api_key: str = _doc("Bearer token for the LLM endpoint (empty = none).", "", secret=True)
     llm_timeout_s: float = _doc("Timeout of one LLM request.", 60.0)
     llm_retries: int = _doc("Retries of an LLM request on 429/5xx/timeouts.", 4)
     llm_retry_base_s: float = _doc("First backoff of an LLM retry (doubles each time).", 1.0)
@@ -273,16 +282,16 @@ class Settings:
     )
     kafka_sasl_mechanism: str = _doc("Kafka `sasl.mechanism`: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.", "")
     kafka_sasl_username: str = _doc("Kafka SASL user name.", "")
-    kafka_sasl_password: str = _doc("Kafka SASL password.", "")
+    kafka_sasl_password: str = _doc("Kafka SASL password.", "", secret=True)
     kafka_ssl_ca_file: str = _doc("PEM file of the CA that signed the brokers' certificates.", "")
     kafka_ssl_cert_file: str = _doc("PEM client certificate, for brokers that require TLS client auth.", "")
     kafka_ssl_key_file: str = _doc("PEM private key of the client certificate.", "")
-    kafka_ssl_key_password: str = _doc("Password of the client key file (empty = unencrypted).", "")
+    kafka_ssl_key_password: str = _doc("Password of the client key file (empty = unencrypted).", "", secret=True)
     kafka_sasl_port: int = _doc(
         "Local stack only: also open a SASL_PLAINTEXT (PLAIN) listener on this port (0 = none).", 0
     )
     cassandra_username: str = _doc("Cassandra user (PasswordAuthenticator); empty = no authentication.", "")
-    cassandra_password: str = _doc("Cassandra password.", "")
+    cassandra_password: str = _doc("Cassandra password.", "", secret=True)
     cassandra_ssl_ca_file: str = _doc("PEM CA file: set it to talk TLS to Cassandra (client encryption).", "")
     cassandra_ssl_cert_file: str = _doc("PEM client certificate, for nodes that require TLS client auth.", "")
     cassandra_ssl_key_file: str = _doc("PEM private key of the Cassandra client certificate.", "")
@@ -319,11 +328,8 @@ class Settings:
         return self.job_time_limit_min_s + self.job_time_limit_factor * max(audio_duration_s, 0.0)
 
     def shown(self, name: str) -> str:
-        """The value of setting ``name`` as `kafscribe settings` prints it: secrets masked."""
-        value = str(getattr(self, name))
-        if is_secret(name) and value:
-            return "****" if len(value) < 12 else f"****{value[-4:]}"
-        return value
+        """The value of setting ``name`` as `kafscribe settings` prints it: secrets masked (``shown_value``)."""
+        return shown_value(name, getattr(self, name))
 
     def to_env(self) -> dict[str, str]:
         """These settings as ``KAFSCRIBE_*`` variables (to hand to a child process)."""
@@ -352,12 +358,35 @@ class Settings:
         return cls(**values)
 
 
-_SECRET_WORDS = ("secret", "password", "api_key", "token", "credential")
+MASK = "****"
+# ``scheme://userinfo@``: the userinfo (``user:password`` or a bare token) of any URL inside a value.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/?#@\s]*@")
 
 
 def is_secret(name: str) -> bool:
-    """Settings whose values are never printed (keys, secrets, passwords)."""
-    return any(word in name for word in _SECRET_WORDS)
+    """Whether setting ``name`` is declared secret (``_doc(..., secret=True)``): keys, passwords."""
+    known = {f.name: f for f in fields(Settings)}
+    return name in known and bool(known[name].metadata.get("secret"))
+
+
+def mask_url_userinfo(text: str) -> str:
+    """``text`` with the userinfo of every URL in it replaced by ``****`` (``http://u:pw@h/`` -> ``http://****@h/``)."""
+    return _URL_USERINFO.sub(lambda m: m.group(1) + MASK + "@", text)
+
+
+def shown_value(name: str, value: Any) -> str:
+    """The one masking rule of settings, for every place that shows a value (the CLI, docs/settings.md, logs).
+
+    A declared secret shows as ``****`` (long values: ``****`` + their last 4 characters, to tell keys apart);
+    every other value is shown with the userinfo of any URL in it masked, so a password written into
+    ``KAFSCRIBE_LLM_BASE_URL`` (``https://user:pw@host/v1``) never shows.
+    """
+    text = str(value)
+    if is_secret(name):
+        if not text:
+            return text
+        return MASK if len(text) < 12 else f"{MASK}{text[-4:]}"
+    return mask_url_userinfo(text)
 
 
 def _parse(f: dataclasses.Field, raw: str, key: str) -> Any:
@@ -394,7 +423,7 @@ SETTINGS_PAGE_COMMAND = "make docs"  # = kafscribe settings --markdown > docs/se
 
 def _default_shown(name: str) -> str:
     """A setting's default as the docs show it: the same on every machine (checkout and home as names)."""
-    value = str(getattr(Settings(), name))
+    value = shown_value(name, getattr(Settings(), name))
     return value.replace(str(PROJECT_ROOT), "<checkout>").replace(str(Path.home()), "~")
 
 
@@ -402,13 +431,14 @@ def settings_markdown() -> str:
     """docs/settings.md: every setting, its default and what it does, generated from ``Settings``.
 
     The descriptions are the fields' docs above; ``kafscribe settings --markdown`` prints this page and
-    tests/unit/test_docs.py fails when the committed page differs from it. Defaults are shown unmasked:
-    they are in this file anyway, and no default is a secret.
+    tests/unit/test_docs.py fails when the committed page differs from it. Defaults go through the same
+    masking rule as `kafscribe settings` (no default is a secret, so nothing is hidden today).
     """
     rows = "\n".join(
         f"| `{ENV_PREFIX + f.name.upper()}` | `{_default_shown(f.name)}` | {f.metadata['doc']} |"
         for f in fields(Settings)
     )
+    secrets = ", ".join(f"`{f.name.upper()}`" for f in fields(Settings) if is_secret(f.name))
     return f"""# Settings
 
 <!-- Generated from kafscribe/settings.py by `make docs` (`kafscribe settings --markdown > docs/settings.md`).
@@ -416,9 +446,9 @@ def settings_markdown() -> str:
 
 Every setting is an environment variable, `KAFSCRIBE_` + the name of a field of
 `kafscribe.settings.Settings` in upper case. `kafscribe settings` prints the
-values the current shell gives (secrets masked: any setting whose name holds
-`secret`, `password`, `token`, `api_key` or `credential` shows as `****` + the
-last 4 characters of long values). An unknown `KAFSCRIBE_*` variable is
+values the current shell gives, masked: a setting declared secret ({secrets})
+shows as `****` + the last 4 characters of long values, and the user and
+password of any URL in a value show as `****` (`https://****@host/v1`). An unknown `KAFSCRIBE_*` variable is
 refused when a command starts; `KAFSCRIBE_TEST_*` variables steer the test
 session ([testing](testing.md)) and are not settings. The defaults run everything on one machine
 against the local stack that `make up` starts; `<checkout>` is the directory

@@ -12,6 +12,13 @@ from kafscribe.settings import Settings, SettingsError, settings_markdown, setti
 def _stack(args: argparse.Namespace, settings: Settings) -> int:
     from infra import bootstrap, stack
 
+    if args.action == "bootstrap":  # topics and schema only, on servers that run anywhere
+        try:
+            bootstrap.run(settings, wait_s=args.wait)
+        except (bootstrap.NotReachable, bootstrap.ReplicationError, ValueError) as exc:
+            print(f"kafscribe: {exc}", file=sys.stderr)
+            return 1
+        return 0
     if args.action == "up":
         try:
             stack.up(settings)
@@ -89,7 +96,7 @@ def _models(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
-    """Show (creating on first use) or rotate a tenant's webhook secret; the secret is the last line."""
+    """Show (creating on first use), rotate or revoke a tenant's webhook secret; the secret is the last line."""
     from kafscribe.store import session as cassandra_session
     from kafscribe.store.webhook_secrets import WebhookSecrets
 
@@ -104,12 +111,19 @@ def _webhooks(args: argparse.Namespace, settings: Settings) -> int:
         return 1
     try:
         store = WebhookSecrets(session, settings.callback_secret_overlap_s)
-        version = store.rotate(args.tenant) if args.rotate else store.current(args.tenant)
+        revoked: list[int] = []
+        if args.revoke:
+            version, revoked = store.revoke(args.tenant)
+        else:
+            version = store.rotate(args.tenant) if args.rotate else store.current(args.tenant)
         until = store.previous_valid_until(args.tenant)
     finally:
         session.cluster.shutdown()
     print(f"tenant {version.tenant}: webhook secret version {version.version}, "
           f"created {version.created_at.isoformat(timespec='seconds')}")
+    if args.revoke:
+        gone = ", ".join(str(v) for v in revoked) or "none"
+        print(f"revoked version(s) {gone}: from the next delivery on only this secret signs")
     if until is not None:
         print(f"the previous secret also signs until {until.isoformat(timespec='seconds')}")
     print(version.secret)
@@ -176,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kafscribe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("stack", help="local Kafka + Cassandra")
-    p.add_argument("action", choices=["up", "down", "status"])
+    p = sub.add_parser("stack", help="local Kafka + Cassandra; bootstrap: topics and schema on any servers")
+    p.add_argument("action", choices=["up", "down", "status", "bootstrap"],
+                   help="bootstrap: create the topics of kafscribe/kafka/topics.toml and the tables of"
+                   " infra/cql on the configured Kafka and Cassandra (started elsewhere), then exit")
+    p.add_argument("--wait", type=float, help="bootstrap: seconds to wait for both servers to answer"
+                   " (default KAFSCRIBE_STACK_TIMEOUT_S)")
     p.set_defaults(func=_stack)
 
     p = sub.add_parser("serve", help="run one service in the foreground")
@@ -204,8 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("webhooks", help="tenants' webhook signing secrets")
     p.add_argument("action", choices=["secret"])
     p.add_argument("--tenant", required=True, help="whose secret (created on first use)")
-    p.add_argument("--rotate", action="store_true",
-                   help="make a new secret; the old one keeps signing for KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S")
+    change = p.add_mutually_exclusive_group()
+    change.add_argument("--rotate", action="store_true",
+                        help="make a new secret; the old one keeps signing for KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S")
+    change.add_argument("--revoke", action="store_true",
+                        help="a secret leaked: make a new secret and end every older one at once (no overlap)")
     p.set_defaults(func=_webhooks)
     p = sub.add_parser("keys", help="API keys of the ingress (stored hashed in Cassandra)")
     p.add_argument("action", choices=["create", "list", "revoke", "local"],

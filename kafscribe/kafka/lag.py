@@ -27,7 +27,13 @@ at every scrape (so a scrape is never older than the broker's answer):
 * every worker's last status (age, state, memory headroom, in-flight jobs),
   so a stale worker and the headroom against job estimates can be graphed.
   The statuses come through ``kafscribe.kafka.workers.WorkerView``: the same
-  checks and the same staleness rule as the ingress's routing.
+  checks (worker ids of at most 128 plain characters) and the same staleness
+  rule as the ingress's routing. Anyone who can write the worker-status topic
+  can invent workers, so these series are bounded: only known stages, a
+  stopped worker is left out, a stale one shows only its age and only for
+  ``STALE_SHOWN_S`` (long enough for ``KafscribeWorkerStale``), and at most
+  ``KAFSCRIBE_LAG_MAX_WORKERS`` workers are exported (live ones first); the
+  rest are counted in ``kafscribe_workers_not_exported``.
 
 Why one separate process, not the workers, the ingress or the supervisor:
 workers cannot see partitions nobody owns (the stranded case) and N of them
@@ -87,7 +93,9 @@ JOB_GROUPS = ("transcribers", "translators", "sink", "chunk-transcribers", "merg
 HEAD_READ_S = 2.0  # longest wait for the heads of lagging partitions in one snapshot
 ADMIN_TIMEOUT_S = 3.0
 LOOKUP_BUDGET_S = 1.0  # job-row reads per snapshot; past it, heads are dated by their message time
-STATUS_KEEP_S = 3600.0  # a worker silent this long is forgotten (a restart has a new worker id)
+STALE_SHOWN_S = 600.0  # a stale worker's age shows this long (the stale alert fires), then it is left out
+# Stages whose workers publish a WorkerStatus; a status naming another stage is not exported (a forged label).
+WORKER_STAGES = frozenset(stage for stage, _ in GROUPS.values())
 
 
 def retry_topics() -> tuple[str, ...]:
@@ -332,27 +340,51 @@ def families(snap: Snapshot, settings: Settings) -> list[GaugeMetricFamily]:
     return out
 
 
+def exported_workers(snap: Snapshot, limit: int) -> tuple[list[WorkerState], int]:
+    """The workers whose series are exported, and how many others were left out by ``limit``.
+
+    Stopped workers, workers of unknown stages and workers stale for over ``STALE_SHOWN_S`` are never
+    exported; of the rest, live workers come first (by id, so the set is stable between scrapes), then
+    stale ones, most recently heard from first.
+    """
+    live, stale = [], []
+    for w in snap.workers:
+        if w.liveness == STOPPED or w.status.stage not in WORKER_STAGES:
+            continue
+        if w.live:
+            live.append(w)
+        elif status_age_s(w.status, snap.taken_ms) <= STALE_SHOWN_S:
+            stale.append(w)
+    live.sort(key=lambda w: w.status.worker_id)
+    stale.sort(key=lambda w: (-w.status.produced_at, w.status.worker_id))
+    candidates = live + stale
+    limit = max(0, limit)
+    return candidates[:limit], max(0, len(candidates) - limit)
+
+
 def worker_families(snap: Snapshot, settings: Settings) -> list[GaugeMetricFamily]:
     labels = ["worker_id", "stage"]
     age = GaugeMetricFamily("kafscribe_worker_status_age_seconds", "Seconds since a worker's last WorkerStatus "
-                            "(workers that stopped cleanly are left out)", labels=labels)
+                            "(workers that stopped cleanly are left out; stale ones for "
+                            f"{STALE_SHOWN_S:.0f} s)", labels=labels)
     headroom = GaugeMetricFamily("kafscribe_worker_headroom_bytes", "Memory a live worker can still spend on a job",
                                  labels=labels)
     rss = GaugeMetricFamily("kafscribe_worker_rss_bytes", "A live worker's RSS as it reported it", labels=labels)
     in_flight = GaugeMetricFamily("kafscribe_worker_in_flight_jobs", "Jobs a live worker reports in flight",
                                   labels=labels)
-    for w in snap.workers:
+    shown, left_out = exported_workers(snap, settings.lag_max_workers)
+    for w in shown:
         status = w.status
-        seconds = status_age_s(status, snap.taken_ms)
-        if w.liveness == STOPPED or seconds > STATUS_KEEP_S:
-            continue
         values = [status.worker_id, status.stage]
-        age.add_metric(values, max(0.0, seconds))
+        age.add_metric(values, max(0.0, status_age_s(status, snap.taken_ms)))
         if w.live:
             headroom.add_metric(values, w.headroom)
             rss.add_metric(values, status.rss_bytes)
             in_flight.add_metric(values, status.in_flight)
-    return [age, headroom, rss, in_flight]
+    dropped = GaugeMetricFamily("kafscribe_workers_not_exported", "Live or recently stale workers whose series "
+                                "were left out (over KAFSCRIBE_LAG_MAX_WORKERS)")
+    dropped.add_metric([], left_out)
+    return [age, headroom, rss, in_flight, dropped]
 
 
 class JobCreated:

@@ -10,7 +10,9 @@ them by the rules here, so no two views can disagree about a worker:
 * ``check_worker_status``: a status that names partitions the uploads topic
   does not have, lies in the future (``KAFSCRIBE_MAX_CLOCK_SKEW_S``) or
   carries negative numbers is ignored with a log line: routing by it would
-  send uploads nowhere, or to a worker forever "live".
+  send uploads nowhere, or to a worker forever "live". Its worker id must
+  pass ``check_worker_id`` (at most 128 characters of a host name's kind):
+  ids become metric labels.
 * ``liveness``: a worker whose last status is older than
   ``KAFSCRIBE_WORKER_STALE_S`` (30 s by default) is ``stale`` -- dead in every
   view; one that said ``stopped`` is ``stopped``. Kafka's group membership,
@@ -25,6 +27,7 @@ status of every worker.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import uuid
 from dataclasses import dataclass, replace
@@ -46,17 +49,31 @@ WORKER_STATES = (RUNNING, THROTTLED, STOPPED)
 # What a view makes of a worker (``WorkerState.liveness``): ``stopped`` as it said, or by the age of its status.
 LIVE, STALE = "live", "stale"
 FUTURE_TOLERANCE_S = 300.0  # clock skew between hosts; a status further ahead is not live
-MAX_WORKER_ID_CHARS = 256
+# A worker id becomes a metric label, a log field and a routing key: short, and only characters a host name,
+# a pid and our own separators (``chunks@``, ``-callback-retry``) use, so forged statuses cannot fill the lag
+# exporter's /metrics with long or odd label values.
+MAX_WORKER_ID_CHARS = 128
+WORKER_ID_CHARS = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]*")
 _COUNTS = ("rss_bytes", "host_mem_available", "host_mem_total", "gpu_mem_free", "gpu_mem_total", "gpu_mem_used",
            "gpu_device", "memory_budget", "in_flight")
+
+
+def check_worker_id(worker_id: object) -> str | None:
+    """Why ``worker_id`` is not a usable worker id (too long, empty, odd characters), or None."""
+    if not isinstance(worker_id, str) or not 0 < len(worker_id) <= MAX_WORKER_ID_CHARS:
+        return f"worker_id must be 1-{MAX_WORKER_ID_CHARS} characters"
+    if not WORKER_ID_CHARS.fullmatch(worker_id):
+        return "worker_id may hold only letters, digits and . _ : @ - (and start with a letter or digit)"
+    return None
 
 
 def check_worker_status(
     settings: Settings, status: WorkerStatus, partition_count: int, now: int | None = None
 ) -> str | None:
     """Why every view must ignore ``status`` (it would route uploads by it), or None."""
-    if not isinstance(status.worker_id, str) or not 0 < len(status.worker_id) <= MAX_WORKER_ID_CHARS:
-        return f"worker_id must be 1-{MAX_WORKER_ID_CHARS} characters"
+    reason = check_worker_id(status.worker_id)
+    if reason:
+        return reason
     if status.state not in WORKER_STATES:
         return f"state {_show(status.state)} must be one of {', '.join(WORKER_STATES)}"
     reason = check_produced_at(settings, status.produced_at, now_ms() if now is None else now)

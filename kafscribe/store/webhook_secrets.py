@@ -5,13 +5,17 @@ A tenant's secret is created on first use (its first callback, or
 secret: every tenant signs with its own random ``whsec_`` secret.
 ``rotate`` adds a newer version; the previous one keeps signing beside it
 for ``overlap_s`` (``KAFSCRIBE_CALLBACK_SECRET_OVERLAP_S``) so receivers can
-switch over without dropping a delivery, then stops. Versions are claimed
+switch over without dropping a delivery, then stops. ``revoke`` is for a
+secret that leaked: it adds a newer version and deletes every older one at
+once, so the next delivery is signed with the new secret alone (deliveries
+read the secrets each time; nothing caches them). Versions are claimed
 with lightweight transactions (``IF NOT EXISTS``), so concurrent creators
 never end up with two different "first" secrets.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -34,6 +38,11 @@ class WebhookSecrets:
             "INSERT INTO webhook_secrets (tenant, version, secret, created_at) VALUES (?,?,?,?) IF NOT EXISTS"
         )
         self._list = session.prepare("SELECT * FROM webhook_secrets WHERE tenant = ?")
+        self._written = session.prepare("SELECT version, WRITETIME(secret) AS written FROM webhook_secrets"
+                                        " WHERE tenant = ?")
+        self._drop_older = session.prepare(
+            "DELETE FROM webhook_secrets USING TIMESTAMP ? WHERE tenant = ? AND version < ?"
+        )
 
     def versions(self, tenant: str) -> list[SecretVersion]:
         """Every stored version of ``tenant``'s secret, newest first."""
@@ -53,6 +62,18 @@ class WebhookSecrets:
             created = self._add(tenant, (versions[0].version if versions else 0) + 1, must_win=True)
             if created is not None:
                 return created
+
+    def revoke(self, tenant: str) -> tuple[SecretVersion, list[int]]:
+        """A new secret for ``tenant`` that signs alone from now on: every older version is deleted, with no
+        overlap. Returns the new version and the versions revoked."""
+        new = self.rotate(tenant)
+        older = [(r.version, r.written or 0) for r in self.session.execute(self._written, (tenant,))
+                 if r.version < new.version]
+        # Past every older row's write time, whatever this host's clock says (versions are written by LWTs,
+        # whose timestamps come from the coordinator): a delete older than its row would not remove it.
+        stamp = max([int(time.time() * 1_000_000)] + [written + 1 for _, written in older])
+        self.session.execute(self._drop_older, (stamp, tenant, new.version))
+        return new, sorted(version for version, _ in older)
 
     def signing(self, tenant: str, now: datetime | None = None) -> list[str]:
         """The secrets that sign ``tenant``'s deliveries now, newest first (creates the first one)."""

@@ -4,22 +4,26 @@ Segments are sent in batches (bounded by count and characters, to fit the
 model's context); the model answers a JSON array with one translation per
 segment, so every translated segment keeps its source timing. 429, 5xx,
 timeouts and malformed answers are retried with exponential backoff; any
-other 4xx fails the job with the provider's message.
+other 4xx fails the job with the provider's message. A user and password in
+``KAFSCRIBE_LLM_BASE_URL`` (``https://user:pw@host/v1``) are sent as HTTP Basic
+auth and never become part of a request URL, a log line or a job's error.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import re
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 
 from schemas.events import Segment, Transcript, Translation
 
 from ..errors import TransientError
-from ..settings import Settings
+from ..settings import Settings, mask_url_userinfo
 from .base import TranslationError, language_name
 
 log = logging.getLogger("kafscribe.llm")
@@ -49,6 +53,18 @@ def batches(segments: list[Segment], max_segments: int, max_chars: int) -> list[
     if current:
         out.append(current)
     return out
+
+
+def endpoint(base_url: str) -> tuple[str, dict[str, str]]:
+    """The chat-completions URL of ``base_url`` without its userinfo, and the Basic auth header it stood for."""
+    parts = urllib.parse.urlsplit(base_url.rstrip("/"))
+    userinfo, at, host = parts.netloc.rpartition("@")
+    headers: dict[str, str] = {}
+    if at:
+        user, _, password = userinfo.partition(":")
+        pair = f"{urllib.parse.unquote(user)}:{urllib.parse.unquote(password)}"
+        headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+    return urllib.parse.urlunsplit(parts._replace(netloc=host)) + "/chat/completions", headers
 
 
 class LLMTranslator:
@@ -98,13 +114,14 @@ class LLMTranslator:
 
     def _call(self, body: dict, count: int) -> list[str]:
         s = self.settings
-        headers = {"Content-Type": "application/json"}
+        url, auth = endpoint(s.llm_base_url)
+        headers = {"Content-Type": "application/json", **auth}
         if s.llm_api_key:
             headers["Authorization"] = f"Bearer {s.llm_api_key}"
-        req = urllib.request.Request(
-            s.llm_base_url.rstrip("/") + "/chat/completions", data=json.dumps(body).encode(),
-            headers=headers, method="POST",
-        )
+        try:
+            req = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        except ValueError as exc:
+            raise TranslationError(f"KAFSCRIBE_LLM_BASE_URL is not a URL: {mask_url_userinfo(str(exc))}") from exc
         try:
             with urllib.request.urlopen(req, timeout=s.llm_timeout_s) as resp:
                 payload = json.loads(resp.read())

@@ -125,7 +125,7 @@ def test_lag_counts_from_the_partition_start_without_a_commit_and_ignores_traili
 def test_workers_stopped_or_long_gone_are_left_out_and_stale_ones_have_no_headroom():
     now = 10_000_000
     statuses = [_status("live", "transcriber", 2, now), _status("stale", "sink", 45, now),
-                _status("gone", "sink", lag.STATUS_KEEP_S + 5, now), _status("done", "sink", 3, now, "stopped")]
+                _status("gone", "sink", lag.STALE_SHOWN_S + 5, now), _status("done", "sink", 3, now, "stopped")]
     workers = [WorkerState(s, "stopped" if s.state == "stopped" else ("live" if s.worker_id == "live" else "stale"),
                            900) for s in statuses]
     got = samples(lag.Snapshot(taken_ms=now, workers=workers))
@@ -133,6 +133,25 @@ def test_workers_stopped_or_long_gone_are_left_out_and_stale_ones_have_no_headro
     assert ages == {"live": 2, "stale": 45}
     headroom = {dict(k[1])["worker_id"] for k in got if k[0] == "kafscribe_worker_headroom_bytes"}
     assert headroom == {"live"}
+
+
+def test_worker_series_are_bounded_live_workers_first_and_forged_stages_left_out():
+    now = 10_000_000
+    live = [_status(f"t-{i:03d}", "transcriber", 1, now) for i in range(150)]
+    stale = [_status(f"s-{i}", "sink", 40 + i, now) for i in range(5)]
+    odd = [_status("w-odd", "made-up-stage", 1, now)]
+    workers = [WorkerState(s, "live" if s.worker_id.startswith(("t-", "w-")) else "stale", 900)
+               for s in live + stale + odd]
+    got = samples(lag.Snapshot(taken_ms=now, workers=workers))  # KAFSCRIBE_LAG_MAX_WORKERS=100 by default
+    ages = {dict(k[1])["worker_id"] for k in got if k[0] == "kafscribe_worker_status_age_seconds"}
+    assert ages == {f"t-{i:03d}" for i in range(100)}
+    assert got[key("kafscribe_workers_not_exported")] == 55  # 50 live + 5 stale over the cap; the odd stage uncounted
+    series = [k for k in got if k[0].startswith("kafscribe_worker_")]
+    assert len(series) == 4 * 100
+    few = [WorkerState(s, "live" if s.worker_id.startswith("t-") else "stale", 900) for s in live[:2] + stale]
+    shown, left = lag.exported_workers(lag.Snapshot(taken_ms=now, workers=few), 4)
+    assert [w.status.worker_id for w in shown] == ["t-000", "t-001", "s-0", "s-1"] and left == 3
+    assert lag.exported_workers(lag.Snapshot(taken_ms=now, workers=few), 0) == ([], 7)
 
 
 def test_a_failed_snapshot_says_so():

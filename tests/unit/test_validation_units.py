@@ -136,11 +136,24 @@ def status(worker_id="w", partitions=(0,), age_s=1.0, **changes) -> WorkerStatus
     ({"rss_bytes": -1}, "rss_bytes -1"),
     ({"in_flight": -3}, "in_flight -3"),
     ({"worker_id": ""}, "worker_id"),
+    ({"worker_id": "w" * 129}, "1-128 characters"),
+    ({"worker_id": "w\nforged=\"1\""}, "only letters, digits"),
+    ({"worker_id": "-w"}, "start with a letter or digit"),
 ])
 def test_bad_worker_statuses_are_ignored_by_the_view(changes, reason):
     assert check_worker_status(SETTINGS, status(), 4, NOW) is None
     got = check_worker_status(SETTINGS, status(**changes), 4, NOW)
     assert got is not None and reason in got, got
+
+
+def test_worker_ids_of_every_stage_pass_and_odd_ones_are_refused():
+    from kafscribe.kafka.workers import check_worker_id
+
+    for good in ("transcriber-host.example.com-4242", "chunks@transcriber-ip-10-0-0-1-17",
+                 "notifier-h-1-callback-retry", "t:1", "x" * 128):
+        assert check_worker_id(good) is None, good
+    for bad in ("", "x" * 129, "a b", "a\tb", "ü", "a/b", "{x}", '"', None, 7):
+        assert check_worker_id(bad) is not None, bad
 
 
 def test_routing_never_picks_a_partition_the_topic_lacks_nor_a_status_from_the_future():
