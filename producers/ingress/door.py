@@ -33,6 +33,7 @@ from typing import TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from kafscribe.settings import Settings
 
@@ -227,8 +228,19 @@ REDACTED_LOGGERS = ("aiohttp.server", "aiohttp.web", "aiohttp.access", "aiohttp.
 
 
 def install_redaction() -> None:
-    """Put ``Redact`` on every logger the ingress (and aiohttp under it) writes to; idempotent."""
+    """Put ``Redact`` on every logger the ingress (and aiohttp under it) writes to, and redact the text of
+    aiohttp's own 400 answers (they quote the refused header line back); idempotent."""
     for name in REDACTED_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, Redact) for f in logger.filters):
             logger.addFilter(Redact())
+    original = RequestHandler.handle_error
+    if getattr(original, "redacts", False):
+        return
+
+    def handle_error(self, request, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None):
+        return original(self, request, status, exc, redact(message) if message else message)
+
+    handle_error.redacts = True  # type: ignore[attr-defined]
+    RequestHandler.handle_error = handle_error  # type: ignore[method-assign]
