@@ -40,7 +40,7 @@ from kafscribe.store import session as cassandra_session
 
 from ..submission import Unavailable
 from .appkeys import BACKENDS, SETTINGS
-from .door import Busy, door
+from .door import UPLOAD_END, Busy, door
 from .responses import OUTAGE_REASON
 
 log = logging.getLogger("kafscribe.ingress.auth")
@@ -227,10 +227,10 @@ async def quotas_for(request: web.Request) -> quotas.TenantQuotas:
 async def _upload(request: web.Request, handler, who: Caller):
     """An upload route: the door's caps, then the quota reservation, given back unless a submission took it."""
     try:
-        slot = door(request).upload(who.key_id)
-        slot.__enter__()
+        end = door(request).enter_upload(who.key_id)
     except Busy as exc:
         raise _refuse(web.HTTPTooManyRequests, exc.reason, **{"Retry-After": "1"}) from exc
+    request[UPLOAD_END] = end  # ended by read_upload once the body is read, or here at the latest
     try:
         reserved = await _reserve(request, who)
         if reserved is None:
@@ -244,7 +244,7 @@ async def _upload(request: web.Request, handler, who: Caller):
             if held.state == "held":  # never handed to a submission: nothing of it was accepted
                 await limits.release(held)
     finally:
-        slot.__exit__(None, None, None)
+        end()
 
 
 @web.middleware

@@ -28,7 +28,7 @@ import re
 import time
 import traceback
 from collections import Counter
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar
 
 from aiohttp import web
@@ -61,9 +61,10 @@ class Door:
         self.streams_by_key: Counter[str] = Counter()
         self.memory_bytes = 0  # held by small uploads right now
 
-    @contextlib.contextmanager
-    def upload(self, key_id: str) -> Iterator[None]:
-        """One upload in progress for ``key_id``; ``Busy`` past a cap."""
+    def enter_upload(self, key_id: str) -> Callable[[], None]:
+        """Count one upload of ``key_id`` whose body is being read; ``Busy`` past a cap. Returns the
+        function that ends it (idempotent): called once the body is read, so a request that then waits
+        for its job (``/v1/audio/*``) holds no place."""
         s = self.settings
         if 0 < s.ingress_max_uploads <= self.uploads:
             raise Busy(f"this ingress is reading {self.uploads} uploads, its limit; retry in a moment")
@@ -72,15 +73,21 @@ class Door:
                        " retry when one has finished")
         self.uploads += 1
         self.uploads_by_key[key_id] += 1
-        try:
-            yield
-        finally:
+        ended = False
+
+        def end() -> None:
+            nonlocal ended
+            if ended:
+                return
+            ended = True
             self.uploads -= 1
             self.uploads_by_key[key_id] -= 1
             if self.uploads_by_key[key_id] <= 0:
                 del self.uploads_by_key[key_id]
             if self.uploads == 0:
                 trim_heap()
+
+        return end
 
     @contextlib.contextmanager
     def stream(self, key_id: str) -> Iterator[None]:
@@ -109,6 +116,14 @@ class Door:
 
 
 DOOR = web.AppKey("door", Door)
+UPLOAD_END = web.RequestKey("upload_end", object)  # ``Door.enter_upload``'s end function of this request
+
+
+def end_upload(request: web.Request) -> None:
+    """The body of this request is read (or refused): it no longer counts as an upload in progress."""
+    end = request.get(UPLOAD_END)
+    if end is not None:
+        end()
 
 
 def door(request: web.Request) -> Door:

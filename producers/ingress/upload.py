@@ -31,7 +31,7 @@ from kafscribe.settings import Settings
 from kafscribe.speech.decoding import PROMPT_CONTROLS
 
 from ..submission import MAX_FILENAME_CHARS, OPTION_FIELDS, SubmissionError, check_text
-from .door import DOOR, BodyClock, Door
+from .door import DOOR, BodyClock, Door, end_upload
 
 MAX_FIELD_BYTES = 4096
 FILE_FIELD = "file"
@@ -77,6 +77,7 @@ async def read_upload(
         return received
     finally:
         body.door.give_memory(body.held)
+        end_upload(request)
         if not done:  # every path but success (refusal, disconnect, cancellation): the partial file goes
             for path in temp:
                 path.unlink(missing_ok=True)
