@@ -36,9 +36,12 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
+from cassandra import WriteTimeout
+
 from kafscribe.settings import Settings
 from kafscribe.statuses import TERMINAL
 from kafscribe.store import cql_async
+from kafscribe.store import session as cassandra_session
 from kafscribe.store.jobs import JobStore
 
 log = logging.getLogger("kafscribe.quotas")
@@ -142,6 +145,9 @@ class TenantQuotas:
         self._set_audio = p("UPDATE quota_slots SET audio_s = ? WHERE tenant = ? AND slot = ? IF job_id = ?")
         self._slots = p("SELECT slot, job_id, audio_s, reserved_at FROM quota_slots WHERE tenant = ? AND slot IN ?")
         self._job = p("SELECT status, cancelled_at FROM jobs WHERE job_id = ?")
+        self._holder = p("SELECT job_id FROM quota_slots WHERE tenant = ? AND slot = ?")
+        self._holder.consistency_level = cassandra_session.consistency_level(
+            settings.cassandra_serial_consistency, "cassandra_serial_consistency")  # sees every Paxos round
         self._add_day = p("UPDATE tenant_audio_daily SET audio_ms = audio_ms + ? WHERE tenant = ? AND day = ?")
         self._day = p("SELECT audio_ms FROM tenant_audio_daily WHERE tenant = ? AND day = ?")
 
@@ -156,14 +162,23 @@ class TenantQuotas:
             free = [slot for slot in range(limit) if slot not in held]
             random.shuffle(free)  # racing uploads try different slots first
             for slot in free:
-                rows = await cql_async.execute(self.session, self._claim,
-                                               (tenant, slot, res.job_id, 0.0, datetime.now(UTC)))
-                if _one(rows)[0]:  # [applied]
+                if await self._try_claim(tenant, slot, res.job_id):
                     res.slot = slot
                     return res
             if not await self._prune(tenant, await self._held(tenant)):
                 break  # every slot belongs to an unfinished job (or an upload in progress)
         raise _over_quota(tenant, self.settings)
+
+    async def _try_claim(self, tenant: str, slot: int, job_id: str) -> bool:
+        """Claim ``slot`` for ``job_id``. Racing claims of one slot may time out in Paxos (``WriteTimeout``,
+        outcome unknown): the slot is then read at the serial consistency to learn who holds it."""
+        try:
+            rows = await cql_async.execute(self.session, self._claim, (tenant, slot, job_id, 0.0, datetime.now(UTC)))
+            return bool(_one(rows)[0])  # [applied]
+        except WriteTimeout:
+            log.info("claim of quota slot %d of %r timed out (contention); reading who holds it", slot, tenant)
+        row = _one(await cql_async.execute(self.session, self._holder, (tenant, slot)))
+        return row is not None and row.job_id == job_id
 
     async def admit(self, res: Reservation, seconds: float) -> None:
         """The upload decoded to ``seconds``: charge them to the tenant's audio in flight and its day;
@@ -242,7 +257,10 @@ class TenantQuotas:
             else:
                 stale = job.status in TERMINAL or job.cancelled_at is not None
             if stale:
-                applied = _one(await cql_async.execute(self.session, self._free, (tenant, row.slot, row.job_id)))
+                try:
+                    applied = _one(await cql_async.execute(self.session, self._free, (tenant, row.slot, row.job_id)))
+                except WriteTimeout:  # another upload frees it at the same moment
+                    continue
                 freed += 1 if applied[0] else 0
         return freed
 
