@@ -206,7 +206,7 @@ def client_gone(request: web.Request) -> bool:
 
 # --- credentials never logged ----------------------------------------------------------------------------
 _SECRETS = re.compile(
-    r"(?i)(authorization\s*[:=]\s*|bearer\s+|basic\s+)[^\s'\"\\,;]+"  # a header's or scheme's credential
+    r"((?i:authorization)\s*[:=]\s*(?:\w+\s+)?|(?i:bearer)\s+|Basic\s+)[^\s'\"\\,;]+"  # a header's credential
     r"|ksk_[0-9a-f]{12}_[A-Za-z0-9_-]+"  # an API key wherever it appears
     r"|whsec_[A-Za-z0-9+/=]+"  # a webhook secret
 )

@@ -75,7 +75,7 @@ def door(stack_settings, tmp_path_factory):
         stack_settings, tenant_max_unfinished=QUOTA, quota_retry_after_s=11, ingress_body_idle_s=IDLE_S,
         ingress_body_grace_s=2.0, ingress_body_min_rate=1000, events_max_streams_per_key=STREAMS,
         events_poll_s=0.2, tenant_max_audio_s_in_flight=IN_FLIGHT_S, tenant_max_audio_s_per_day=PER_DAY_S,
-        max_upload_bytes=8 << 20, auth_cache_s=30.0,
+        max_upload_bytes=8 << 20, auth_cache_s=30.0, ingress_max_uploads_per_key=50,
     )
     pipe = make_pipeline(settings, tmp_path_factory, "abuse-door")
     pipe.tmpdir = tmp_path_factory.mktemp("door-tmp")

@@ -49,6 +49,7 @@ from kafscribe.settings import Settings
 from kafscribe.statuses import COMPLETED, QUEUED, STATUSES, TRANSCRIBING, TRANSLATING
 from kafscribe.store import session as cassandra_session
 
+from ...submission import Unavailable
 from .. import auth
 from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
@@ -179,7 +180,7 @@ async def job_events(
             else:
                 snap = await asyncio.to_thread(read_snapshot, backends, job_id, scope, last_id)
         except Exception as exc:
-            if not cassandra_session.is_outage(exc):
+            if not (isinstance(exc, Unavailable) or cassandra_session.is_outage(exc)):
                 raise
             if first:
                 raise cassandra_outage(request, exc) from exc
@@ -271,6 +272,8 @@ async def _pump_open(request: web.Request, job_id: str, render, since: Cursor, s
         await events.aclose()
     if response is None:  # a resumed stream of an ended job: nothing newer (EventSource stops on 204)
         return web.Response(status=204)
+    if client_gone(request):  # the stream stopped because its client left: nobody to end it for
+        return response
     await response.write_eof()
     return response
 
