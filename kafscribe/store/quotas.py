@@ -9,8 +9,8 @@ counts live in Cassandra, so every ingress instance enforces the same limit:
   opened at once against a quota of 3 get exactly 3 slots, on one ingress or
   several. A refused or failed upload gives its slot back; an accepted one
   keeps it until its job finishes, when the next upload that finds the tenant
-  at its limit frees it (the job row says it finished; workers need not know
-  about quotas). A slot with no job row after ``KAFSCRIBE_INGRESS_BODY_MAX_S``
+  at its limit frees it (the job row says it finished, or is gone; workers need
+  not know about quotas). A slot with no job row after ``KAFSCRIBE_INGRESS_BODY_MAX_S``
   plus ``STALE_GRACE_S`` (an ingress died mid-upload) is freed the same way.
 - Audio seconds in flight: once the upload is decoded its duration is written
   into its slot, then the slots are summed; over the limit, the upload is
@@ -143,7 +143,9 @@ class TenantQuotas:
                         " IF NOT EXISTS")
         self._free = p("DELETE FROM quota_slots WHERE tenant = ? AND slot = ? IF job_id = ?")
         self._set_audio = p("UPDATE quota_slots SET audio_s = ? WHERE tenant = ? AND slot = ? IF job_id = ?")
-        self._slots = p("SELECT slot, job_id, audio_s, reserved_at FROM quota_slots WHERE tenant = ? AND slot IN ?")
+        self._accept = p("UPDATE quota_slots SET accepted = true WHERE tenant = ? AND slot = ? IF job_id = ?")
+        self._slots = p("SELECT slot, job_id, audio_s, reserved_at, accepted FROM quota_slots WHERE tenant = ?"
+                        " AND slot IN ?")
         self._job = p("SELECT status, cancelled_at FROM jobs WHERE job_id = ?")
         self._holder = p("SELECT job_id FROM quota_slots WHERE tenant = ? AND slot = ?")
         self._holder.consistency_level = cassandra_session.consistency_level(
@@ -210,6 +212,17 @@ class TenantQuotas:
                     int((midnight - now).total_seconds()) + 1,
                 )
 
+    async def accept(self, res: Reservation) -> None:
+        """The upload's job exists: its slot stays until the job has finished or is gone (best effort: a
+        slot left unmarked is freed once its job finished, or after the body time limit if it is gone)."""
+        res.state = "accepted"
+        if res.slot is None:
+            return
+        try:
+            await cql_async.execute(self.session, self._accept, (res.tenant, res.slot, res.job_id))
+        except Exception as exc:  # noqa: BLE001 - the job is accepted whatever this write does
+            log.warning("quota slot of %r not marked accepted: %s", res.tenant, type(exc).__name__)
+
     async def release(self, res: Reservation) -> None:
         """Give back what a refused or failed upload held (best effort: Cassandra may be what failed)."""
         if res.state in ("released", "accepted"):
@@ -251,9 +264,9 @@ class TenantQuotas:
         freed = 0
         for row, job_rows in zip(rows, jobs, strict=True):
             job = _one(job_rows)
-            if job is None:
+            if job is None:  # deleted or expired once accepted; else an upload in progress, or one an ingress lost
                 reserved = row.reserved_at.replace(tzinfo=UTC) if row.reserved_at is not None else None
-                stale = reserved is None or reserved < stale_before
+                stale = bool(row.accepted) or reserved is None or reserved < stale_before
             else:
                 stale = job.status in TERMINAL or job.cancelled_at is not None
             if stale:

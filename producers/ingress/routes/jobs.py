@@ -116,7 +116,7 @@ async def _submit_then_remove(
             limits, held = reserved
             upload = await submitter.submit_async(audio, options, job_id=held.job_id, id_is_new=True,
                                                   admit=functools.partial(_admit, limits, held), **kwargs)
-            held.state = "accepted"
+            await limits.accept(held)
         accepted = True
         return upload
     finally:
