@@ -120,7 +120,6 @@ class Gate:
                 self._redeliveries = quotas.RedeliverLimiter(session, self.settings)
             return self._redeliveries
 
-
     def quotas(self) -> quotas.TenantQuotas:
         """The unfinished-job and audio quotas (blocking on first use: connects, prepares statements)."""
         session = self.app[BACKENDS].submitter().session
