@@ -246,6 +246,43 @@ class Settings:
     events_poll_s: float = _doc("How often `GET /v1/jobs/{id}/events` (and the OpenAI stream) reads the job.", 0.5)
     events_keepalive_s: float = _doc("An event stream with nothing to send writes a comment line this often.", 15.0)
 
+    # --- the door under abuse: listing work, audio quotas, slow uploads, event streams (producers/ingress) ----
+    jobs_list_max_reads: int = _doc(
+        "Cassandra reads one `GET /v1/jobs` request may make (day partitions and job rows); past it the page ends"
+        " early with a `next_cursor` to continue from.", 400,
+    )
+    tenant_max_audio_s_in_flight: float = _doc(
+        "Decoded audio seconds a tenant's unfinished jobs may hold together (counted over the slots of"
+        " TENANT_MAX_UNFINISHED, so 0 there means no limit here either; 0 = no limit); more get 429.", 36000.0,
+    )
+    tenant_max_audio_s_per_day: float = _doc(
+        "Decoded audio seconds a tenant may have accepted per UTC day (0 = no limit); more get 429 until the next"
+        " UTC day.", 720000.0,
+    )
+    ingress_body_idle_s: float = _doc(
+        "An upload whose body sends no byte for this long is refused (408) and its connection closed.", 30.0,
+    )
+    ingress_body_min_rate: int = _doc(
+        "Bytes per second an upload's body must average once INGRESS_BODY_GRACE_S have passed; slower: 408 and"
+        " the connection closed (0 = no minimum).", 8192,
+    )
+    ingress_body_grace_s: float = _doc("Seconds an upload's body may take before INGRESS_BODY_MIN_RATE applies.", 10.0)
+    ingress_body_max_s: float = _doc("Longest an upload's body may take to arrive (408 past it).", 3600.0)
+    ingress_max_uploads: int = _doc(
+        "Uploads one ingress process reads at once; more get 429 before their body is read (0 = no limit).", 64,
+    )
+    ingress_max_uploads_per_key: int = _doc(
+        "Uploads one API key may have in progress at once on one ingress process; more get 429 (0 = no limit).", 8,
+    )
+    ingress_memory_uploads_total_bytes: int = _doc(
+        "Bytes of small uploads one ingress process holds in memory at once (see INGRESS_MEMORY_UPLOAD_BYTES);"
+        " past it uploads are spooled to temp files instead.", 16 * 1024 * 1024,
+    )
+    events_max_streams_per_key: int = _doc(
+        "Open `GET /v1/jobs/{id}/events` streams (and OpenAI streams) per API key per ingress process; more get"
+        " 429 (0 = no limit).", 16,
+    )
+
     # --- translation -----------------------------------------------------
     translator: str = _doc(
         "Translation backend: `auto` (whisper for English targets, else llm), `whisper` or `llm`.", "auto"

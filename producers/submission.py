@@ -12,6 +12,7 @@ import hashlib
 import logging
 import unicodedata
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -158,7 +159,8 @@ class Submitter:
 
     async def submit_async(
         self, audio_source: Path | bytes, options: JobOptions, *, filename: str = "", tenant: str = "default",
-        trace_id: str = "", job_id: str | None = None,
+        trace_id: str = "", job_id: str | None = None, id_is_new: bool = False,
+        admit: Callable[[float], Awaitable[None]] | None = None,
     ) -> Upload:
         """Accept the audio (a file, or the bytes of a small upload); returns the published ``Upload``.
 
@@ -168,13 +170,17 @@ class Submitter:
         blob store and hashed on the way, never read whole. A blob never
         outlives a refusal: if the job row or the publish fails, the blob is
         deleted before ``Unavailable`` is raised.
+
+        ``id_is_new``: ``job_id`` was just made by the caller (the ingress's quota reservation), so it is
+        not looked up. ``admit(duration)`` runs once the audio is decoded, before anything is stored:
+        it may refuse the upload by raising (the ingress's quotas of audio seconds).
         """
         is_file = isinstance(audio_source, Path)
         filename = check_text("filename", filename or (audio_source.name if is_file else ""), MAX_FILENAME_CHARS)
         check_text("tenant", tenant, MAX_TENANT_CHARS)
         if trace_id:
             check_trace_id(trace_id)
-        if job_id is not None:
+        if job_id is not None and not id_is_new:
             await self._check_unused(job_id)
         size = audio_source.stat().st_size if is_file else len(audio_source)
         if size == 0:
@@ -187,6 +193,8 @@ class Submitter:
             raise SubmissionError(413, str(exc)) from exc
         except audio.AudioError as exc:
             raise SubmissionError(415, str(exc)) from exc
+        if admit is not None:
+            await admit(info.duration)
         job_id = job_id or uuid.uuid4().hex
         if is_file:
             upload = await self._store_file(audio_source, job_id, info.duration, options, filename, tenant, trace_id)

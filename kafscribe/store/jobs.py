@@ -30,6 +30,7 @@ import asyncio
 import functools
 import json
 import types
+from collections.abc import Callable
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -409,6 +410,73 @@ class JobStore:
                     out.append(job)
             day -= timedelta(days=1)
         return out, None
+
+
+    def listing_window(self, days: int) -> tuple[datetime, datetime]:
+        """The oldest and newest instants a listing reaches: the start of the oldest of ``days`` UTC days
+        and now (a cursor outside them names no job of the tenant's listing)."""
+        now = _now()
+        oldest = datetime.combine(now.date() - timedelta(days=max(days, 1) - 1), datetime.min.time(), UTC)
+        return oldest, now
+
+    async def list_jobs_async(
+        self, tenant: str, *, limit: int = 20, before: tuple[datetime, str] | None = None,
+        status: str | None = None, days: int = 31, max_reads: int = 400,
+        alive: Callable[[], bool] = lambda: True,
+    ) -> tuple[list[dict[str, Any]], tuple[datetime, str] | None]:
+        """``list_jobs`` for the ingress, bounded: awaited on the loop (no thread), at most ``max_reads``
+        Cassandra reads (a day partition or a job row each; past it the page ends early with the position
+        to continue from), and stopped (``ConnectionResetError``) as soon as ``alive()`` is false (the
+        client left). ``before`` later than now starts from now: the walk never leaves the window.
+        """
+        now = _now()
+        oldest = now.date() - timedelta(days=max(days, 1) - 1)
+        start = min(before[0], now) if before is not None else now
+        day = start.astimezone(UTC).date()
+        out: list[dict[str, Any]] = []
+        reads = 0
+        while day >= oldest:
+            last: tuple[datetime, str] | None = None  # the last job scanned on this day
+            if reads >= max_reads:
+                return out, _day_start_position(day)
+            if not alive():
+                raise ConnectionResetError("the client went away")
+            key = (tenant, day.strftime("%Y%m%d"))
+            if before is not None and day == before[0].astimezone(UTC).date():
+                rows = await cql_async.execute(self.session, self._listed_before, (*key, before[0]))
+            else:
+                rows = await cql_async.execute(self.session, self._listed, key)
+            reads += 1
+            batch = []
+            for r in rows:
+                created = r.created_at.replace(tzinfo=UTC)
+                if before is not None and (created > before[0] or (created == before[0] and r.job_id <= before[1])):
+                    continue  # on or above the previous page's last job
+                batch.append((created, r.job_id))
+            while batch:
+                room = min(limit - len(out), max_reads - reads, LIST_SCAN_ROWS)
+                if room <= 0:
+                    return out, last if last is not None else _day_start_position(day)
+                if not alive():
+                    raise ConnectionResetError("the client went away")
+                chunk, batch = batch[:room], batch[room:]
+                found = await asyncio.gather(*(cql_async.execute(self.session, self._get_job, (job_id,))
+                                               for _, job_id in chunk))
+                for (created, job_id), job_rows in zip(chunk, found, strict=True):
+                    reads += 1
+                    last = (created, job_id)
+                    job = _job(job_rows[0] if job_rows else None)
+                    if job is None or job["tenant"] != tenant or (status is not None and job["status"] != status):
+                        continue  # gone (deleted, expired) or filtered out
+                    out.append(job)
+            day -= timedelta(days=1)
+        return out, None
+
+
+def _day_start_position(day) -> tuple[datetime, str]:
+    """A position above every job of ``day`` (the next day's first instant, after every job id created
+    then): a listing from it reads ``day`` whole."""
+    return datetime.combine(day + timedelta(days=1), datetime.min.time(), UTC), "~"
 
 
 def _job(row) -> dict[str, Any] | None:

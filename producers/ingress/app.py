@@ -20,6 +20,7 @@ from kafscribe.store import retention
 from . import auth, upload
 from .appkeys import BACKENDS, SETTINGS
 from .backends import Backends
+from .door import DOOR, Door, install_redaction
 from .routes import audio, callbacks, docs, events, health, jobs, workers
 
 log = logging.getLogger("kafscribe.ingress")
@@ -44,6 +45,9 @@ def build_app(settings: Settings, backends: Backends | None = None) -> web.Appli
         client_max_size=settings.max_upload_bytes + (1 << 20),
     )
     app[SETTINGS] = settings
+    app[DOOR] = Door(settings)  # caps of uploads and event streams in progress
+    app[events.POLLS] = events.SharedPolls(settings)
+    install_redaction()  # no credential in any log line, aiohttp's own error paths included
     auth.setup(app, settings)  # refuses auth off on a non-loopback address before anything starts
     app[BACKENDS] = backends if backends is not None else Backends(settings)
     for method, path, handler in ROUTES:

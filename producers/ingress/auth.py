@@ -9,10 +9,13 @@
 - Job routes read jobs through ``job_scope(request)``: another tenant's job
   is missing (``404``), the same answer as an id that does not exist.
 - ``POST /v1/jobs`` (and the OpenAI-compatible ``/v1/audio/*`` routes) is
-  refused with ``429`` past the tenant's quota of unfinished jobs, before the
-  upload is read.
+  refused with ``429`` past the door's caps of uploads in progress (per key and
+  per process, ``door.Door``) or the tenant's quota of unfinished jobs, before
+  the upload is read: the quota's slot is reserved atomically here
+  (``quotas.TenantQuotas``) and given back if the upload is not accepted.
 - A looked-up key is trusted for ``KAFSCRIBE_AUTH_CACHE_S``: a revocation
-  takes effect within that time. Cassandra down while a key is checked: ``503``.
+  takes effect within that time. Cassandra down while a key is checked: ``503``
+  (the reason is logged; the answer names no internal address).
 - A job's callback redelivery takes a slot (``redeliveries``), once per job
   per ``KAFSCRIBE_REDELIVER_INTERVAL_S``; the route answers ``429`` inside.
 - ``KAFSCRIBE_AUTH_REQUIRED=false`` (local development, loopback only): every
@@ -37,6 +40,8 @@ from kafscribe.store import session as cassandra_session
 
 from ..submission import Unavailable
 from .appkeys import BACKENDS, SETTINGS
+from .door import UPLOAD_END, Busy, door
+from .responses import OUTAGE_REASON
 
 log = logging.getLogger("kafscribe.ingress.auth")
 
@@ -69,6 +74,7 @@ class Gate:
         self.app = app  # its "backends" hold the Cassandra session
         self._store: apikeys.KeyStore | None = None
         self._redeliveries: quotas.RedeliverLimiter | None = None
+        self._quotas: quotas.TenantQuotas | None = None
         self._cache: dict[str, tuple[float, apikeys.ApiKey | None]] = {}
         self._lock = threading.Lock()
 
@@ -114,14 +120,30 @@ class Gate:
                 self._redeliveries = quotas.RedeliverLimiter(session, self.settings)
             return self._redeliveries
 
+    def quotas(self) -> quotas.TenantQuotas:
+        """The unfinished-job and audio quotas (blocking on first use: connects, prepares statements)."""
+        session = self.app[BACKENDS].submitter().session
+        with self._lock:
+            if self._quotas is None or self._quotas.session is not session:
+                self._quotas = quotas.TenantQuotas(session, self.settings)
+            return self._quotas
+
 
 CALLER = web.RequestKey("caller", Caller)
+RESERVATION = web.RequestKey("reservation", quotas.Reservation)
+QUOTAS = web.RequestKey("quotas", quotas.TenantQuotas)
 GATE = web.AppKey("gate", Gate)
 
 
 def caller(request: web.Request) -> Caller:
     """The caller ``authenticate`` found for this ``/v1/*`` request."""
     return request[CALLER]
+
+
+def reservation(request: web.Request) -> tuple[quotas.TenantQuotas, quotas.Reservation] | None:
+    """The quotas and the reservation ``authenticate`` made for this upload (None: no quota applies)."""
+    held = request.get(RESERVATION)
+    return (request[QUOTAS], held) if held is not None else None
 
 
 def job_scope(request: web.Request) -> str | None:
@@ -150,7 +172,9 @@ async def _identify(request: web.Request) -> Caller:
             if key is False:
                 key = await asyncio.to_thread(gate(request).lookup, token)
         except Unavailable as exc:
-            raise _refuse(web.HTTPServiceUnavailable, str(exc), **{"Retry-After": str(settings.retry_after_s)}) from exc
+            log.warning("API key not checked: %s", exc)
+            raise _refuse(web.HTTPServiceUnavailable, OUTAGE_REASON,
+                          **{"Retry-After": str(settings.retry_after_s)}) from exc
     if key is None:
         raise _refuse(web.HTTPUnauthorized, "unknown or revoked API key", **challenge)
     wanted = _wanted_tenant(request)
@@ -170,27 +194,61 @@ def _wanted_tenant(request: web.Request) -> str:
     return wanted
 
 
-async def _check_quota(request: web.Request, who: Caller) -> None:
+async def _reserve(request: web.Request, who: Caller) -> tuple[quotas.TenantQuotas, quotas.Reservation] | None:
+    """Reserve the tenant's quota slot for this upload (429 at the quota); None when there is no quota."""
     settings: Settings = request.app[SETTINGS]
-    backends = request.app[BACKENDS]
     if settings.tenant_max_unfinished <= 0:
-        return
+        return None  # no slot to reserve; the audio quota per day is charged at submission (``quotas_for``)
     try:
-        jobs = backends.jobs() if backends.connected() else await asyncio.to_thread(backends.jobs)
-        await quotas.check_unfinished_async(jobs, who.tenant, settings)
+        limits = await quotas_for(request)
+        return limits, await limits.reserve(who.tenant)
     except quotas.LimitExceeded as exc:
         raise _refuse(web.HTTPTooManyRequests, exc.reason, **{"Retry-After": str(exc.retry_after_s)}) from exc
     except Exception as exc:
         if isinstance(exc, Unavailable) or cassandra_session.is_outage(exc):
-            raise _refuse(web.HTTPServiceUnavailable, f"Cassandra unavailable: {exc}",
+            log.warning("quota of tenant %r not reserved: %s: %s", who.tenant, type(exc).__name__, exc)
+            raise _refuse(web.HTTPServiceUnavailable, OUTAGE_REASON,
                           **{"Retry-After": str(settings.retry_after_s)}) from exc
-        # a soft limit: a read that fails otherwise (e.g. too many tombstones) must not stop every upload
-        log.error("quota of tenant %r not checked: %s: %s", who.tenant, type(exc).__name__, exc)
+        # a soft limit: a failure other than an outage must not stop every upload
+        log.error("quota of tenant %r not reserved: %s: %s", who.tenant, type(exc).__name__, exc)
+        return None
+
+
+async def quotas_for(request: web.Request) -> quotas.TenantQuotas:
+    """The app's ``TenantQuotas`` (connecting and preparing in a thread the first time)."""
+    g = gate(request)
+    limits = g._quotas
+    if limits is None or not request.app[BACKENDS].connected():
+        limits = await asyncio.to_thread(g.quotas)
+    return limits
+
+
+async def _upload(request: web.Request, handler, who: Caller):
+    """An upload route: the door's caps, then the quota reservation, given back unless a submission took it."""
+    try:
+        end = door(request).enter_upload(who.key_id)
+    except Busy as exc:
+        raise _refuse(web.HTTPTooManyRequests, exc.reason, **{"Retry-After": "1"}) from exc
+    request[UPLOAD_END] = end  # ended by read_upload once the body is read, or here at the latest
+    try:
+        reserved = await _reserve(request, who)
+        if reserved is None:
+            return await handler(request)
+        limits, held = reserved
+        request[RESERVATION] = held
+        request[QUOTAS] = limits
+        try:
+            return await handler(request)
+        finally:
+            if held.state == "held":  # never handed to a submission: nothing of it was accepted
+                await limits.release(held)
+    finally:
+        end()
 
 
 @web.middleware
 async def authenticate(request: web.Request, handler):
-    """Authenticate ``/v1/*``; admin-only routes; the quota of new jobs."""
+    """Authenticate ``/v1/*``; admin-only routes; the caps and quota of new jobs."""
     if not request.path.startswith("/v1/"):
         return await handler(request)
     who = await _identify(request)
@@ -200,7 +258,7 @@ async def authenticate(request: web.Request, handler):
     if route in ADMIN_ONLY and not who.admin:
         raise _refuse(web.HTTPForbidden, "this route needs an admin key")
     if request.method == "POST" and route in QUOTA_ROUTES:
-        await _check_quota(request, who)
+        return await _upload(request, handler, who)
     return await handler(request)
 
 

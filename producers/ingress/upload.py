@@ -7,8 +7,11 @@ temp file is removed on every path out of here except success, where the
 caller owns it (and removes it, see ``routes/jobs.py``).
 
 A file part up to ``KAFSCRIBE_INGRESS_MEMORY_UPLOAD_BYTES`` stays in memory
-(no temp file, no disk write on the event loop); a larger one is spooled to
-a temp file as it arrives, written in a thread.
+(no temp file, no disk write on the event loop) while the process's small
+uploads hold less than ``KAFSCRIBE_INGRESS_MEMORY_UPLOADS_TOTAL_BYTES``; a
+larger one, or any past that budget, is spooled to a temp file as it arrives,
+written in a thread. Every read of the body runs under ``door.BodyClock``: a
+body that stalls or arrives too slowly is refused (408).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from kafscribe.settings import Settings
 from kafscribe.speech.decoding import PROMPT_CONTROLS
 
 from ..submission import MAX_FILENAME_CHARS, OPTION_FIELDS, SubmissionError, check_text
+from .door import DOOR, BodyClock, Door, end_upload
 
 MAX_FIELD_BYTES = 4096
 FILE_FIELD = "file"
@@ -63,26 +67,38 @@ async def read_upload(
         raise SubmissionError(422, "send multipart/form-data with a 'file' part")
     temp: list[Path] = []  # the temp file, once created
     done = False
+    body = Body(BodyClock(settings), request.app.get(DOOR) or Door(settings))  # an app of its own: no shared budget
     try:
         try:
-            received = await _read_parts(await request.multipart(), settings, temp, allowed, repeatable)
+            received = await _read_parts(await request.multipart(), settings, temp, allowed, repeatable, body)
         except (ValueError, LookupError, HttpProcessingError) as exc:  # aiohttp's words for a malformed body
             raise SubmissionError(422, f"malformed multipart body: {exc}") from exc
         done = True
         return received
     finally:
+        body.door.give_memory(body.held)
+        end_upload(request)
         if not done:  # every path but success (refusal, disconnect, cancellation): the partial file goes
             for path in temp:
                 path.unlink(missing_ok=True)
 
 
+@dataclass
+class Body:
+    """The limits one body is read under: its clock and the process's memory budget (``held``: bytes of it)."""
+
+    clock: BodyClock
+    door: Door
+    held: int = 0
+
+
 async def _read_parts(
     reader: MultipartReader, settings: Settings, temp: list[Path], allowed: tuple[str, ...],
-    repeatable: frozenset[str],
+    repeatable: frozenset[str], body: Body,
 ) -> Received:
     fields: dict[str, str] = {}
     received: Received | None = None
-    while (part := await reader.next()) is not None:
+    while (part := await body.clock.read(reader.next())) is not None:
         if not isinstance(part, BodyPartReader):
             raise SubmissionError(422, "nested multipart parts are not accepted")
         name = part.name
@@ -93,10 +109,10 @@ async def _read_parts(
             if received is not None:
                 raise SubmissionError(422, "send one 'file' part; this request has a second one")
             filename = check_text("filename", part.filename or "upload", MAX_FILENAME_CHARS)
-            path, data = await _save_file(part, settings, temp)
+            path, data = await _save_file(part, settings, temp, body)
             received = Received(path, data, filename, fields)
         elif name in allowed:
-            value = await _read_field(part, name)
+            value = await _read_field(part, name, body.clock)
             if name in fields and name not in repeatable:
                 raise SubmissionError(422, f"field {name!r} is given twice")
             fields[name] = f"{fields[name]},{value}" if name in fields else value
@@ -118,8 +134,11 @@ def _check_plain(part: BodyPartReader, name: str) -> None:
         raise SubmissionError(422, f"part {ascii(name)[:80]}: encoded parts are not accepted; send the bytes as they are")
 
 
-async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path]) -> tuple[Path | None, bytes | None]:
-    """The file part: its bytes if small, else the temp file it was spooled to (0: always spooled)."""
+async def _save_file(
+    part: BodyPartReader, settings: Settings, temp: list[Path], body: Body,
+) -> tuple[Path | None, bytes | None]:
+    """The file part: its bytes if small and the memory budget allows, else the temp file it was spooled to
+    (0: always spooled)."""
     buffer = bytearray()
     size = 0
     out = None
@@ -132,16 +151,19 @@ async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path])
     if settings.ingress_memory_upload_bytes <= 0:
         out = spool()
     try:
-        while chunk := await part.read_chunk(1 << 20):
+        while chunk := await body.clock.read(part.read_chunk(1 << 16)):
             size += len(chunk)
             if size > settings.max_upload_bytes:
                 raise SubmissionError(413, f"file exceeds the limit of {settings.max_upload_bytes} bytes")
             if out is None:
-                buffer += chunk
-                if len(buffer) <= settings.ingress_memory_upload_bytes:
+                if size <= settings.ingress_memory_upload_bytes and body.door.take_memory(len(chunk)):
+                    body.held += len(chunk)
+                    buffer += chunk
                     continue
                 out = spool()
-                chunk, buffer = bytes(buffer), bytearray()
+                chunk, buffer = bytes(buffer) + chunk, bytearray()
+                body.door.give_memory(body.held)
+                body.held = 0
             await asyncio.to_thread(out.write, chunk)  # a slow disk must not stall the event loop
     finally:
         if out is not None:
@@ -149,14 +171,14 @@ async def _save_file(part: BodyPartReader, settings: Settings, temp: list[Path])
     return (temp[-1], None) if out is not None else (None, bytes(buffer))
 
 
-async def _read_field(part: BodyPartReader, name: str) -> str:
+async def _read_field(part: BodyPartReader, name: str, clock: BodyClock) -> str:
     charset = part.get_charset(default="utf-8")
     try:
         codec = codecs.lookup(charset)
     except LookupError as exc:
         raise SubmissionError(422, f"field {name!r}: unknown charset {ascii(charset)[:60]}") from exc
     data = bytearray()
-    while chunk := await part.read_chunk(MAX_FIELD_BYTES + 1):
+    while chunk := await clock.read(part.read_chunk(MAX_FIELD_BYTES + 1)):
         data += chunk
         if len(data) > MAX_FIELD_BYTES:
             raise SubmissionError(422, f"field {name!r} exceeds the limit of {MAX_FIELD_BYTES} bytes")

@@ -35,11 +35,14 @@ from kafscribe import formats, metrics
 from kafscribe.settings import Settings
 from kafscribe.speech.decoding import MAX_PROMPT_CHARS
 from kafscribe.statuses import CANCELLED, COMPLETED, FAILED
+from kafscribe.store import quotas
 
 from ...submission import SubmissionError, Unavailable, _languages, check_trace_id, parse_options
 from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
+from ..door import SlowBody, answer_and_close
 from ..links import job_links
+from ..responses import outage_reason
 from ..upload import read_upload
 from .events import stream_openai_segments
 from .jobs import submit
@@ -152,6 +155,11 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
         upload = await submit(request, received, asked["options"], trace_id)
     except BadRequest as exc:
         return openai_error(400, exc.message, param=exc.param, code=exc.code)
+    except SlowBody as exc:
+        return await answer_and_close(request, openai_error(408, exc.reason, param="file", code="timeout"))
+    except quotas.LimitExceeded as exc:
+        return openai_error(429, exc.reason, code="rate_limit_exceeded",
+                            headers={"Retry-After": str(exc.retry_after_s)})
     except SubmissionError as exc:
         status = 413 if exc.status == 413 else 400
         param = "file" if exc.status in (413, 415) or "'file'" in exc.reason else next(
@@ -161,7 +169,8 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
     except ConnectionError:
         return openai_error(400, "the client disconnected before the upload was complete")
     except Unavailable as exc:
-        return openai_error(503, str(exc), code="service_unavailable",
+        log.warning("answering 503: %s", exc)
+        return openai_error(503, outage_reason(exc), code="service_unavailable",
                             headers={"Retry-After": str(settings.retry_after_s)})
     finally:
         if path is not None:
@@ -289,7 +298,7 @@ _OPENAI_ERR = {"$ref": "#/components/responses/OpenAIError"}
 _ANSWERS = {"200": {"description": "the text in `response_format`: json `{text}`, verbose_json `{task, language,"
                                    " duration, text, segments, words}`, text, srt, vtt",
                     "content": {"application/json": {}, "text/plain": {}, "text/vtt": {}}},
-            **{code: _OPENAI_ERR for code in ("400", "401", "409", "413", "429", "500", "503", "504")}}
+            **{code: _OPENAI_ERR for code in ("400", "401", "408", "409", "413", "429", "500", "503", "504")}}
 OPENAPI_PATHS: dict[str, Any] = {
     "/v1/audio/transcriptions": {"post": {
         "tags": ["openai"], "summary": "OpenAI-compatible transcription (waits for the job, KAFSCRIBE_OPENAI_WAIT_S)",

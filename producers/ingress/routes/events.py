@@ -9,6 +9,14 @@ ones while the job is transcribing, then those of the stored result that were
 not sent yet, so a client that connects late or after the end still gets them
 all. The stream ends after the job's final status.
 
+What a stream may cost is bounded: an API key may hold
+``KAFSCRIBE_EVENTS_MAX_STREAMS_PER_KEY`` streams open on one ingress process
+(``429`` beyond), a stream stops polling as soon as its client is gone
+(checked before every read, not only when a keep-alive fails to write), and
+streams of the same job at the same point share one read per poll
+(``SharedPolls``): 200 streams of one job cost one Cassandra read per
+``KAFSCRIBE_EVENTS_POLL_S``, not 200.
+
 Two renderings of that loop:
 
 - ``GET /v1/jobs/{id}/events``: ``event: status | progress | segment`` with
@@ -41,9 +49,11 @@ from kafscribe.settings import Settings
 from kafscribe.statuses import COMPLETED, QUEUED, STATUSES, TRANSCRIBING, TRANSLATING
 from kafscribe.store import session as cassandra_session
 
+from ...submission import Unavailable
 from .. import auth
 from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
+from ..door import Busy, client_gone, door
 from ..responses import cassandra_outage, error
 
 log = logging.getLogger("kafscribe.ingress")
@@ -101,6 +111,34 @@ def read_snapshot(backends: Backends, job_id: str, scope: str | None, after: int
     return snap
 
 
+class SharedPolls:
+    """Reads of a job that streams share: one read per (job, scope, position) at a time, and a read that
+    finished less than half a poll interval ago is handed to the streams that ask after it."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.fresh_s = settings.events_poll_s / 2
+        self._reads: dict[tuple[str, str | None, int], tuple[float, asyncio.Future]] = {}
+
+    async def read(self, backends: Backends, job_id: str, scope: str | None, after: int) -> Snapshot:
+        key = (job_id, scope, after)
+        now = time.monotonic()
+        hit = self._reads.get(key)
+        if hit is None or (hit[1].done() and now - hit[0] > self.fresh_s):
+            task = asyncio.ensure_future(asyncio.to_thread(read_snapshot, backends, job_id, scope, after))
+            hit = (now, task)
+            self._reads[key] = hit
+            task.add_done_callback(lambda _t: self._expire(key, hit))
+        return await asyncio.shield(hit[1])  # a stream that goes away does not cancel the others' read
+
+    def _expire(self, key, hit) -> None:
+        """Forget a finished read once it is stale (no table of every job ever streamed)."""
+        loop = asyncio.get_running_loop()
+        loop.call_later(self.fresh_s, lambda: self._reads.get(key) is hit and self._reads.pop(key, None))
+
+
+POLLS = web.AppKey("event_polls", SharedPolls)
+
+
 def progress_fraction(job: dict[str, Any], recorded: float | None) -> float:
     """What a client sees: 1 once transcribed, else the highest fraction recorded (0 before any)."""
     if job["status"] in (TRANSLATING, COMPLETED):
@@ -130,12 +168,19 @@ async def job_events(
     backends: Backends = request.app[BACKENDS]
     scope = auth.job_scope(request)
     last_id, status, fraction = since.last_id, since.status, since.fraction
+    polls = request.app.get(POLLS)
     first = True
     while True:
+        if not first and client_gone(request):
+            log.info("events of %s: the client went away; polling stops", job_id)
+            return
         try:
-            snap = await asyncio.to_thread(read_snapshot, backends, job_id, scope, last_id)
+            if polls is not None:
+                snap = await polls.read(backends, job_id, scope, last_id)
+            else:
+                snap = await asyncio.to_thread(read_snapshot, backends, job_id, scope, last_id)
         except Exception as exc:
-            if not cassandra_session.is_outage(exc):
+            if not (isinstance(exc, Unavailable) or cassandra_session.is_outage(exc)):
                 raise
             if first:
                 raise cassandra_outage(request, exc) from exc
@@ -196,6 +241,14 @@ async def _pump(request: web.Request, job_id: str, render, since: Cursor = Curso
     """Send ``render(event, data, cursor)`` of each job event (None: skip), with keep-alive comments between;
     ``204`` when there is nothing newer than ``since`` and the job has ended."""
     settings: Settings = request.app[SETTINGS]
+    try:
+        with door(request).stream(auth.caller(request).key_id):
+            return await _pump_open(request, job_id, render, since, settings)
+    except Busy as exc:
+        return error(429, exc.reason, **{"Retry-After": "5"})
+
+
+async def _pump_open(request: web.Request, job_id: str, render, since: Cursor, settings: Settings):
     events = job_events(request, job_id, since)
     response: web.StreamResponse | None = None
     last_write = time.monotonic()
@@ -219,6 +272,8 @@ async def _pump(request: web.Request, job_id: str, render, since: Cursor = Curso
         await events.aclose()
     if response is None:  # a resumed stream of an ended job: nothing newer (EventSource stops on 204)
         return web.Response(status=204)
+    if client_gone(request):  # the stream stopped because its client left: nobody to end it for
+        return response
     await response.write_eof()
     return response
 
@@ -306,6 +361,8 @@ OPENAPI_PATHS: dict[str, Any] = {
         "responses": {"200": {"description": "the event stream",
                               "content": {"text/event-stream": {"schema": {"type": "string"}}}},
                       "204": {"description": "resumed after the final status: nothing newer"},
-                      "404": _ERR, "422": _ERR, "503": _ERR},
+                      "404": _ERR, "422": _ERR,
+                      "429": {**_ERR, "description": "this API key has its limit of open event streams"},
+                      "503": _ERR},
     }},
 }

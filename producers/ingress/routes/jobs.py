@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +19,8 @@ from kafscribe import formats, metrics
 from kafscribe.settings import Settings
 from kafscribe.speech.decoding import MAX_PROMPT_CHARS
 from kafscribe.statuses import CANCELLED, COMPLETED, QUEUED, STATUSES, TERMINAL
-from kafscribe.store import retention
+from kafscribe.store import quotas, retention
+from kafscribe.store import session as cassandra_session
 from kafscribe.webhooks.guard import mask_url
 from schemas.events import JobOptions, Upload
 
@@ -25,8 +28,9 @@ from ...submission import SubmissionError, Submitter, Unavailable, check_trace_i
 from .. import auth
 from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
+from ..door import SlowBody, answer_and_close, client_gone
 from ..links import job_links
-from ..responses import error, in_store, json_response, unavailable
+from ..responses import cassandra_outage, error, in_store, json_response, unavailable
 from ..upload import Received, read_upload
 from . import events
 
@@ -46,14 +50,18 @@ async def create_job(request: web.Request) -> web.Response:
             options = parse_options(received.fields, settings)
         path = None  # from here on the submission removes it, even if this handler is cancelled meanwhile
         upload = await submit(request, received, options, trace_id)
+    except SlowBody as exc:
+        log.info("refusing a slow upload: %s", exc.reason)
+        return await answer_and_close(request, error(exc.status, exc.reason))
     except SubmissionError as exc:
         return error(exc.status, exc.reason)
+    except quotas.LimitExceeded as exc:
+        return error(429, exc.reason, **{"Retry-After": str(exc.retry_after_s)})
     except ConnectionError as exc:  # the client went away mid-upload; nobody reads this answer
         log.info("client disconnected mid-upload (%s); nothing kept", type(exc).__name__)
         return error(400, "the client disconnected before the upload was complete")
     except Unavailable as exc:
-        log.warning("refusing upload: %s", exc)
-        return unavailable(settings, str(exc))
+        return unavailable(settings, exc)
     finally:
         if path is not None:
             path.unlink(missing_ok=True)
@@ -72,28 +80,60 @@ async def submit(request: web.Request, received: Received, options: JobOptions, 
 
     Shielded: a client that goes away mid-submission must not leave a blob
     without its row or event. The temp file (if any) is removed when it ends.
+    The quota reservation made before the body was read (``auth``) goes with
+    the submission: its job id becomes the job's, the decoded duration is
+    charged to the tenant's audio quotas, and it is released unless the job
+    is accepted (``quotas.LimitExceeded`` when an audio quota refuses).
     """
     backends: Backends = request.app[BACKENDS]
+    reserved = auth.reservation(request)
     try:
         submitter = backends.submitter() if backends.connected() else await asyncio.to_thread(backends.submitter)
+        if reserved is None and request.app[SETTINGS].tenant_max_audio_s_per_day > 0:  # no job quota; a day's
+            reserved = (await auth.quotas_for(request),
+                        quotas.Reservation(auth.caller(request).tenant, uuid.uuid4().hex))
     except BaseException:
         if received.path is not None:
             received.path.unlink(missing_ok=True)
         raise
+    if reserved is not None:
+        reserved[1].state = "submitting"  # from here on the submission releases it, even if this handler is cancelled
     return await asyncio.shield(asyncio.ensure_future(_submit_then_remove(
-        submitter, received.audio, received.path, options, filename=received.filename,
+        submitter, received.audio, received.path, options, reserved, filename=received.filename,
         tenant=auth.caller(request).tenant, trace_id=trace_id,
     )))
 
 
 async def _submit_then_remove(
-    submitter: Submitter, audio: Path | bytes, path: Path | None, options: JobOptions, **kwargs: str
+    submitter: Submitter, audio: Path | bytes, path: Path | None, options: JobOptions,
+    reserved: tuple[quotas.TenantQuotas, quotas.Reservation] | None, **kwargs: str,
 ) -> Upload:
+    accepted = False
     try:
-        return await submitter.submit_async(audio, options, **kwargs)
+        if reserved is None:
+            upload = await submitter.submit_async(audio, options, **kwargs)
+        else:
+            limits, held = reserved
+            upload = await submitter.submit_async(audio, options, job_id=held.job_id, id_is_new=True,
+                                                  admit=functools.partial(_admit, limits, held), **kwargs)
+            await limits.accept(held)
+        accepted = True
+        return upload
     finally:
+        if reserved is not None and not accepted:
+            await reserved[0].release(reserved[1])
         if path is not None:
             path.unlink(missing_ok=True)
+
+
+async def _admit(limits: quotas.TenantQuotas, held: quotas.Reservation, seconds: float) -> None:
+    """Charge the decoded duration to the tenant's audio quotas; a Cassandra failure is an outage (503)."""
+    try:
+        await limits.admit(held, seconds)
+    except quotas.LimitExceeded:
+        raise
+    except Exception as exc:
+        raise Unavailable(f"Cassandra unavailable: {type(exc).__name__}: {exc}") from exc
 
 
 def job_view(job: dict[str, Any], result: dict[str, Any] | None) -> dict[str, Any]:
@@ -218,12 +258,27 @@ async def list_jobs(request: web.Request) -> web.Response:
     except ValueError as exc:
         return error(422, str(exc))
     tenant = auth.caller(request).tenant
-
-    def load():
-        return backends.jobs().list_jobs(tenant, limit=limit, before=before, status=status,
-                                         days=settings.jobs_list_days)
-
-    jobs, position = await in_store(request, load)
+    try:
+        store = backends.jobs() if backends.connected() else await in_store(request, backends.jobs)
+    except Unavailable as exc:
+        return unavailable(settings, exc)
+    if before is not None:
+        oldest, newest = store.listing_window(settings.jobs_list_days)
+        if not oldest <= before[0] <= newest + timedelta(seconds=settings.max_clock_skew_s):
+            return error(422, f"cursor is outside the listing window (the last {settings.jobs_list_days} UTC days up"
+                              " to now); use next_cursor of the previous page")
+    try:
+        jobs, position = await store.list_jobs_async(
+            tenant, limit=limit, before=before, status=status, days=settings.jobs_list_days,
+            max_reads=settings.jobs_list_max_reads, alive=lambda: not client_gone(request),
+        )
+    except ConnectionResetError:
+        log.info("job listing stopped: the client went away")
+        return error(400, "the client went away")
+    except Exception as exc:
+        if cassandra_session.is_outage(exc):
+            raise cassandra_outage(request, exc) from exc
+        raise
     views = []
     for job in jobs:
         view = job_view(job, None)
@@ -284,8 +339,9 @@ OPENAPI_PATHS: dict[str, Any] = {
                     "temperature": {"type": "number", "minimum": 0, "maximum": 1,
                                     "description": "the one decoding temperature; default: 0 with fallback to"
                                                    " hotter ones where a window decodes badly"}}}}}},
-            "responses": {"202": {"description": "queued: `{job_id, status, links}`"}, "413": _ERR, "415": _ERR,
-                          "422": _ERR, "429": _ERR, "503": _ERR},
+            "responses": {"202": {"description": "queued: `{job_id, status, links}`"},
+                          "408": _ERR,
+                          "413": _ERR, "415": _ERR, "422": _ERR, "429": _ERR, "503": _ERR},
         },
         "get": {
             "tags": ["jobs"], "summary": "The caller's tenant's jobs, newest first (cursor paging)",
