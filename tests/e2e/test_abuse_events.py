@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import pytest
+import standardwebhooks
 
 from bench.harness import wait_until
 from kafscribe.kafka import clients as kafka_clients
@@ -28,6 +29,7 @@ from kafscribe.store import session as cassandra_session
 from kafscribe.store.callbacks import CallbackStore
 from kafscribe.store.chunks import ChunkStore, chunk_blob_id
 from kafscribe.store.jobs import JOB_TABLES, JobStore
+from kafscribe.store.webhook_secrets import WebhookSecrets
 from kafscribe.webhooks import signing as webhooks
 from schemas.events import (
     CallbackAttempt,
@@ -129,8 +131,12 @@ class Victims:
             assert self.session.execute("SELECT job_id FROM jobs WHERE job_id = %s", (job_id,)).one() is None
         return check
 
-    def nothing_of(self, job_id: str, owner_key: str) -> Callable[[], None]:
+    def nothing_of(self, upload: Upload, owner_key: str) -> Callable[[], None]:
+        job_id = upload.job_id
+
         def check() -> None:
+            with pytest.raises(blobstore.BlobError):
+                self.store.get(upload.blob_ref)
             for table in ("jobs", *JOB_TABLES):
                 rows = list(self.session.execute(f"SELECT * FROM {table} WHERE job_id = %s", (job_id,)))
                 assert rows == [], (table, rows)
@@ -251,7 +257,7 @@ def rows(pipe, v: Victims, receiver, owner_key: str) -> tuple[list[Row], Upload]
         Row("a deleted job's late Transcript", "transcripts", transcript, "dropped"),
         Row("a deleted job's late Result", "results",
             Result(job_id=deleted.job_id, tenant=A, status=COMPLETED, text="back from the dead"), "dropped",
-            untouched=[v.nothing_of(deleted.job_id, owner_key)]),
+            untouched=[v.nothing_of(deleted, owner_key)]),
     ]
     return table, queued
 
@@ -311,6 +317,10 @@ def test_forged_events_get_their_answers_and_touch_nothing(pipe, clips, receiver
     assert "fox" in job["result"]["text"].lower() and "FORGED" not in job["result"]["text"]
     (call,) = wait_until(lambda: receiver.for_job(queued.job_id), timeout_s=60, what="the victim's callback")
     assert call["path"] == "/victim"
+    secrets = WebhookSecrets(pipe.session, settings.callback_secret_overlap_s)
+    standardwebhooks.Webhook(secrets.current(A).secret).verify(call["body"], call["headers"])  # A's secret
+    with pytest.raises(standardwebhooks.webhooks.WebhookVerificationError):
+        standardwebhooks.Webhook(secrets.current(B).secret).verify(call["body"], call["headers"])
     assert [r for r in receiver.requests if r["path"] == "/forged"] == []
     for name in ("transcriber", "merger", "sink", "notifier", "translator"):
         assert pipe.alive(name), pipe.log_tail(name)
