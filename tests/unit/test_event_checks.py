@@ -165,3 +165,34 @@ def test_the_file_store_reads_regular_files_inside_its_directory_only(tmp_path: 
             store.get(ref)
         with pytest.raises(BlobError):
             b"".join(store.pieces(ref))
+
+
+class FakeJobs:
+    """The deletion mark and purge of a job store, in memory."""
+
+    def __init__(self, mark=None) -> None:
+        self.mark, self.purged = mark, []
+
+    def deleted_mark(self, job_id: str):
+        return self.mark
+
+    def purge(self, job_id: str) -> None:
+        self.purged.append(job_id)
+
+
+def test_a_stage_that_finds_the_deletion_mark_removes_what_it_wrote(tmp_path: Path):
+    from types import SimpleNamespace
+
+    from kafscribe.store import retention
+
+    settings = Settings(blob_store="file", blob_dir=tmp_path)
+    store = FileBlobStore(tmp_path)
+    for i in range(4):
+        store.put(chunk_blob_id("job-d", i), b"chunk")
+    store.put("someone-elses", b"audio")
+    assert retention.settle_deleted(settings, None, FakeJobs(), "job-d", [0]) is False  # not deleted
+    assert (tmp_path / chunk_blob_id("job-d", 0)).exists()
+    jobs = FakeJobs(SimpleNamespace(chunks=2))  # deleted after a split into 2; this stage wrote chunk 3
+    assert retention.settle_deleted(settings, None, jobs, "job-d", [3]) is True
+    assert jobs.purged == ["job-d"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [chunk_blob_id("job-d", 2), "someone-elses"]
