@@ -101,7 +101,13 @@ class FileBlobStore:
         return await asyncio.to_thread(self.put_chunks, blob_id, [bytes(data)])
 
     def delete(self, blob_id: str) -> None:
-        (self.directory / _check_id(blob_id)).unlink(missing_ok=True)
+        """Remove the blob's file (or a link in its place); a directory or other non-file named by a ref is
+        refused (``BlobError``), never followed: the sweep and a deletion log it and go on."""
+        path = self.directory / _check_id(blob_id)
+        if path.is_symlink() or path.is_file() or not path.exists():
+            path.unlink(missing_ok=True)
+        else:
+            raise BlobError(f"blob file:{blob_id} is not a regular file in {self.directory}; not removed")
 
     async def delete_async(self, blob_id: str) -> None:
         await asyncio.to_thread(self.delete, blob_id)

@@ -293,7 +293,10 @@ def test_forged_events_get_their_answers_and_touch_nothing(pipe, clips, receiver
             got[row.finding] = found[0]
         return got
 
-    got = wait_until(answers, timeout_s=120, what="every forged event answered")
+    try:
+        got = wait_until(answers, timeout_s=120, what="every forged event answered")
+    finally:
+        (settings.blob_dir / f"dir-{v.tag}").rmdir()  # the test stack's blob directory is shared
     letters = [e for e in read_topic(settings, "dlq") if isinstance(e, DeadLetter)]
     for row in table:
         print(f"{row.finding}: {row.expect}: {got[row.finding][:110]}")
