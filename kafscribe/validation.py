@@ -141,7 +141,7 @@ def _check_audio(settings: Settings, event: Upload | Transcript) -> str | None:
         return "audio_sha256 must be 64 lower-case hex digits"
     if not isinstance(event.blob_ref, str) or not event.blob_ref:
         return "blob_ref is empty"
-    if not is_blob_ref(event.blob_ref):
+    if isinstance(event, Upload) and not is_blob_ref(event.blob_ref):  # later events copy the Upload's
         return (f"blob_ref {_show(event.blob_ref)} must be cassandra:<id> or file:<id> (an id of letters,"
                 " digits and _.- that does not start with a dot)")
     return None
