@@ -20,6 +20,11 @@ segments and words are moved onto the recording's clock and sent as a
 ``ChunkTranscript`` (keyed by job id) to the merger. A chunk that fails for
 good is sent with its ``error``; the merger fails the job once. One engine
 works at a time per process (``Transcriber.engine_lock``).
+
+Trust: a chunk acts only on a job that exists, is its tenant's, was split into
+exactly its ``count`` and whose id derives its blob (``validation.chunk_vs_job``);
+any other goes to the DLQ and the job is left as it was. A deleted job's chunk
+is not worked on, and its row and audio are removed again.
 """
 
 from __future__ import annotations
@@ -32,14 +37,15 @@ from dataclasses import replace
 
 from confluent_kafka import Message
 
-from kafscribe import metrics
+from kafscribe import metrics, validation
 from kafscribe.errors import PermanentError, RetriesExhausted
 from kafscribe.kafka.chunk_routing import chunk_partitions
 from kafscribe.speech import audio, chunking, memory
 from kafscribe.speech.engines import Cancelled, EngineOptions
 from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
-from kafscribe.store.chunks import ChunkStore
+from kafscribe.store import retention
+from kafscribe.store.chunks import ChunkStore, chunk_blob_id
 from kafscribe.validation import is_job_id
 from schemas.events import Chunk, ChunkTranscript, Event, Result, Segment, Upload, Word, embedded_upload
 
@@ -47,11 +53,6 @@ from .retry import with_retries
 from .stage import Output, Stage, park
 
 log = logging.getLogger("kafscribe.chunks")
-
-
-def chunk_blob_id(job_id: str, index: int) -> str:
-    """A blob id for chunk ``index`` of ``job_id`` (job ids may hold characters blob ids may not)."""
-    return f"chunk-{hashlib.sha256(job_id.encode()).hexdigest()[:32]}-{index}"
 
 
 def split_upload(transcriber, event: Upload) -> list[Output]:
@@ -152,6 +153,22 @@ class ChunkTranscriber(Stage):
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Chunk):
             raise PermanentError(f"expected a Chunk on {message.topic()}, got {type(event).__name__}")
+        if self.deleted(event):
+            return []
+        reason = validation.chunk_vs_job(event, self.jobs.get(event.job_id), self.settings.blob_store)
+        if reason is not None:
+            log.warning("chunk refused: %s", reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+            metrics.JOBS.labels(self.name, "refused").inc()
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+        outputs = self.work(event)
+        return [] if self.deleted(event) else outputs
+
+    def deleted(self, event: Chunk) -> bool:
+        """Whether the chunk's job was deleted (its rows and this chunk's audio are then removed again)."""
+        return retention.settle_deleted(self.settings, self.session, self.jobs, event.job_id, [event.index])
+
+    def work(self, event: Chunk) -> list[Output]:
+        """Transcribe a chunk that belongs to its job."""
         upload = embedded_upload(event)  # validated already
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "chunk": event.index}
         finished = self.jobs.finished_status(event.job_id)
@@ -222,7 +239,7 @@ class ChunkTranscriber(Stage):
         failed Result, once the sink stores it), and the event goes to the DLQ. An event naming no usable
         job only goes to the DLQ."""
         dlq = park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))
-        if not is_job_id(event.job_id) or self.transcriber._finished(event.job_id):
+        if not is_job_id(event.job_id) or self.transcriber._finished(event.job_id) or not split_job_of(self.jobs, event):
             return [dlq]
         try:
             source: Event = embedded_upload(event)  # type: ignore[arg-type]
@@ -235,3 +252,13 @@ class ChunkTranscriber(Stage):
                                self.worker_id, attempt)
         result.tenant, result.trace_id = event.tenant, event.trace_id
         return [Output(self.settings.topic("results"), result), dlq]
+
+
+def split_job_of(jobs, event: Event) -> bool:
+    """Whether ``event`` names a split job of its own tenant: only then may a bad chunk event fail it (a store
+    error counts as yes: the sink checks the tenant again)."""
+    try:
+        job = jobs.get(event.job_id)
+    except Exception:  # noqa: BLE001 - failure_outputs must not raise
+        return True
+    return validation.tenant_vs_job(event, job) is None and job is not None and job.get("chunks") is not None

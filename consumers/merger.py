@@ -23,6 +23,14 @@ one was committed, or it would be redone first). Progress (chunks done /
 total) and the segments of the contiguous prefix of done chunks are written
 for live readers as chunks arrive (``kafscribe.store.progress``). The chunks'
 audio is removed when the job is merged or failed.
+
+Trust: before any of that, the chunk must belong to its job
+(``validation.chunk_vs_job``: the job exists and is the event's tenant's, was
+split into exactly ``count`` chunks, and the chunk's audio is the blob its
+job's id derives); any other goes to the DLQ and nothing is written or
+removed. Audio is only ever removed by ids derived from the job's own id,
+never a reference an event names. A deleted job: nothing is produced, and its
+rows are removed again after the merger's own writes.
 """
 
 from __future__ import annotations
@@ -32,16 +40,17 @@ from collections import defaultdict
 
 from confluent_kafka import Message
 
-from kafscribe import metrics
+from kafscribe import metrics, validation
 from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.store import blobs as blobstore
-from kafscribe.store.chunks import ChunkStore
+from kafscribe.store import retention
+from kafscribe.store.chunks import ChunkStore, chunk_blob_id
 from kafscribe.store.jobs import JobStore
 from kafscribe.validation import is_job_id
 from schemas.events import ChunkTranscript, Event, Result, Segment, Transcript, Upload, embedded_upload
 
-from .chunk_transcriber import chunk_blob_id
+from .chunk_transcriber import split_job_of
 from .stage import Output, Stage, park
 
 log = logging.getLogger("kafscribe.merger")
@@ -88,9 +97,15 @@ def assemble(upload: Upload, parts: list[ChunkTranscript], worker_id: str, attem
 
 
 def all_chunk_blobs(event: ChunkTranscript) -> list[str]:
-    """The audio of every chunk of the event's job (chunk blob ids follow from the job id and index)."""
+    """The audio of every chunk of the event's job (chunk blob ids follow from the job id and index; the
+    count was checked against the job's)."""
     scheme = event.chunk_blob_ref.partition(":")[0]
     return [f"{scheme}:{chunk_blob_id(event.job_id, i)}" for i in range(event.count)]
+
+
+def own_blob(event: ChunkTranscript) -> str:
+    """The audio of the event's chunk, derived from its job's id and its index (never the ref it names)."""
+    return f"{event.chunk_blob_ref.partition(':')[0]}:{chunk_blob_id(event.job_id, event.index)}"
 
 
 def done_prefix(parts: dict[int, ChunkTranscript]) -> list[ChunkTranscript]:
@@ -116,6 +131,24 @@ class Merger(Stage):
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, ChunkTranscript):
             raise PermanentError(f"expected a ChunkTranscript on {message.topic()}, got {type(event).__name__}")
+        if self.deleted(event):
+            return []
+        job = self.jobs.get(event.job_id)
+        reason = validation.chunk_vs_job(event, job, self.settings.blob_store)
+        if reason is not None:
+            log.warning("chunk transcript refused: %s", reason,
+                        extra={"job_id": event.job_id, "trace_id": event.trace_id})
+            metrics.JOBS.labels(self.name, "refused").inc()
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+        outputs = self.merge(event, message, job)
+        return [] if self.deleted(event) else outputs
+
+    def deleted(self, event: ChunkTranscript) -> bool:
+        """Whether the chunk's job was deleted (its rows and chunk audio are then removed again)."""
+        return retention.settle_deleted(self.settings, self.session, self.jobs, event.job_id, [event.index])
+
+    def merge(self, event: ChunkTranscript, message: Message, job: dict) -> list[Output]:
+        """Store the chunk of its job; the job's Transcript (or failure) once every chunk is in."""
         extra = {"job_id": event.job_id, "trace_id": event.trace_id, "chunk": event.index}
         finished = self.jobs.finished_status(event.job_id)
         merged_by = self.chunks.merged_by(event.job_id)
@@ -125,12 +158,12 @@ class Merger(Stage):
                 self.drop_blobs(all_chunk_blobs(event))
                 self.chunks.mark_merged(event.job_id, f"ended {finished}")
             else:
-                self.drop_blobs([event.chunk_blob_ref])
+                self.drop_blobs([own_blob(event)])
             return []
         marker = f"{message.topic()}:{message.partition()}:{message.offset()}"
         if merged_by is not None and merged_by != marker:
             log.info("job already merged (by %s): chunk %d ignored", merged_by, event.index, extra=extra)
-            self.drop_blobs([event.chunk_blob_ref])  # a chunk done after its job failed
+            self.drop_blobs([own_blob(event)])  # a chunk done after its job failed
             return []
         self.chunks.save_result(event)
         upload = embedded_upload(event)
@@ -147,10 +180,9 @@ class Merger(Stage):
         if len(parts) < event.count:
             return []
         self.chunks.mark_merged(event.job_id, marker)
-        job = self.jobs.get(event.job_id)
         attempt = max(1, (job or {}).get("attempts") or 1)  # the job's attempt (chunks count their own)
         transcript = assemble(upload, list(parts.values()), self.worker_id, attempt)
-        self.drop_blobs([p.chunk_blob_ref for p in parts.values()])
+        self.drop_blobs([own_blob(p) for p in parts.values()])
         log.info("merged %d chunks (%.1fs of audio)", event.count, transcript.duration, extra=extra)
         metrics.JOBS.labels(self.name, "merged").inc()
         return [Output(self.settings.topic("transcripts"), transcript)]
@@ -186,7 +218,7 @@ class Merger(Stage):
             finished = self.jobs.finished_status(event.job_id) if is_job_id(event.job_id) else "unknown"
         except Exception:  # noqa: BLE001 - failure_outputs must not raise
             finished = "unknown"
-        if finished is not None:
+        if finished is not None or not split_job_of(self.jobs, event):
             return [dlq]
         try:
             source: Event = embedded_upload(event)  # type: ignore[arg-type]

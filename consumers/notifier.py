@@ -25,6 +25,15 @@ tier not longer than its remaining wait -- a bounded number of hops per
 retry. Both stages deliver up to ``KAFSCRIBE_CALLBACK_CONCURRENCY`` callbacks
 at once (the consume loop's concurrent mode), so a receiver that hangs until
 the timeout holds back no one else.
+
+Trust: a callback goes only where the stored job says, signed only with its
+own tenant's secret. The notifier refuses (DLQ, with the reason) a ``Result``
+whose job does not exist, is another tenant's, or whose ``callback_url`` is
+not the one the job was submitted with; ``callback-retry`` refuses a
+``CallbackAttempt`` that is not, field for field, the callback event the
+notifier stored for its job (``validation.callback_vs_job``). A deleted job
+gets no callback, and the rows of its attempts are removed again. What ACLs
+must still prevent: docs/trust-model.md.
 """
 
 from __future__ import annotations
@@ -39,11 +48,13 @@ from datetime import UTC, datetime
 
 from confluent_kafka import Message
 
-from kafscribe import metrics
+from kafscribe import metrics, validation
 from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.statuses import COMPLETED
+from kafscribe.store import retention
 from kafscribe.store.callbacks import CallbackStore
+from kafscribe.store.jobs import JobStore
 from kafscribe.store.webhook_secrets import WebhookSecrets
 from kafscribe.webhooks import guard as callback_guard
 from kafscribe.webhooks import links
@@ -97,10 +108,21 @@ class Deliverer:
     def __init__(self, settings: Settings, session, stage: str,
                  resolve: Resolver = callback_guard.system_resolver) -> None:
         self.settings = settings
+        self.session = session
         self.store = CallbackStore(session)
+        self.jobs = JobStore(session)
         self.secrets = WebhookSecrets(session, settings.callback_secret_overlap_s)
         self.stage = stage
         self.resolve = resolve  # injectable: tests play a rebinding DNS server
+
+    def deleted(self, job_id: str) -> bool:
+        """Whether the job was deleted (its rows, attempts included, are then removed again)."""
+        return retention.settle_deleted(self.settings, self.session, self.jobs, job_id)
+
+    def refuse(self, event: Event, reason: str, topic: str) -> list[Output]:
+        log.warning("callback refused: %s", reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+        metrics.WEBHOOK_DELIVERIES.labels(self.stage, "refused").inc()
+        return [park(self.settings, self.stage, event, reason, topic)]
 
     def attempt(self, event: CallbackAttempt) -> list[Output]:
         outcome, status, error, latency_ms = self._post(event)
@@ -165,6 +187,21 @@ class Notifier(Stage):
             raise PermanentError(f"expected a Result on {message.topic()}, got {type(event).__name__}")
         if not event.options.callback_url:
             return []
+        deliverer = self.deliverer
+        if deliverer.deleted(event.job_id):
+            return []
+        job = deliverer.jobs.get(event.job_id)
+        reason = validation.tenant_vs_job(event, job)
+        if reason is None and job is not None \
+                and validation.stored_options(job).callback_url != event.options.callback_url:
+            reason = f"its callback_url is not the one job {event.job_id} was submitted with"
+        if reason is not None:
+            return deliverer.refuse(event, reason, self.settings.topic(self.input_topic))
+        outputs = self.deliver(event)
+        return [] if deliverer.deleted(event.job_id) else outputs
+
+    def deliver(self, event: Result) -> list[Output]:
+        """The first attempt of the job's callback (the event stored first, for retries and redelivery)."""
         event_type, body = event_body(self.settings, event)
         attempt = CallbackAttempt(
             job_id=event.job_id, tenant=event.tenant, attempt=event.attempt, trace_id=event.trace_id,
@@ -200,6 +237,18 @@ class CallbackRetrier(Stage):
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, CallbackAttempt):
             raise PermanentError(f"expected a CallbackAttempt on {message.topic()}, got {type(event).__name__}")
+        deliverer = self.deliverer
+        if deliverer.deleted(event.job_id):
+            return []
+        reason = validation.callback_vs_job(event, deliverer.jobs.get(event.job_id),
+                                            deliverer.store.get_event(event.job_id))
+        if reason is not None:
+            return deliverer.refuse(event, reason, self.settings.topic(RETRY_TOPIC))
+        outputs = self.attempt_or_forward(event)
+        return [] if deliverer.deleted(event.job_id) else outputs
+
+    def attempt_or_forward(self, event: CallbackAttempt) -> list[Output]:
+        """Deliver the attempt if due, else forward it to the delay tier that fits."""
         wait_s = (event.not_before - now_ms()) / 1000
         if next_tier(wait_s) is not None:
             return [retry_output(self.settings, event)]  # not due: on to the tier that fits

@@ -25,7 +25,14 @@ the audio is decoded with a bound -- at most the ``Upload``'s
 than ``KAFSCRIBE_MAX_AUDIO_S`` -- and the job has a time limit
 (``Settings.job_time_limit_s``): past it, the job fails. An ``Upload`` that
 reuses the id of a finished job goes to the DLQ and the finished job is left
-as it was. Only models in ``Settings.allowed_model_names`` are ever loaded.
+as it was; so does one that reuses the id of another tenant's job, or of a
+job submitted with other audio or options (``validation.upload_vs_job``).
+A valid Upload whose job has no row yet (a direct producer that skipped it)
+gets one written from the Upload (``JobStore.adopt``); an invalid one for a
+job that does not exist goes to the DLQ and leaves no row. A deleted job is
+never worked on, and whatever this worker wrote for it is removed again
+(``retention.settle_deleted``, before and after the job's work). Only models
+in ``Settings.allowed_model_names`` are ever loaded.
 
 Prefetch: while a job runs, the consume loop hands the next
 kept ``Upload`` to ``prefetch``, which reads its blob and decodes it in a
@@ -69,10 +76,11 @@ from kafscribe.speech import audio, chunking, memory
 from kafscribe.speech.engines import Cancelled, Engine, EngineOptions, load_engine
 from kafscribe.statuses import CANCELLED, TRANSCRIBING
 from kafscribe.store import blobs as blobstore
+from kafscribe.store import retention
 from kafscribe.store.jobs import JobStore
 from kafscribe.store.progress import ProgressReporter
 from kafscribe.validation import is_job_id
-from schemas.events import Event, Result, Transcript, Upload, now_ms
+from schemas.events import Chunk, Event, Result, Transcript, Upload, now_ms
 
 from .chunk_transcriber import split_upload
 from .retry import with_retries
@@ -244,6 +252,36 @@ class Transcriber(Stage):
     def handle(self, event: Event, message: Message, prefetched: Future | None = None) -> list[Output]:
         if not isinstance(event, Upload):
             raise PermanentError(f"expected an Upload on {message.topic()}, got {type(event).__name__}")
+        if self.deleted(event):
+            return []
+        outputs = self.work(event, message, prefetched)
+        chunks = [o.event.index for o in outputs if isinstance(o.event, Chunk)]  # a split wrote their audio
+        return [] if self.deleted(event, chunks) else outputs
+
+    def deleted(self, event: Upload, chunks: list[int] | None = None) -> bool:
+        """Whether the job was deleted (its rows, and the audio of ``chunks``, are then removed again)."""
+        if not retention.settle_deleted(self.settings, self.session, self.jobs, event.job_id, chunks or ()):
+            return False
+        log.info("job deleted; nothing produced", extra={"job_id": event.job_id, "trace_id": event.trace_id})
+        metrics.JOBS.labels(self.name, "deleted").inc()
+        return True
+
+    def foreign(self, event: Upload) -> list[Output] | None:
+        """The DLQ letter for an Upload that may not act on the job of its id (another tenant's, other
+        audio or options), else None; a valid Upload whose job has no row gets one (``JobStore.adopt``)."""
+        job = self.jobs.get(event.job_id)
+        if job is None:
+            self.jobs.adopt(event)
+            return None
+        reason = validation.upload_vs_job(event, job)
+        if reason is None:
+            return None
+        log.warning("Upload refused: %s", reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+        metrics.JOBS.labels(self.name, "refused").inc()
+        return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+
+    def work(self, event: Upload, message: Message, prefetched: Future | None = None) -> list[Output]:
+        """The job's work once it is known not deleted: checks against the job, split or transcribe."""
         began = time.monotonic()
         phases = {"queue_wait": max(0.0, (now_ms() - event.produced_at) / 1000)} if event.produced_at else {}
         finished = self.jobs.finished_status(event.job_id)
@@ -253,6 +291,8 @@ class Transcriber(Stage):
             reason = f"job {event.job_id} already finished ({finished}); an Upload may not reuse its id"
             log.warning(reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
             return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+        if (refused := self.foreign(event)) is not None:
+            return refused
         if self.splits(event):
             return split_upload(self, event)  # no admission: the chunks are admitted one by one
         ready = prefetched.result() if prefetched is not None and prefetched.done() and \
@@ -399,13 +439,24 @@ class Transcriber(Stage):
         except Exception:  # noqa: BLE001 - failure_outputs must not raise; the sink skips finished jobs anyway
             return False
 
+    def _not_its_job(self, event: Upload) -> bool:
+        """Whether ``event`` names no job, or one it may not act on: then a failure leaves no row and
+        fails no one else's job (a store error: the sink checks the tenant again)."""
+        try:
+            job = self.jobs.get(event.job_id)
+        except Exception:  # noqa: BLE001 - failure_outputs must not raise
+            return False
+        return job is None or validation.upload_vs_job(event, job) is not None
+
     def failure_outputs(self, event: Event, reason: str, attempt: int | None = None,
                         dead_letter: bool = False) -> list[Output]:
         """A failed ``Result`` (the job ends, the client is told); with ``dead_letter`` the
         input is also parked in the DLQ for an operator. An event that names no usable job
-        (not an Upload, an invalid id, a job already finished) only goes to the DLQ: a failed
-        Result would reach the notifier for a job that ended long ago."""
-        if not isinstance(event, Upload) or not is_job_id(event.job_id) or self._finished(event.job_id):
+        (not an Upload, an invalid id, a job already finished, no job at all, another tenant's
+        job or one submitted with other audio or options) only goes to the DLQ: a failed
+        Result would reach the notifier for a job that ended long ago, or leave a row."""
+        if not isinstance(event, Upload) or not is_job_id(event.job_id) or self._finished(event.job_id) \
+                or self._not_its_job(event):
             return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
         result = Result.failed(event, reason, self.worker_id, attempt)
         outputs = [Output(self.settings.topic("results"), result)]

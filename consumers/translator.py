@@ -7,7 +7,9 @@ the job's audio) or ``llm`` (any target, segment by segment); see
 ``kafscribe.translation``. A translation that cannot succeed fails the job
 with the backend's message. Invalid Transcripts are refused before they get
 here (``kafscribe.validation``): a failed job, or the DLQ when the event
-names no usable job.
+names no usable job. A Transcript for a job that does not exist or is another
+tenant's goes to the DLQ (``validation.tenant_vs_job``); a deleted job's is
+dropped, and its rows are removed again after this stage's writes.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ import logging
 
 from confluent_kafka import Message
 
+from kafscribe import validation
 from kafscribe.errors import PermanentError
 from kafscribe.settings import Settings
 from kafscribe.statuses import COMPLETED, FAILED, TRANSLATING
+from kafscribe.store import retention
 from kafscribe.store.jobs import JobStore
 from kafscribe.translation import Translator, backend_name
 from kafscribe.validation import is_job_id
@@ -57,6 +61,16 @@ class TranslatorStage(Stage):
     def handle(self, event: Event, message: Message) -> list[Output]:
         if not isinstance(event, Transcript):
             raise PermanentError(f"expected a Transcript on {message.topic()}, got {type(event).__name__}")
+        if retention.settle_deleted(self.settings, self.session, self.jobs, event.job_id):
+            return []
+        reason = validation.tenant_vs_job(event, self.jobs.get(event.job_id))
+        if reason is not None:
+            log.warning("Transcript refused: %s", reason, extra={"job_id": event.job_id, "trace_id": event.trace_id})
+            return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
+        outputs = self.translate(event)
+        return [] if retention.settle_deleted(self.settings, self.session, self.jobs, event.job_id) else outputs
+
+    def translate(self, event: Transcript) -> list[Output]:
         result = result_from_transcript(event)
         target = event.options.translate_to
         if target and target != event.language:
@@ -76,9 +90,16 @@ class TranslatorStage(Stage):
 
     def failure_outputs(self, event: Event, reason: str) -> list[Output]:
         """A failed ``Result``; an event that names no usable job (not a Transcript, a bad id) goes to the DLQ."""
-        if not isinstance(event, Transcript) or not is_job_id(event.job_id):
+        if not isinstance(event, Transcript) or not is_job_id(event.job_id) or self._not_its_job(event):
             return [park(self.settings, self.name, event, reason, self.settings.topic(self.input_topic))]
         return [Output(self.settings.topic("results"), Result.failed(event, reason, self.worker_id))]
+
+
+    def _not_its_job(self, event: Event) -> bool:
+        try:
+            return validation.tenant_vs_job(event, self.jobs.get(event.job_id)) is not None
+        except Exception:  # noqa: BLE001 - failure_outputs must not raise; the sink checks again
+            return False
 
 
 def result_from_transcript(t: Transcript) -> Result:

@@ -10,6 +10,14 @@ job with that reason; an event that names no usable job goes to the DLQ). A
 (``kafscribe.kafka.workers.check_worker_status``). Nothing here raises: a
 check that cannot make sense of a value refuses it.
 
+Then, against the job it names (``*_vs_job``, pure functions of the event and
+the stored rows, called by each stage before it acts): an event may only act
+on a job that exists, is its tenant's, and -- for an ``Upload`` -- was
+submitted with the same audio and options; a chunk must belong to a job that
+was split into exactly its count, and name the audio its job's id derives.
+Refused events go to the DLQ with the reason and the job is left as it was
+(docs/trust-model.md says what each topic's writers can and cannot do).
+
 Limits (all settings): ``KAFSCRIBE_MAX_AUDIO_S`` (durations),
 ``KAFSCRIBE_MAX_UPLOAD_BYTES`` (sizes), ``KAFSCRIBE_ALLOWED_MODELS``
 (models), ``KAFSCRIBE_MAX_CLOCK_SKEW_S`` (how far in the future a
@@ -18,14 +26,18 @@ Limits (all settings): ``KAFSCRIBE_MAX_AUDIO_S`` (durations),
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from kafscribe.languages import CODES
 from kafscribe.settings import Settings
 from kafscribe.speech import decoding
 from kafscribe.statuses import COMPLETED, FAILED
+from kafscribe.store.blobs import is_blob_ref
+from kafscribe.store.chunks import chunk_blob_id
 from schemas.events import (
     CallbackAttempt,
     Chunk,
@@ -129,6 +141,9 @@ def _check_audio(settings: Settings, event: Upload | Transcript) -> str | None:
         return "audio_sha256 must be 64 lower-case hex digits"
     if not isinstance(event.blob_ref, str) or not event.blob_ref:
         return "blob_ref is empty"
+    if isinstance(event, Upload) and not is_blob_ref(event.blob_ref):  # later events copy the Upload's
+        return (f"blob_ref {_show(event.blob_ref)} must be cassandra:<id> or file:<id> (an id of letters,"
+                " digits and _.- that does not start with a dot)")
     return None
 
 
@@ -240,3 +255,73 @@ def _check_callback(event: CallbackAttempt) -> str | None:
 def _show(value: object, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "...'"
+
+
+# --- events against the job they name -----------------------------------------------------------
+def stored_options(job: Mapping[str, Any]) -> JobOptions:
+    """The options a job row holds (a dict, as the job store reads it), with defaults for fields it lacks."""
+    raw = job.get("options") or {}
+    return JobOptions(**{k: v for k, v in raw.items() if k in JobOptions.__dataclass_fields__})
+
+
+def tenant_vs_job(event: Event, job: Mapping[str, Any] | None) -> str | None:
+    """Why ``event`` may not act on ``job`` (None: no such job): it names no job, or another tenant's."""
+    if job is None:
+        return f"job {_show(event.job_id)} does not exist; an event may not create it"
+    if job.get("tenant") != event.tenant:
+        return f"job {_show(event.job_id)} belongs to another tenant than the event's {_show(event.tenant)}"
+    return None
+
+
+def upload_vs_job(upload: Upload, job: Mapping[str, Any]) -> str | None:
+    """Why an ``Upload`` may not act on the existing ``job`` of its id: another tenant's, or submitted with
+    other audio or options (an Upload may not take over a job it did not create)."""
+    reason = tenant_vs_job(upload, job)
+    if reason:
+        return f"{reason}; an Upload may not reuse its id"
+    if job.get("blob_ref") != upload.blob_ref or job.get("audio_sha256") != upload.audio_sha256:
+        return f"job {_show(upload.job_id)} was submitted with other audio; an Upload may not reuse its id"
+    if dataclasses.asdict(stored_options(job)) != dataclasses.asdict(upload.options):
+        return f"job {_show(upload.job_id)} was submitted with other options; an Upload may not reuse its id"
+    return None
+
+
+def chunk_vs_job(event: Chunk | ChunkTranscript, job: Mapping[str, Any] | None, blob_scheme: str) -> str | None:
+    """Why a chunk event may not act on ``job``: not its tenant's, the job was not split into ``count``
+    chunks, its audio is not the blob the job's id derives for its index, or its embedded Upload is not
+    the job's."""
+    reason = tenant_vs_job(event, job)
+    if reason:
+        return reason
+    assert job is not None
+    if job.get("chunks") is None:
+        return f"job {_show(event.job_id)} was never split; a chunk event may not act on it"
+    if event.count != job["chunks"]:
+        return f"count {event.count} is not the {job['chunks']} chunks job {_show(event.job_id)} was split into"
+    ref = event.blob_ref if isinstance(event, Chunk) else event.chunk_blob_ref
+    if ref != f"{blob_scheme}:{chunk_blob_id(event.job_id, event.index)}":
+        return f"chunk {event.index}: {_show(ref)} is not the audio of this job's chunk {event.index}"
+    try:
+        upload = embedded_upload(event)
+    except ValueError as exc:
+        return f"chunk {event.index}: {exc}"
+    reason = upload_vs_job(upload, job)
+    return f"chunk {event.index}: its Upload: {reason}" if reason else None
+
+
+CALLBACK_FIELDS = ("event_id", "tenant", "url", "event_type", "body")
+
+
+def callback_vs_job(attempt: CallbackAttempt, job: Mapping[str, Any] | None,
+                    stored: Mapping[str, Any] | None) -> str | None:
+    """Why a ``CallbackAttempt`` may not be delivered: its job does not exist or is another tenant's, or it
+    is not the callback event the notifier stored for the job (event id, tenant, URL, type and body)."""
+    reason = tenant_vs_job(attempt, job)
+    if reason:
+        return reason
+    if stored is None:
+        return f"job {_show(attempt.job_id)} has no stored callback event; an attempt may not make one up"
+    for name in CALLBACK_FIELDS:
+        if getattr(attempt, name) != stored.get(name):
+            return f"its {name} is not that of the callback event stored for job {_show(attempt.job_id)}"
+    return None

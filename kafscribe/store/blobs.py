@@ -48,13 +48,21 @@ class BlobStore(Protocol):
     async def delete_async(self, blob_id: str) -> None: ...
 
 
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}")  # never "." or "..": a file name inside the store
 
 
 def _check_id(blob_id: str) -> str:
-    if not _ID.match(blob_id):
+    if not isinstance(blob_id, str) or not _ID.fullmatch(blob_id):
         raise BlobError(f"invalid blob id {blob_id!r}")
     return blob_id
+
+
+def is_blob_ref(ref: object) -> bool:
+    """Whether ``ref`` can name a blob: ``cassandra:<id>`` or ``file:<id>`` with a valid id."""
+    if not isinstance(ref, str):
+        return False
+    scheme, sep, blob_id = ref.partition(":")
+    return bool(sep) and scheme in ("cassandra", "file") and _ID.fullmatch(blob_id) is not None
 
 
 class FileBlobStore:
@@ -93,23 +101,41 @@ class FileBlobStore:
         return await asyncio.to_thread(self.put_chunks, blob_id, [bytes(data)])
 
     def delete(self, blob_id: str) -> None:
-        (self.directory / _check_id(blob_id)).unlink(missing_ok=True)
+        """Remove the blob's file (or a link in its place); a directory or other non-file named by a ref is
+        refused (``BlobError``), never followed: the sweep and a deletion log it and go on."""
+        path = self.directory / _check_id(blob_id)
+        if path.is_symlink() or path.is_file() or not path.exists():
+            path.unlink(missing_ok=True)
+        else:
+            raise BlobError(f"blob file:{blob_id} is not a regular file in {self.directory}; not removed")
 
     async def delete_async(self, blob_id: str) -> None:
         await asyncio.to_thread(self.delete, blob_id)
 
-    def get(self, ref: str) -> bytes:
-        blob_id = _check_id(ref.split(":", 1)[1])
+    def _path(self, ref: str) -> Path:
+        """The regular file ``ref`` names inside the store's directory; a ref that names anything else
+        (outside it, a directory, a device, a link out) is a permanent failure, never retried."""
+        path = self.directory / _check_id(ref.split(":", 1)[1])
         try:
-            return (self.directory / blob_id).read_bytes()
+            resolved = path.resolve(strict=True)
+        except (FileNotFoundError, RuntimeError) as exc:
+            raise BlobError(f"blob {ref} not found in {self.directory}") from exc
+        if resolved.parent != self.directory.resolve() or not resolved.is_file():
+            raise BlobError(f"blob {ref} is not a regular file in {self.directory}")
+        return resolved
+
+    def get(self, ref: str) -> bytes:
+        path = self._path(ref)
+        try:
+            return path.read_bytes()
         except FileNotFoundError as exc:
             raise BlobError(f"blob {ref} not found in {self.directory}") from exc
 
     def pieces(self, ref: str) -> Iterator[bytes]:
         """The blob in pieces of at most 1 MiB (never all of it in memory)."""
-        blob_id = _check_id(ref.split(":", 1)[1])
+        path = self._path(ref)
         try:
-            f = open(self.directory / blob_id, "rb")  # noqa: SIM115 - closed below
+            f = open(path, "rb")  # noqa: SIM115 - closed below
         except FileNotFoundError as exc:
             raise BlobError(f"blob {ref} not found in {self.directory}") from exc
         with f:

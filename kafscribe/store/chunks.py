@@ -9,9 +9,18 @@ are not here: they move only in ``kafscribe.store.jobs``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from schemas.events import ChunkTranscript, decode_event
+
+
+def chunk_blob_id(job_id: str, index: int) -> str:
+    """The blob id of chunk ``index`` of ``job_id`` (job ids may hold characters blob ids may not).
+
+    The one way a chunk's audio is named: the merger and a deletion remove only ids made here from
+    the job's own id, never a reference an event carries."""
+    return f"chunk-{hashlib.sha256(job_id.encode()).hexdigest()[:32]}-{index}"
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,7 @@ class ChunkStore:
         self._rows = p("SELECT idx, attempts, result, merged_by FROM job_chunks WHERE job_id = ?")
         self._merged = p("SELECT merged_by FROM job_chunks WHERE job_id = ? LIMIT 1")
         self._mark = p("UPDATE job_chunks SET merged_by = ? WHERE job_id = ?")
+        self._forget = p("DELETE FROM job_chunks WHERE job_id = ?")
 
     def start_attempt(self, job_id: str, index: int, worker_id: str) -> int:
         """A transcriber starts (or redoes) chunk ``index``: count the attempt, return its number."""
@@ -59,3 +69,7 @@ class ChunkStore:
 
     def mark_merged(self, job_id: str, marker: str) -> None:
         self.session.execute(self._mark, (marker, job_id))
+
+    def forget(self, job_id: str) -> None:
+        """Remove every chunk row of the job (a deleted job)."""
+        self.session.execute(self._forget, (job_id,))

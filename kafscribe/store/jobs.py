@@ -22,6 +22,20 @@ index rows are rewritten with the result TTL (the ``results`` table's
 ``default_time_to_live``, set from ``KAFSCRIBE_RESULT_TTL_S`` by the schema
 bootstrap), so the job expires together with its result, and its audio is
 queued for removal (``audio_expiry``, swept by ``kafscribe.store.retention``).
+
+Only ``create`` (and ``adopt``, for a direct producer's Upload that came
+without its row) makes a job row: every other write reads the row first and
+writes nothing for a job that does not exist, so no event -- late, replayed
+or forged -- leaves a row behind for a job nobody created.
+
+Deletion is final: ``delete`` first writes a mark (``deleted_jobs``, kept
+``DELETED_MARK_TTL_S``, longer than any topic keeps an event that could redo
+the job), then removes every row of the job. A worker checks the mark before
+it works on a job and again after its last write for that event
+(``kafscribe.store.retention.settle_deleted``); finding it, it removes the job
+again and produces nothing. Whichever came first, the mark or the worker's
+write, the rows are gone: a write before the mark is removed by the delete, a
+write after it is seen by the worker's own check.
 """
 
 from __future__ import annotations
@@ -52,6 +66,10 @@ LIST_SCAN_ROWS = 2000  # index rows one listing call reads at most (a rare statu
 
 
 PROGRESS_TTL_S = 7 * 86400  # KAFSCRIBE_PROGRESS_TTL_S's default
+DELETED_MARK_TTL_S = 35 * 86400  # a deleted job's mark outlives every topic's retention (7 days; DLQ 30)
+# Tables whose rows are all of one job (partition key job_id): a deletion removes them whole.
+JOB_TABLES = ("results", "segments", "callback_events", "callback_attempts", "redeliveries", "job_progress",
+              "job_chunks")
 
 
 def _now() -> datetime:
@@ -74,6 +92,11 @@ class JobStore:
             "UPDATE jobs SET status = ?, updated_at = ?, worker_id = ?, attempts = ?, error = ? WHERE job_id = ?"
         )
         self._get_job = p("SELECT * FROM jobs WHERE job_id = ?")
+        self._insert_job_if_absent = p(
+            "INSERT INTO jobs (job_id, tenant, status, created_at, updated_at, attempts, trace_id, filename,"
+            " options, blob_ref, audio_sha256, audio_bytes, audio_duration) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)"
+            " IF NOT EXISTS"
+        )
         self._set_chunks = p("UPDATE jobs SET chunks = ? WHERE job_id = ?")
         self._insert_result = p(
             "INSERT INTO results (job_id, language, language_probability, duration, text, target_language,"
@@ -126,20 +149,41 @@ class JobStore:
         return row.status if row is not None and row.status in TERMINAL else None
 
     def start_attempt(self, job_id: str, status: str, worker_id: str) -> int:
-        """A worker starts (or redoes) a job: count the attempt, return its number."""
+        """A worker starts (or redoes) a job: count the attempt, return its number (a job without a row:
+        nothing is written)."""
         row = self.session.execute(self._status, (job_id,)).one()
         attempts = (row.attempts or 0) + 1 if row is not None else 1
         self._move(job_id, row, status, worker_id, attempts, None)
         return attempts
 
     def set_chunks(self, job_id: str, count: int) -> None:
-        """Record that the job was split into ``count`` chunks (a redone split writes the same)."""
-        self.session.execute(self._set_chunks, (count, job_id))
+        """Record that the job was split into ``count`` chunks (a redone split writes the same; a job
+        without a row gets none)."""
+        if self.session.execute(self._status, (job_id,)).one() is not None:
+            self.session.execute(self._set_chunks, (count, job_id))
+
+    def adopt(self, upload: Upload) -> bool:
+        """The job row of a direct producer's valid ``Upload`` that came without one (the row it should
+        have written), unless a row exists already; True if it was written. Never for a deleted job."""
+        if self.deleted_mark(upload.job_id) is not None:
+            return False
+        now = _now()
+        applied = self.session.execute(self._insert_job_if_absent, (
+            upload.job_id, upload.tenant, QUEUED, now, now, 0, upload.trace_id, upload.filename,
+            json.dumps(asdict(upload.options)), upload.blob_ref, upload.audio_sha256,
+            upload.audio_bytes, upload.audio_duration,
+        )).was_applied
+        if applied:
+            self.session.execute(self._add_unfinished, (upload.tenant, upload.job_id, now))
+            self.session.execute(self._add_listed, (upload.tenant, _day(now), now, upload.job_id))
+        return applied
 
     def _move(self, job_id: str, row, status: str, worker_id: str, attempts: int, error: str | None) -> bool:
         """Write ``status`` unless ``row`` (the job as just read) is finished and ``status`` is not."""
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
+        if row is None:
+            return False  # no such job (never created, or deleted): a status write would create a row
         if row is not None and row.status in TERMINAL and status not in TERMINAL:
             return False
         if row is not None and row.cancelled_at is not None and status != CANCELLED:
@@ -157,8 +201,9 @@ class JobStore:
         A job that is already finished keeps its result and status: a replay finds
         them written, and a late or forged ``Result`` overwrites nothing (returns False).
         """
-        if self.finished_status(result.job_id) is not None:
-            return False
+        row = self.session.execute(self._status, (result.job_id,)).one()
+        if row is None or row.cancelled_at is not None or row.status in TERMINAL:
+            return False  # no such job (never created, or deleted), or finished before
         translation = result.translation
         if result.status == COMPLETED:
             self.session.execute(
@@ -296,8 +341,7 @@ class JobStore:
         self._expire_audio = p(
             "INSERT INTO audio_expiry (hour, finished_at, job_id, blob_ref) VALUES (?,?,?,?) USING TTL ?"
         )
-        self._delete_rows = [p(f"DELETE FROM {table} WHERE job_id = ?") for table in (
-            "results", "segments", "callback_events", "callback_attempts", "redeliveries")]
+        self._delete_rows = [p(f"DELETE FROM {table} WHERE job_id = ?") for table in JOB_TABLES]
         self._delete_job = p("DELETE FROM jobs WHERE job_id = ?")
         self._reinsert: tuple[tuple[str, ...], Any] | None = None
         self._ttl: int | None = None
@@ -356,15 +400,52 @@ class JobStore:
         return row is not None and (row.cancelled_at is not None or row.status == CANCELLED)
 
     def delete(self, job_id: str) -> None:
-        """Remove a job's rows: result, segments, callbacks, progress, listing entry, then the job row (last,
-        so a delete cut short can be repeated). The audio is the caller's (``kafscribe.store.retention``)."""
+        """Delete a job for good: the mark first (so no worker can bring it back), then every row (``purge``).
+        The audio is the caller's (``kafscribe.store.retention``)."""
+        self.mark_deleted(job_id)
+        self.purge(job_id)
+
+    # --- deletion is final: the mark every writer checks (see the module doc) -----------------
+    @functools.cached_property
+    def _deleted_cql(self) -> types.SimpleNamespace:
+        p = self.session.prepare
+        return types.SimpleNamespace(
+            put=p("INSERT INTO deleted_jobs (job_id, tenant, created_at, blob_ref, chunks, deleted_at)"
+                  " VALUES (?,?,?,?,?,?) USING TTL ?"),
+            get=p("SELECT job_id, tenant, created_at, blob_ref, chunks FROM deleted_jobs WHERE job_id = ?"),
+        )
+
+    def mark_deleted(self, job_id: str) -> None:
+        """Record that the job is deleted, with what a later removal needs once its row is gone."""
         row = self.session.execute(self._get_job, (job_id,)).one()
+        old = self.deleted_mark(job_id)
+        tenant = row.tenant if row is not None else (old.tenant if old is not None else None)
+        created = row.created_at if row is not None else (old.created_at if old is not None else None)
+        blob_ref = row.blob_ref if row is not None else (old.blob_ref if old is not None else None)
+        chunks = max((row.chunks or 0) if row is not None else 0, (old.chunks or 0) if old is not None else 0)
+        self.session.execute(self._deleted_cql.put,
+                             (job_id, tenant, created, blob_ref, chunks or None, _now(), DELETED_MARK_TTL_S))
+
+    def deleted_mark(self, job_id: str):
+        """The job's deletion mark (``tenant``, ``created_at``, ``blob_ref``, ``chunks``), None if not deleted."""
+        return self.session.execute(self._deleted_cql.get, (job_id,)).one()
+
+    def is_deleted(self, job_id: str) -> bool:
+        return self.deleted_mark(job_id) is not None
+
+    def purge(self, job_id: str) -> None:
+        """Remove every row of the job: result, segments, callbacks, progress, chunks, listing and quota
+        entries, then the job row (last, so a removal cut short can be repeated). Idempotent."""
+        row = self.session.execute(self._get_job, (job_id,)).one()
+        mark = self.deleted_mark(job_id)
         for fut in [self.session.execute_async(stmt, (job_id,)) for stmt in self._delete_rows]:
             fut.result()
-        self.forget_progress(job_id)
-        if row is not None and row.tenant is not None and row.created_at is not None:
-            self.session.execute(self._drop_listed, (row.tenant, _day(row.created_at), row.created_at, job_id))
-            self.session.execute(self._drop_unfinished, (row.tenant, job_id))
+        for source in (row, mark):
+            if source is not None and source.tenant is not None:
+                self.session.execute(self._drop_unfinished, (source.tenant, job_id))
+                if source.created_at is not None:
+                    self.session.execute(self._drop_listed, (source.tenant, _day(source.created_at),
+                                                             source.created_at, job_id))
         self.session.execute(self._delete_job, (job_id,))
 
     def list_jobs(

@@ -10,17 +10,22 @@
 - The job, its result and its segments expire ``KAFSCRIBE_RESULT_TTL_S`` after
   it ended (Cassandra TTLs, see ``kafscribe.store.jobs``); audio never outlives
   its job: the sweep removes it by then at the latest.
+- A deleted job stays deleted: ``delete_job`` marks it before removing its
+  audio, its chunks' audio and its rows; ``settle_deleted`` is what every stage
+  calls before working on a job's event and after its last write for it.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kafscribe.settings import Settings
 from kafscribe.store import blobs as blobstore
+from kafscribe.store.chunks import chunk_blob_id
 from kafscribe.store.jobs import AUDIO_EXPIRY_SLACK_S, JobStore
 
 log = logging.getLogger("kafscribe.store.retention")
@@ -32,11 +37,41 @@ def remove_audio(settings: Settings, session, blob_ref: str) -> None:
     blobstore.open_store(settings, session, scheme=scheme).delete(blob_id)
 
 
+MAX_CHUNK_BLOBS = 100_000  # kafscribe.validation.MAX_CHUNKS: no recording has more chunks
+
+
 def delete_job(settings: Settings, session, jobs: JobStore, job: dict[str, Any]) -> None:
-    """Remove a finished job for good: its audio, then its rows (``JobStore.delete``)."""
+    """Remove a finished job for good: the deletion mark first (nothing can bring it back after), then its
+    audio, its chunks' audio and its rows (``JobStore.delete``)."""
+    jobs.mark_deleted(job["job_id"])
     if job.get("blob_ref"):
-        remove_audio(settings, session, job["blob_ref"])
-    jobs.delete(job["job_id"])
+        try:
+            remove_audio(settings, session, job["blob_ref"])
+        except blobstore.BlobError as exc:  # a ref no store can name: nothing of ours to remove
+            log.warning("audio of job %s not removed: %s", job["job_id"], exc)
+    remove_chunk_audio(settings, session, job["job_id"], range(job.get("chunks") or 0))
+    jobs.purge(job["job_id"])
+
+
+def remove_chunk_audio(settings: Settings, session, job_id: str, indexes: Iterable[int]) -> None:
+    """Delete the audio of the job's chunks ``indexes``: only ids derived from the job's own id."""
+    store = blobstore.open_store(settings, session)
+    for index in indexes:
+        if 0 <= index < MAX_CHUNK_BLOBS:
+            store.delete(chunk_blob_id(job_id, index))
+
+
+def settle_deleted(settings: Settings, session, jobs: JobStore, job_id: str, chunks: Iterable[int] = ()) -> bool:
+    """Whether ``job_id`` was deleted; if so its rows (and the audio of its chunks: those its mark
+    records, and ``chunks``, the ones the caller wrote) are removed again, since the caller may just
+    have written some. Called by every stage before it works on an event and after its last write."""
+    mark = jobs.deleted_mark(job_id)
+    if mark is None:
+        return False
+    remove_chunk_audio(settings, session, job_id, sorted(set(range(mark.chunks or 0)) | set(chunks)))
+    jobs.purge(job_id)
+    log.info("job %s was deleted: its rows are removed again", job_id)
+    return True
 
 
 class AudioSweeper:

@@ -22,8 +22,10 @@ from consumers.notifier import CallbackRetrier, Notifier
 from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
 from kafscribe.store import session as cassandra_session
+from kafscribe.store.callbacks import CallbackStore
+from kafscribe.store.jobs import JobStore
 from kafscribe.webhooks import signing as webhooks
-from schemas.events import CallbackAttempt, JobOptions, Result, now_ms
+from schemas.events import CallbackAttempt, JobOptions, Result, Upload, now_ms
 from tests.conftest import fresh_settings
 from tests.fakes import WebhookReceiver
 
@@ -78,7 +80,28 @@ def producer_for(settings: Settings):
     return kafka_clients.producer(settings)
 
 
+@functools.cache
+def stores_for(settings: Settings) -> tuple[JobStore, CallbackStore]:
+    session = cassandra_session.connect(settings, keyspace=settings.cassandra_keyspace)
+    return JobStore(session), CallbackStore(session)
+
+
+def register(settings: Settings, event) -> None:
+    """What the pipeline would have stored before ``event``: the finished job (its callback URL) and, for a
+    retry, the callback event the notifier stored at its first attempt (stages refuse events for no job)."""
+    jobs, callbacks = stores_for(settings)
+    url = event.url if isinstance(event, CallbackAttempt) else event.options.callback_url
+    upload = Upload(job_id=event.job_id, tenant=event.tenant, blob_ref="file:none", audio_sha256="0" * 64,
+                    audio_bytes=1, audio_duration=1.0, options=JobOptions(callback_url=url))
+    jobs.create(upload)
+    jobs.save_result(Result(job_id=event.job_id, tenant=event.tenant, status="completed", options=upload.options))
+    if isinstance(event, CallbackAttempt):
+        callbacks.save_event(event)
+
+
 def produce(settings: Settings, topic: str, events, partition: int | None = None) -> None:
+    for ev in events:
+        register(settings, ev)
     producer = producer_for(settings)
     for ev in events:
         kwargs = {} if partition is None else {"partition": partition}

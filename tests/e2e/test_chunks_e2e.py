@@ -161,10 +161,11 @@ def _producer(settings) -> Producer:
     return kafka_clients.producer(settings)
 
 
-def _job(session, duration: float = 20.0, sha: str = "a" * 64) -> Upload:
+def _job(session, duration: float = 20.0, sha: str = "a" * 64, chunks: int = 1) -> Upload:
     upload = Upload(job_id=f"direct-{uuid.uuid4().hex[:10]}", blob_ref="cassandra:none", audio_sha256=sha,
                     audio_bytes=1000, audio_duration=duration, options=JobOptions())
     JobStore(session).create(upload)
+    JobStore(session).set_chunks(upload.job_id, chunks)  # a chunk must match the count its split recorded
     return upload
 
 
@@ -176,11 +177,12 @@ def _send(settings, chunk: Chunk) -> None:
 
 def test_malformed_chunks_fail_their_job_with_a_reason_and_the_partition_goes_on(pipe, session, clips):
     settings = pipe.settings
-    bad_index, missing_blob, good = _job(session), _job(session), None
+    bad_index, missing_blob, good = _job(session, chunks=2), _job(session), None
     _send(settings, Chunk(job_id=bad_index.job_id, index=5, count=2, offset_s=0.0, duration_s=5.0,
                           blob_ref="cassandra:x", audio_sha256="b" * 64, audio_bytes=10, upload=bad_index.encode()))
     _send(settings, Chunk(job_id=missing_blob.job_id, index=0, count=1, offset_s=0.0, duration_s=5.0,
-                          blob_ref="cassandra:no-such-chunk", audio_sha256="b" * 64, audio_bytes=10,
+                          blob_ref=f"{settings.blob_store}:{chunk_blob_id(missing_blob.job_id, 0)}",
+                          audio_sha256="b" * 64, audio_bytes=10,
                           upload=missing_blob.encode()))
     # A well-formed one-chunk job after them, on the same partition: the partition was not stopped.
     wav = chunking.wav_bytes(chunking_samples(clips["en"]))

@@ -131,5 +131,5 @@ def test_the_sink_announces_only_the_outcome_the_api_shows(session, stack_settin
 
     cancelled = _job(jobs, "sink-outcomes")
     assert jobs.cancel(cancelled)
-    assert sink.handle(Result(job_id=cancelled, status=COMPLETED, text="late"), None) == []
+    assert sink.handle(Result(job_id=cancelled, status=COMPLETED, text="late", tenant="sink-outcomes"), None) == []
     assert jobs.get(cancelled)["status"] == CANCELLED and jobs.get_result(cancelled) is None

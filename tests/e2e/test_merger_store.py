@@ -18,7 +18,7 @@ import pytest
 
 from consumers.merger import Merger
 from kafscribe.store import blobs as blobstore
-from kafscribe.store.chunks import ChunkStore
+from kafscribe.store.chunks import ChunkStore, chunk_blob_id
 from kafscribe.store.jobs import JobStore
 from schemas.events import ChunkTranscript, JobOptions, Result, Segment, Transcript, Upload
 
@@ -47,13 +47,14 @@ def _job(session) -> Upload:
     upload = Upload(job_id=f"merge-{uuid.uuid4().hex[:10]}", blob_ref="cassandra:none", audio_sha256=SHA,
                     audio_bytes=10, audio_duration=30.0, options=JobOptions(word_timestamps=True))
     JobStore(session).create(upload)
+    JobStore(session).set_chunks(upload.job_id, 3)  # what the split records: chunks must match it
     return upload
 
 
 def _part(upload: Upload, index: int, error: str | None = None) -> ChunkTranscript:
     seg = Segment(id=0, start=index * 10.0 + 1, end=index * 10.0 + 2, text=f" part{index}")
     return ChunkTranscript(job_id=upload.job_id, index=index, count=3, offset_s=index * 10.0, duration_s=10.0,
-                           chunk_blob_ref=f"cassandra:chunk-{upload.job_id}-{index}", upload=upload.encode(),
+                           chunk_blob_ref=f"cassandra:{chunk_blob_id(upload.job_id, index)}", upload=upload.encode(),
                            error=error, language="en", language_probability=0.9, text=f"part{index}",
                            segments=[] if error else [seg], engine="e", model="m")
 

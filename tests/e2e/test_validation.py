@@ -107,7 +107,9 @@ def _store(pipe, job_id: str, data: bytes, duration: float, **changes) -> Upload
     ref = blobstore.open_store(pipe.settings, pipe.session).put(job_id, data)
     upload = Upload(job_id=job_id, blob_ref=ref, audio_sha256=hashlib.sha256(data).hexdigest(),
                     audio_bytes=len(data), audio_duration=duration, filename="direct.bin")
-    return replace(upload, **changes)
+    upload = replace(upload, **changes)
+    pipe.jobs.create(upload)  # and the job row, as a direct producer does (an event for no job leaves none)
+    return upload
 
 
 def _transcript(upload: Upload, **changes) -> Transcript:
