@@ -50,8 +50,9 @@ IDLE_WORK_S = 0.5  # a peer holding less than this (and nothing running or waiti
 
 
 def default_speed(device: str) -> float:
-    """Engine seconds per audio second assumed on ``device`` (``cpu``, ``cuda``, ``cuda:1``, ``auto``)."""
-    return DEFAULT_SPEED["cpu"] if device in ("", "cpu") else DEFAULT_SPEED["cuda"]
+    """Engine seconds per audio second assumed on ``device`` (``cuda``, ``cuda:1``; anything else, ``auto``
+    included, as the CPU: a slower guess only sends a worker less work until it has measured)."""
+    return DEFAULT_SPEED["cuda"] if device.startswith("cuda") else DEFAULT_SPEED["cpu"]
 
 
 def speed_for(w: WorkerState, model: str) -> float:
