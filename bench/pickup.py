@@ -37,9 +37,21 @@ from pathlib import Path
 
 from infra import bootstrap
 from kafscribe.settings import Settings
+from kafscribe.speech import audio
 
-from .clips import make_clips
+from .clips import SENTENCES
 from .harness import Pipeline, wait_until
+
+
+def lone_clip(directory: Path, target_s: float) -> tuple[Path, float]:
+    """A WAV of about ``target_s`` seconds of espeak-ng speech (cut at a word, not a sentence); (path, seconds)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    words = " ".join(SENTENCES).split()
+    count = max(3, round(target_s * 2.75))  # espeak-ng at 160 wpm: about 2.75 words a second
+    path = directory / f"lone-{target_s:g}s.wav"
+    text = " ".join((words * (count // len(words) + 1))[:count])
+    subprocess.run(["espeak-ng", "-v", "en", "-s", "160", "-w", str(path), text], check=True)
+    return path, audio.probe(path).duration
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                           lag_metrics_port=-1)
     bootstrap.ensure_topics(settings)
     work = Path(tempfile.mkdtemp(prefix="kafscribe-pickup-"))
-    (clip, seconds), = make_clips(work / "clips", [args.clip_s])
+    clip, seconds = lone_clip(work / "clips", args.clip_s)
     print(f"clip: {seconds:.1f} s; engine {settings.engine} {settings.model}; {args.transcribers} transcriber(s);"
           f" logs in {work}", flush=True)
     pipe = Pipeline(settings, work)
