@@ -30,7 +30,9 @@ commit its outputs and offset in one transaction (``commit``, through
 Pauses are recorded per reason (``consumers.pauses``); ``concurrency > 1``
 runs the concurrent mode (``consumers.concurrent``) on this runner's parts;
 broker look-ups that are not the job's work (backlog, idle lag) run in a
-background thread (``consumers.probes``), so a job starts at once.
+background thread (``consumers.probes``), and so does the worker status
+(``consumers.status``): nothing but the job's own work runs on this thread, so
+a job that reaches an idle worker starts at once.
 
 SIGTERM stops the loop after the current job (``stop()``); a job that
 outlives the grace period is abandoned uncommitted and redone elsewhere.
@@ -59,14 +61,13 @@ from . import deadline
 from .concurrent import ConcurrentRunner
 from .kept import Kept
 from .pauses import STOPPING, PartitionKey, Pauses
-from .probes import LagProbe
+from .probes import IDLE_CHECK_S, LagProbe
 from .retry import Failure, Verdict, classify, recover_delay_s, redo_delay_s
 from .stage import Abandoned, Output, Stage, park
 from .transactions import Transactions, rewind_to_committed
 
 log = logging.getLogger("kafscribe.loop")
 
-IDLE_CHECK_S = 10.0  # how often an idle worker looks for lag on partitions it owns
 PROBE_INTERVAL_S = 1.0  # how often the background probe asks the broker for the owned partitions' lag
 
 # Why partitions are paused (consumers.pauses); the concurrent mode adds its own.
@@ -108,7 +109,9 @@ class StageRunner:
         self.pauses = Pauses(self.consumer, on_resume=self.concurrent.resumed if self.concurrent else None)
         own_client = consumer is None  # else a test's double, which the probe shares
         self.probe = LagProbe((lambda: kafka_clients.consumer(settings, group)) if own_client else (lambda: consumer),
-                              lambda: self._owned, PROBE_INTERVAL_S, name=stage.name, close_client=own_client)
+                              lambda: self._owned, PROBE_INTERVAL_S, name=stage.name, close_client=own_client,
+                              idle=lambda: self._in_flight is None and not self.in_flight_count
+                              and not self.pauses.has(RECOVERING))
         self._stop = threading.Event()
         self._owned: set[PartitionKey] = set()  # kept by the rebalance callbacks; rebound, read by other threads
         self.resync: set[PartitionKey] = set()  # partitions to rewind to their committed offset
@@ -118,8 +121,6 @@ class StageRunner:
         self._recover_failures = 0
         self._outages = 0  # store outages in a row (the redo backoff grows with them)
         self._idle_checked = time.monotonic()
-        self._idle_sample_at = 0.0
-        self._idle_lagging: dict[PartitionKey, int] = {}
         self.in_flight_count = 0
         self.stopped = False
         self.last_beat = time.monotonic()  # last completed poll-loop iteration (the watchdog reads it)
@@ -172,9 +173,8 @@ class StageRunner:
     def backlog(self) -> int:
         """Messages waiting in the owned partitions of the main topic: kept (fetched, not started) plus not
         yet fetched, from the broker's high watermarks as the background probe last saw them (so paused
-        partitions count too). The ingress routes to the shortest queue by it. Never asks the broker."""
-        lags = self.probe.sample.lags
-        return sum(lags.get(key, 0) for key in list(self._owned) if key[0] == self.topic) + self.kept.count(self.topic)
+        partitions count too). The ingress routes by it. Never asks the broker."""
+        return self.probe.behind([key for key in self._owned if key[0] == self.topic]) + self.kept.count(self.topic)
 
     # --- one iteration, one message ---------------------------------------------------------
     def _poll_iteration(self) -> None:
@@ -258,7 +258,8 @@ class StageRunner:
         stop_seen_at: float | None = None
         try:
             while thread.is_alive():
-                fetched = self.poll(0.2)
+                thread.join(0.1)  # wakes the moment the job ends: its commit waits for no poll timeout
+                fetched = self.poll(0)
                 if fetched is not None and not fetched.error():
                     self.kept.keep(fetched, self._owned)
                 self.pauses.discard(JOINED_MID_JOB)
@@ -270,7 +271,6 @@ class StageRunner:
                         raise Abandoned("shutdown grace period over")
                 self.kept.start_prefetch()
                 self.tick()
-                thread.join(0.05)
             if "error" in box:
                 raise box["error"]  # type: ignore[misc]
             if self._lost_in_flight:
@@ -437,27 +437,13 @@ class StageRunner:
             self._subscribe()
 
     def check_idle(self) -> None:
-        """Idle: nothing owned stays paused without a reason; report partitions with lag this worker does
-        not read (the same lag two checks apart, from the background probe's samples)."""
+        """Idle: nothing owned stays paused without a reason (flags in librdkafka, no broker round trip). The
+        check for partitions with lag this worker does not read runs in the probe's thread."""
         now = time.monotonic()
         if now - self._idle_checked < IDLE_CHECK_S or self._in_flight is not None or self.pauses.has(RECOVERING):
             return
         self._idle_checked = now
         self.pauses.reapply()
-        sample = self.probe.sample
-        if sample.taken_at <= self._idle_sample_at:
-            return  # no fresh look at the broker since the last check
-        self._idle_sample_at = sample.taken_at
-        previous, self._idle_lagging = self._idle_lagging, {}
-        for key, lag in sample.lags.items():
-            if key not in self._owned:
-                continue
-            stuck = lag > 0 and previous.get(key) == lag  # same lag a whole check apart, while idle
-            metrics.IDLE_PARTITION_LAG.labels(self.stage.name, str(key[1])).set(lag if stuck else 0)
-            if lag > 0:
-                self._idle_lagging[key] = lag
-            if stuck:
-                log.warning("partition %d owned by an idle worker, with lag %d", key[1], lag, extra=self.log_extra)
 
     # --- rebalance callbacks (called inside poll), one set for both modes ------------------------
     def _on_assign(self, consumer, partitions: list[TopicPartition]) -> None:

@@ -19,21 +19,31 @@ on one page, and a stage overrides only what it needs:
 - ``can_resume``, ``throttled``: rejoining the group after ``LeaveGroup``, and
   what the worker status reports meanwhile.
 - ``model_name``, ``runner_id``: what the worker status reports.
+- ``queued``: how many messages wait behind the one being handled (the
+  worker sets it to ``StageRunner.backlog``).
 
 Also here: ``Output`` (an event to produce), ``park`` (the one dead-letter
-builder) and the two exceptions by which a job leaves the loop uncommitted.
+builder), ``hand_on`` (a job given to an idle peer, in the transaction that
+commits its offset) and the two exceptions by which a job leaves the loop
+uncommitted.
 """
 
 from __future__ import annotations
 
+import logging
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from confluent_kafka import Message
 
+from kafscribe import metrics
+from kafscribe.kafka import routing
 from kafscribe.settings import Settings
-from schemas.events import DeadLetter, Event
+from kafscribe.speech import memory
+from schemas.events import DeadLetter, Event, Upload, now_ms
+
+log = logging.getLogger("kafscribe.stage")
 
 
 @dataclass
@@ -69,6 +79,31 @@ def park(settings: Settings, stage: str, event: Event | None, reason: str, sourc
             source_partition=-1, source_offset=-1, stage=stage, reason=reason, payload=event.encode(),
         )
     return Output(settings.topic("dlq"), letter)
+
+
+def hand_on(settings: Settings, view, worker_id: str, event: Upload, waiting: int, max_moves: int) -> Output | None:
+    """Nobody idle while work waits: the ``Upload`` a transcriber is about to start, moved to an idle peer.
+
+    When ``waiting`` more jobs wait behind it here and ``view`` (a ``WorkerView``) shows a live
+    transcriber with nothing to do and the memory for it (``routing.idle_peer``), the job is
+    re-produced onto one of that peer's partitions -- as an output, so in the one transaction that
+    commits its offset here: it is neither lost (the transaction aborts whole) nor doubled (the
+    offset commits with it) -- and this worker goes on with the next. ``attempt`` counts the moves
+    (at most ``max_moves``, shared with the memory hand-off). None: start it here.
+    """
+    if waiting <= 0 or view is None or event.attempt > max_moves:
+        return None
+    need = memory.estimate_for(settings, event.audio_duration, event.options.model)
+    choice = routing.idle_peer(view.workers(), worker_id, need, routed_s=view.routed_s())
+    if choice is None:
+        return None
+    partition, peer = choice
+    view.reserve(peer, need, event.audio_duration * routing.DEFAULT_SPEED["cpu"])  # busy for the next choice
+    log.info("handing the job on to idle %s (partition %d): %d more wait here", peer, partition, waiting,
+             extra={"job_id": event.job_id, "trace_id": event.trace_id})
+    metrics.JOBS.labels("transcriber", "handed_on").inc()
+    return Output(settings.topic("uploads"), replace(event, attempt=event.attempt + 1, produced_at=now_ms()),
+                  partition=partition)
 
 
 class Abandoned(Exception):
@@ -134,6 +169,10 @@ class Stage:
     def can_resume(self) -> bool:
         """After ``LeaveGroup``: whether the worker may join its group again (polled about once a second)."""
         return True
+
+    def queued(self) -> int:
+        """Messages waiting behind the one being handled (0: none known; the worker binds the runner's)."""
+        return 0
 
     def runner_id(self, worker_id: str) -> str:
         """The worker id a second stage of a process reports its status under."""

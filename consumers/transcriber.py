@@ -84,7 +84,8 @@ from schemas.events import Chunk, Event, Result, Transcript, Upload, now_ms
 
 from .chunk_transcriber import split_upload
 from .retry import with_retries
-from .stage import LeaveGroup, Output, Stage, park
+from .stage import LeaveGroup, Output, Stage, hand_on, park
+from .status import WorkMeter
 
 MIB = 2**20
 MAX_HANDOFFS = 3  # an Upload handed on this often (views can be stale) fails instead
@@ -126,6 +127,7 @@ class Transcriber(Stage):
         self._last_need = memory.estimate_for(settings, 30.0)
         self.view = WorkerView(settings)  # the other transcribers, for jobs this one can never fit
         self.engine_lock = threading.Lock()  # one engine at a time per process (uploads and chunks)
+        self.meter = WorkMeter(self.model_name, settings.device)  # speed per model, the running job (status)
 
     @property
     def model_name(self) -> str:
@@ -295,6 +297,9 @@ class Transcriber(Stage):
             return refused
         if self.splits(event):
             return split_upload(self, event)  # no admission: the chunks are admitted one by one
+        if moved := hand_on(self.settings, self.view, self.worker_id, event, self.queued(), MAX_HANDOFFS):
+            return [moved]  # more wait here and a peer is idle: it starts this one at once
+        self.meter.began(event.options.model, event.audio_duration)
         ready = prefetched.result() if prefetched is not None and prefetched.done() and \
             prefetched.exception() is None else None
         t = time.monotonic()
@@ -347,6 +352,7 @@ class Transcriber(Stage):
             t = time.monotonic()
             out = self.run_engine(engine, samples, event, attempt, deadline)
             phases["engine"] = time.monotonic() - t
+            self.meter.measured(event.options.model, event.audio_duration, phases["engine"])
         except PermanentError as exc:  # audio.AudioError and TimeLimitExceeded included
             if isinstance(exc.__cause__, Cancelled):
                 return self.skip_cancelled(event, attempt)

@@ -60,7 +60,7 @@ def build_stages(name: str, settings: Settings, session, worker_id: str, stop: t
 
 
 def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[StageRunner]:
-    """The stage's runners, each publishing its WorkerStatus while it polls."""
+    """The stage's runners, each publishing its WorkerStatus (from a thread of its own) while it polls."""
     worker_id = settings.effective_worker_id(name)
     reason = check_worker_id(worker_id)
     if reason:  # every view would ignore its statuses: refuse to start rather than run unseen
@@ -69,9 +69,13 @@ def build_runners(name: str, settings: Settings, stop: threading.Event) -> list[
     runners = []
     for i, stage in enumerate(build_stages(name, settings, session, worker_id, stop)):
         runner = StageRunner(settings, stage, worker_id if i == 0 else stage.runner_id(worker_id))
-        reporter = StatusReporter(settings, runner, model=stage.model_name)
-        runner.on_idle.append(reporter.tick)
+        stage.queued = runner.backlog  # what waits behind the job it starts (a job may be handed on)
+        # a transcriber's speed and work; its chunk loop shares the engine (each chunk about KAFSCRIBE_CHUNK_S)
+        meter = getattr(stage, "meter", None) or getattr(getattr(stage, "transcriber", None), "meter", None)
+        reporter = StatusReporter(settings, runner, model=stage.model_name, meter=meter,
+                                  unit_audio_s=settings.chunk_s if i > 0 and meter is not None else None)
         runner.on_close.append(reporter.stopped)
+        reporter.start()  # its own thread, publishing while the loop turns (StageRunner.last_beat)
         runners.append(runner)
     return runners
 

@@ -289,17 +289,19 @@ class Submitter:
             log.warning("could not delete the blob of refused job %s: %s", job_id, exc)
 
     def choose_partition(self, upload: Upload) -> int | None:
-        """Partition of the live transcriber with the shortest queue that has the memory (``routing``); None
-        lets the key hash decide."""
+        """Partition of the live transcriber with the memory that is expected to finish the job first
+        (``routing``); None lets the key hash decide."""
         if self.view is None:
             return None
         need = memory.estimate_for(self.settings, upload.audio_duration, upload.options.model)
-        choice = routing.choose_partition(self.view.workers(), need, dict(self.view.reserved),
-                                          routed=dict(self.view.routed))
+        workers, model = self.view.workers(), upload.options.model or ""
+        choice = routing.choose_partition(workers, need, dict(self.view.reserved), routed=dict(self.view.routed),
+                                          audio_s=upload.audio_duration, model=model, routed_s=self.view.routed_s())
         if choice is None:
             return None
         partition, worker_id = choice
-        self.view.reserve(worker_id, need)
+        chosen = next(w for w in workers if w.status.worker_id == worker_id)
+        self.view.reserve(worker_id, need, upload.audio_duration * routing.speed_for(chosen, model))
         return partition
 
 

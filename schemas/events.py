@@ -172,6 +172,8 @@ class WorkerStatus(Event):
     partitions: list[int] = field(default_factory=list)
     model: str = ""
     backlog: int = 0
+    work_s: float = 0.0
+    speed: dict[str, float] = field(default_factory=dict)
     EVENT_TYPE: typing.ClassVar[str] = "WorkerStatus"
 
 

@@ -16,6 +16,7 @@ from confluent_kafka.admin import AdminClient
 from kafscribe.settings import Settings
 
 _quiet = logging.getLogger("kafscribe.librdkafka")
+FETCH_WAIT_MAX_MS = 100
 
 
 def _base(settings: Settings, **extra: Any) -> dict[str, Any]:
@@ -95,6 +96,10 @@ def consumer(settings: Settings, group_id: str, **extra: Any) -> Consumer:
             "heartbeat.interval.ms": settings.heartbeat_ms,
             "max.poll.interval.ms": settings.max_poll_interval_ms,
             "partition.assignment.strategy": "cooperative-sticky",
+            # A fetch waits at the broker until data arrives (fetch.min.bytes 1), but a partition resumed or
+            # assigned meanwhile joins only the next fetch request: librdkafka's 500 ms default was the wait a
+            # queued job could see between its predecessor's commit and its own start.
+            "fetch.wait.max.ms": FETCH_WAIT_MAX_MS,
         },
     )
     conf.update(extra)

@@ -49,6 +49,9 @@ WORKER_STATES = (RUNNING, THROTTLED, STOPPED)
 # What a view makes of a worker (``WorkerState.liveness``): ``stopped`` as it said, or by the age of its status.
 LIVE, STALE = "live", "stale"
 FUTURE_TOLERANCE_S = 300.0  # clock skew between hosts; a status further ahead is not live
+# A job routed this long before a worker's status was produced is in that status's work (its probe samples its
+# partitions every second); one routed later is still counted by the ingress that routed it.
+ROUTED_SEEN_MS = 1500
 # A worker id becomes a metric label, a log field and a routing key: short, and only characters a host name,
 # a pid and our own separators (``chunks@``, ``-callback-retry``) use, so forged statuses cannot fill the lag
 # exporter's /metrics with long or odd label values.
@@ -86,7 +89,15 @@ def check_worker_status(
         value = getattr(status, name)
         if value is not None and not finite(value, 0):
             return f"{name} {_show(value)} must not be negative"
-    return None
+    return check_work(status)
+
+
+def check_work(status: WorkerStatus) -> str | None:
+    """The work and speeds a worker reports (routing divides and adds them): finite, not negative."""
+    if not finite(status.work_s, 0):
+        return f"work_s {_show(status.work_s)} must not be negative"
+    bad = [m for m, v in (status.speed or {}).items() if not (finite(v, 0) and v > 0)]
+    return f"speed of model {_show(bad[0])} must be a positive number" if bad else None
 
 
 @dataclass
@@ -145,6 +156,7 @@ class WorkerView:
         self.uploads_partitions = settings.uploads_partitions  # replaced by the topic's real count
         self.reserved: dict[str, int] = {}  # bytes routed to a worker since its last status
         self.routed: dict[str, int] = {}  # jobs routed to a worker since its last status
+        self._routed_s: dict[str, list[tuple[int, float]]] = {}  # (when, engine-seconds) routed, per worker
         self._lock = threading.Lock()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._follow, name="worker-view", daemon=True)
@@ -183,6 +195,7 @@ class WorkerView:
                         self._latest[status.worker_id] = status
                         self.reserved.pop(status.worker_id, None)
                         self.routed.pop(status.worker_id, None)
+                        self._seen(status)
         finally:
             consumer.close()
 
@@ -191,10 +204,23 @@ class WorkerView:
             statuses = list(self._latest.values())
         return classify(statuses, now_ms(), self.settings.worker_stale_s, self.uploads_partitions)
 
-    def reserve(self, worker_id: str, need_bytes: int) -> None:
+    def reserve(self, worker_id: str, need_bytes: int, work_s: float = 0.0) -> None:
+        """A job was routed to the worker: its memory, and ``work_s`` estimated engine-seconds of work."""
         with self._lock:
             self.reserved[worker_id] = self.reserved.get(worker_id, 0) + need_bytes
             self.routed[worker_id] = self.routed.get(worker_id, 0) + 1
+            self._routed_s.setdefault(worker_id, []).append((now_ms(), work_s))
+
+    def routed_s(self) -> dict[str, float]:
+        """Engine-seconds routed to each worker that its latest status may not count yet."""
+        with self._lock:
+            return {w: sum(s for _, s in entries) for w, entries in self._routed_s.items() if entries}
+
+    def _seen(self, status: WorkerStatus) -> None:
+        """A new status counts what was routed to its worker well before it was produced (under the lock)."""
+        entries = self._routed_s.get(status.worker_id)
+        if entries:
+            self._routed_s[status.worker_id] = [e for e in entries if e[0] > status.produced_at - ROUTED_SEEN_MS]
 
     def close(self) -> None:
         self._closed.set()

@@ -71,12 +71,12 @@ def test_workers_report_memory_partitions_and_model(pipe):
     assert {"transcriber", "translator", "sink"} <= stages
 
 
-def test_new_jobs_go_to_the_worker_with_more_headroom(pipe, clips):
+def test_between_workers_expected_to_finish_together_more_headroom_wins(pipe, clips):
+    """Both idle, neither has measured its speed yet: a tie on the expected finish, broken by headroom
+    (jobs that follow go to whichever is expected to finish first: tests/e2e/test_dispatch.py)."""
     roomy_id = worker(pipe, "roomy")["worker_id"]
-    job_ids = [pipe.http.submit(clips["en"])["job_id"] for _ in range(4)]
-    done = [pipe.wait_job(j) for j in job_ids]
-    assert all(j["status"] == "completed" for j in done)
-    assert {j["worker_id"] for j in done} == {roomy_id}
+    done = pipe.wait_job(pipe.http.submit(clips["en"])["job_id"])
+    assert done["status"] == "completed" and done["worker_id"] == roomy_id
 
 
 def test_worker_capped_below_the_estimate_takes_no_job(pipe, clips):

@@ -169,6 +169,8 @@ def test_a_partition_assigned_back_while_idle_is_resumed_and_while_busy_paused()
 
 
 def test_an_idle_worker_resumes_what_it_owns_and_reports_lag_it_does_not_read(caplog):
+    """The loop's idle check resumes what it owns (a flag in librdkafka); the check for lag nobody reads runs
+    in the probe's thread, on its samples."""
     from kafscribe import metrics
 
     runner, consumer, _ = make_runner([FakeProducer()])
@@ -177,20 +179,23 @@ def test_an_idle_worker_resumes_what_it_owns_and_reports_lag_it_does_not_read(ca
     consumer.high = {(TOPIC, 0): 10, (TOPIC, 1): 10}
     consumer.offsets = {(TOPIC, 1): 3}
     gauge = metrics.IDLE_PARTITION_LAG.labels("transcriber", "1")
-    runner.probe.refresh()  # what the background probe does every few seconds
+    owned = set(runner._owned)
     runner._idle_checked = 0.0
     runner.check_idle()
     assert consumer.paused == set(), "idle: nothing it owns stays paused"
+    runner.probe.refresh()  # what the background probe does every second
+    runner.probe.judge_idle(owned)  # and every IDLE_CHECK_S while the loop is idle
     assert gauge._value.get() == 0, "one look is not enough: the lag must persist"
-    runner._idle_checked = 0.0
-    runner.check_idle()
+    runner.probe.judge_idle(owned)
     assert gauge._value.get() == 0, "no fresh look at the broker since the last check: no verdict"
     runner.probe.refresh()
-    runner._idle_checked = 0.0
-    runner.check_idle()
+    runner.probe.judge_idle(owned)
     assert gauge._value.get() == 7
     assert "partition 1 owned by an idle worker, with lag 7" in caplog.text
     assert metrics.IDLE_PARTITION_LAG.labels("transcriber", "0")._value.get() == 0
+    assert runner.probe.idle(), "the probe's thread judges only while the loop is idle"
+    runner._in_flight = (TOPIC, 0)
+    assert not runner.probe.idle()
 
 
 def test_backlog_and_idle_checks_never_ask_the_broker_on_the_loops_thread():

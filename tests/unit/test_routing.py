@@ -1,4 +1,5 @@
-"""Memory estimates and the routing rule, on synthetic worker statuses."""
+"""Memory estimates and the routing rule, on synthetic worker statuses (statuses of workers that report no
+speed, as older versions: a job counts as a default length; tests/unit/test_routing_work.py: by work)."""
 
 from __future__ import annotations
 
@@ -129,16 +130,18 @@ def test_reservations_spread_a_burst_across_equal_workers():
     assert sorted(chosen) == ["a", "a", "b", "b"]
 
 
-def test_more_headroom_wins_over_a_shorter_queue_and_equal_headroom_goes_to_the_shorter_queue():
+def test_headroom_qualifies_and_then_the_shorter_queue_wins_over_more_headroom():
+    """Memory decides first (who qualifies), then who finishes first: more headroom no longer outranks a
+    shorter queue; it only breaks ties."""
     workers = classify([
         status("roomy-but-queued", budget=9 * GIB, partitions=(0,), in_flight=1, backlog=2),
         status("short-queue", budget=3 * GIB, partitions=(1,), in_flight=1, backlog=0),
         status("empty-but-too-small", budget=GIB + 100 * 1024**2, partitions=(2,)),
     ], NOW, 30)
-    assert choose_partition(workers, 500 * 1024**2) == (0, "roomy-but-queued")
-    # equal headroom: the shorter queue (backlog counts like in-flight jobs)
-    even = classify([status("a", budget=3 * GIB, partitions=(0,), backlog=2),
-                     status("b", budget=3 * GIB, partitions=(1,), in_flight=1)], NOW, 30)
+    assert choose_partition(workers, 500 * 1024**2) == (1, "short-queue")
+    # equal queues: the one with more headroom
+    even = classify([status("a", budget=3 * GIB, partitions=(0,), backlog=1),
+                     status("b", budget=5 * GIB, partitions=(1,), in_flight=1)], NOW, 30)
     assert choose_partition(even, 500 * 1024**2) == (1, "b")
 
 
