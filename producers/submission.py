@@ -280,6 +280,12 @@ class Submitter:
             raise Unavailable(f"job store unavailable: {type(exc).__name__}: {exc}") from exc
         if existing is not None:
             raise SubmissionError(409, f"job {job_id} exists; a job id is used once")
+        try:
+            deleted = await asyncio.to_thread(self.jobs.is_deleted, job_id)
+        except Exception as exc:  # noqa: BLE001
+            raise Unavailable(f"job store unavailable: {type(exc).__name__}: {exc}") from exc
+        if deleted:  # the workers would drop its Upload: say so now rather than accept it
+            raise SubmissionError(409, f"job {job_id} was deleted; a job id is used once")
 
     async def _forget_blob(self, job_id: str) -> None:
         """Delete the blob of a job that was not accepted (best effort: the store may be what failed)."""
