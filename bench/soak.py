@@ -209,6 +209,7 @@ class Report:
     lag: dict[str, int] = field(default_factory=dict)  # "group topic[p]" -> lag, partitions still lagging
     lag_checked: bool = False
     phases_s: dict[str, float] = field(default_factory=dict)
+    log_dir: str = ""  # the services' logs
 
     @property
     def lost(self) -> list[str]:
@@ -283,7 +284,8 @@ class Report:
         mb = 1 << 20
         out = [
             f"soak: seed {self.seed}, {self.window_s / 60:.1f} min of uploads, a kill every {self.kill_every_s:.0f} s",
-            "  phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.phases_s.items()),
+            "  phases: " + ", ".join(f"{k} {v:.0f} s" for k, v in self.phases_s.items())
+            + (f"; services' logs in {self.log_dir}" if self.log_dir else ""),
             f"  jobs accepted {len(self.accepted)} (http {by_via['http']}, direct {by_via['direct']}),"
             f" {sum(a.long for a in self.accepted)} of them split into chunks;"
             f" refused {sum(self.refused.values())}"
@@ -342,7 +344,7 @@ class Drill:
         self.warmup_s, self.drain_s = warmup_s, drain_s
         self.receiver = receiver
         self.log = log
-        self.report = Report(seed, self.window_s, kill_every_s)
+        self.report = Report(seed, self.window_s, kill_every_s, log_dir=str(self.settings.state_dir / "services" / "logs"))
         self.schedule = list(zip(kill_times(self.window_s, kill_every_s),
                                  kill_order(seed, len(kill_times(self.window_s, kill_every_s)), self.kinds),
                                  strict=True))
@@ -409,12 +411,11 @@ class Drill:
         return {"short": [p for p, _ in made[:-1]], "long": [made[-1][0]]}
 
     def prepare(self) -> str:
-        """Topics of the fresh prefix, this code's schema, an API key of a tenant of the drill's own."""
+        """Topics of the fresh prefix and an API key of a tenant of the drill's own (``stack.up`` made the schema)."""
         from kafscribe.store import session as cassandra_session
         from kafscribe.store.apikeys import KeyStore
 
         bootstrap.ensure_topics(self.settings)
-        bootstrap.ensure_schema(self.settings)
         self.tenant = f"soak-{uuid.uuid4().hex[:8]}"
         session = cassandra_session.connect(self.settings, keyspace=self.settings.cassandra_keyspace)
         try:
