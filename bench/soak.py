@@ -45,6 +45,7 @@ import json
 import os
 import random
 import signal
+import socket
 import statistics
 import tempfile
 import threading
@@ -52,7 +53,7 @@ import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
@@ -424,16 +425,20 @@ class Drill:
             session.cluster.shutdown()
 
     def warm_up(self, http: HttpClient, clips: dict[str, list[Path]], receiver: Receiver) -> None:
-        """Every transcriber owns partitions; one short and one split job go through every stage."""
+        """Every transcriber owns partitions; every clip goes through every stage twice, at once.
+
+        A transcriber's memory grows with the lengths it has decoded (the engine keeps buffers of the
+        largest), so both of them see every length before the RSS baseline is taken.
+        """
         wait_for_transcribers(self.settings, int(self.settings.transcribers), timeout_s=180)
-        jobs = [http.submit(clips["short"][0], callback_url=receiver.url + "/warm-up")["job_id"],
-                http.submit(clips["long"][0], callback_url=receiver.url + "/warm-up")["job_id"]]
-        deadline = time.monotonic() + 180
+        every = [*clips["short"], *clips["long"]] * 2
+        jobs = [http.submit(clip, callback_url=receiver.url + "/warm-up")["job_id"] for clip in every]
+        deadline = time.monotonic() + 240
         while any((http.job(j) or {}).get("status") not in TERMINAL for j in jobs):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"warm-up jobs {jobs} did not finish in 180 s")
+                raise RuntimeError(f"warm-up jobs {jobs} did not finish in 240 s")
             time.sleep(0.5)
-        self.log("warm-up done: " + ", ".join(f"{j} {(http.job(j) or {}).get('status')}" for j in jobs))
+        self.log("warm-up done: " + ", ".join(str((http.job(j) or {}).get("status")) for j in jobs))
 
     # -- the upload window
     def window(self, http: HttpClient, clips: dict[str, list[Path]], receiver: Receiver) -> None:
@@ -573,7 +578,13 @@ class Drill:
             return kill
         os.kill(kill.pid, signal.SIGKILL)
         t_kill = time.monotonic()
-        while broker.alive():
+        # Gone means its port is closed too: a killed JVM shows as a zombie while its other threads still
+        # exit holding the listener, and ``stack.up`` would take a server on that port for a foreign one.
+        node = next(n for n in stack.nodes(self.base) if n.server == "kafka")
+        while broker.alive() or port_open(node.host, node.port):
+            if time.monotonic() > t_kill + 60:
+                kill.note = f"{node.address} still open 60 s after the kill"
+                return kill
             time.sleep(0.1)
         try:
             stack.up(self.base, log=lambda line: None, bootstrap_schema=False)
@@ -620,6 +631,10 @@ class Drill:
                 if logical != "results" or isinstance(event, Result):
                     counter[event.job_id] += 1
         rep.rss = rss_figures(self.samples, self.window_s, self.warmup_s)
+        with open(self.work / "rss.jsonl", "w") as f:  # every sample, for a closer look
+            for name, series in self.samples.items():
+                for sample in series:
+                    f.write(json.dumps({"name": name, **asdict(sample)}) + "\n")
 
     def collect_callbacks(self, receiver: Receiver) -> None:
         ids: dict[str, set[str]] = defaultdict(set)
@@ -651,6 +666,12 @@ class Drill:
                 time.sleep(1.0)
         finally:
             reader.close()
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex((host, port)) == 0
 
 
 def rss_figures(samples: dict[str, list[Sample]], window_s: float, warmup_s: float) -> list[RssFigure]:
