@@ -9,7 +9,7 @@ WHEELHOUSE ?= $(HOME)/.cache/kafscribe/wheels
 EXTRAS     ?= dev,models
 PYTEST_ARGS ?=
 
-.PHONY: up down status test test-fast lint docs install system-deps services-up services-down bench clean
+.PHONY: up down status test test-fast lint docs install system-deps services-up services-down bench soak clean
 
 install: $(VENV)/.installed
 
@@ -92,6 +92,12 @@ test: install system-deps lint
 
 bench: install
 	$(BIN)/python -m bench.pipeline
+
+# The soak drill (docs/testing.md): 20 min of uploads, a service SIGKILLed every minute. Needs the stack of
+# this checkout (`kafscribe stack up`: the drill kills and restarts its broker); SOAK_ARGS="--seed 2" etc.
+SOAK_ARGS ?=
+soak: install
+	$(BIN)/python -m bench.soak --minutes 20 --kill-every 60 $(SOAK_ARGS)
 
 clean: down
 	rm -rf .kafscribe
