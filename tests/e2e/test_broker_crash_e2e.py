@@ -29,7 +29,7 @@ from tests.conftest import fresh_settings, make_pipeline
 from tests.fakes import WebhookReceiver
 from tests.kafka_read import read_topic
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow]
+pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.side]
 
 RECOVERY_BOUND_S = 120.0  # documented in docs/operations.md (broker crash): measured recovery is far below it
 STAGES = ("transcriber", "translator", "sink", "notifier")

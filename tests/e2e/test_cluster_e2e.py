@@ -35,7 +35,7 @@ from schemas.events import Result
 from tests.conftest import CLUSTER_HOSTS, fresh_settings, make_pipeline
 from tests.kafka_read import read_topic
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.cluster]
+pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.cluster, pytest.mark.side]
 
 JOBS = 30
 REFUSAL_BOUND_S = 15.0  # "a few seconds" of 503s; measured figures are in docs/deployment.md

@@ -14,7 +14,7 @@ from schemas.events import Result
 from tests.conftest import fresh_settings, make_pipeline
 from tests.kafka_read import read_topic
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow]
+pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.side]
 
 
 def submit_once_accepted(pipe, clip, timeout_s: float) -> str:

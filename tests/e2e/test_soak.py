@@ -17,7 +17,7 @@ import pytest
 from bench import soak
 from tests.fakes import WebhookReceiver
 
-pytestmark = [pytest.mark.stack, pytest.mark.slow]
+pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.side]
 
 SEED = 1
 MINUTES = 2.6  # 156 s: kills at 5, 35, 65, 95, 125 and 155 s
