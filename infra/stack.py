@@ -84,6 +84,20 @@ def _port_open(host: str, port: int) -> bool:
         return sock.connect_ex((host, port)) == 0
 
 
+def _released(node: Node, wait_s: float = 30.0) -> bool:
+    """Whether the port of a node kafscribe started, and that has just died, is let go within ``wait_s``.
+
+    A SIGKILLed JVM can hold its listener for seconds while it dies: taken for a foreign server, it was
+    waited for until the stack timed out (the soak drill restarts a killed broker at once).
+    """
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        if not _port_open(node.host, node.port):
+            return True
+        time.sleep(0.25)
+    return False
+
+
 def status(settings: Settings) -> list[ServerStatus]:
     """One row per node of the layout; a Kafka row notes how many brokers the cluster has registered."""
     out = []
@@ -130,9 +144,10 @@ def up(settings: Settings, log: Callable[[str], None] = print, bootstrap_schema:
     to_start: list[Node] = []
     for node in nodes(settings):
         proc = ServerProcess(node.name, settings.state_dir)
+        ours = proc.pid_file.exists()  # read before alive(), which clears the pid file of a dead server
         if proc.alive():
             log(f"{node.name}: already running (pid {proc.pid()}, {node.address})")
-        elif _port_open(node.host, node.port):
+        elif _port_open(node.host, node.port) and not (ours and _released(node)):
             log(f"{node.name}: {node.address} is in use by a server kafscribe did not start; using it")
         else:
             to_start.append(node)
