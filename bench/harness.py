@@ -17,10 +17,14 @@ import sys
 import time
 from pathlib import Path
 
+from confluent_kafka import TopicPartition
+
+from kafscribe.kafka import clients as kafka_clients
 from kafscribe.settings import Settings
 from kafscribe.store import session as cassandra_session
 from kafscribe.store.apikeys import KeyStore
 from producers.client import HttpClient
+from schemas.events import Event, decode_event
 
 
 def wait_until(predicate, timeout_s: float = 90.0, what: str = "condition"):
@@ -38,6 +42,37 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def read_committed(settings: Settings, logical: str, timeout_s: float, group: str) -> tuple[list[Event], bool]:
+    """Every committed event of a topic, decoded (undecodable bytes skipped), as a read_committed consumer
+    (group ``group``) sees it; and whether every partition was read to its end within ``timeout_s``."""
+    topic = settings.topic(logical)
+    consumer = kafka_clients.consumer(settings, group)
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics[topic]
+        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
+        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
+        consumer.assign(parts)
+        positions = dict.fromkeys(ends, 0)
+        events: list[Event] = []
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline and any(positions[p] < ends[p] for p in ends):
+            msg = consumer.poll(0.3)
+            if msg is None:  # transaction markers take offsets too: ask where the consumer is
+                for tp in consumer.position(parts):
+                    positions[tp.partition] = max(positions[tp.partition], tp.offset)
+                continue
+            if msg.error():
+                continue
+            positions[msg.partition()] = msg.offset() + 1
+            try:
+                events.append(decode_event(msg.value()))
+            except ValueError:
+                continue
+        return events, all(positions[p] >= ends[p] for p in ends)
+    finally:
+        consumer.close()
 
 
 class Pipeline:

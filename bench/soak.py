@@ -59,20 +59,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import psutil
-from confluent_kafka import TopicPartition
 
-from bench.harness import free_port
+from bench.harness import free_port, read_committed
 from bench.pipeline import wait_for_transcribers
 from infra import bootstrap, stack
 from infra.process import ServerProcess
 from kafscribe.cli import services
-from kafscribe.kafka import clients as kafka_clients
 from kafscribe.kafka.lag import LagReader
 from kafscribe.settings import Settings
 from kafscribe.speech import sizing
 from kafscribe.statuses import TERMINAL
 from producers.client import HttpClient, HttpError
-from schemas.events import Result, decode_event
+from schemas.events import Result
 
 from .clips import make_clips
 
@@ -689,34 +687,11 @@ def rss_figures(samples: dict[str, list[Sample]], window_s: float, warmup_s: flo
 
 def committed_events(settings: Settings, logical: str, timeout_s: float = 30.0) -> list:
     """Every committed event of a topic, decoded, as a read_committed consumer sees it."""
-    topic = settings.topic(logical)
-    consumer = kafka_clients.consumer(settings, f"{settings.topic_prefix}soak-reader-{uuid.uuid4().hex[:8]}")
-    try:
-        meta = consumer.list_topics(topic, timeout=10).topics[topic]
-        parts = [TopicPartition(topic, p, 0) for p in meta.partitions]
-        ends = {tp.partition: consumer.get_watermark_offsets(tp, timeout=10)[1] for tp in parts}
-        consumer.assign(parts)
-        positions = dict.fromkeys(ends, 0)
-        events = []
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and any(positions[p] < ends[p] for p in ends):
-            msg = consumer.poll(0.3)
-            if msg is None:  # transaction markers take offsets too: ask where the consumer is
-                for tp in consumer.position(parts):
-                    positions[tp.partition] = max(positions[tp.partition], tp.offset)
-                continue
-            if msg.error():
-                continue
-            positions[msg.partition()] = msg.offset() + 1
-            try:
-                events.append(decode_event(msg.value()))
-            except ValueError:
-                continue
-        if any(positions[p] < ends[p] for p in ends):
-            raise RuntimeError(f"{topic}: not read to its end in {timeout_s:.0f} s")
-        return events
-    finally:
-        consumer.close()
+    group = f"{settings.topic_prefix}soak-reader-{uuid.uuid4().hex[:8]}"
+    events, complete = read_committed(settings, logical, timeout_s, group)
+    if not complete:
+        raise RuntimeError(f"{settings.topic(logical)}: not read to its end in {timeout_s:.0f} s")
+    return events
 
 
 def run(base: Settings, work: Path, **kwargs: Any) -> Report:
