@@ -18,6 +18,7 @@ import pytest
 from infra import bootstrap, stack
 from kafscribe.settings import PROJECT_ROOT, Settings
 from kafscribe.store import session as cassandra_session
+from tests.fakes import WebhookReceiver
 
 TEST_STATE = Path(os.environ.get("KAFSCRIBE_TEST_STATE_DIR", PROJECT_ROOT / ".kafscribe" / "test-stack"))
 # Shifts every port of the test stack, so two checkouts can each run their own stack side by side.
@@ -140,6 +141,14 @@ def fresh_settings(stack_settings: Settings, **overrides) -> Settings:
 @pytest.fixture
 def isolated(stack_settings: Settings) -> Settings:
     return fresh_settings(stack_settings)
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    """A local webhook receiver (tests/fakes.py), one per test module: a client's callback endpoint."""
+    server = WebhookReceiver()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

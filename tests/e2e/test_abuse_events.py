@@ -44,20 +44,12 @@ from schemas.events import (
     now_ms,
 )
 from tests.conftest import fresh_settings, make_pipeline
-from tests.fakes import WebhookReceiver
 from tests.kafka_read import read_topic
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 A, B = "abuse-victim", "abuse-mallory"
 FAR_FUTURE_MS = 10 * 365 * 86400 * 1000
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    server = WebhookReceiver()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,10 @@ from kafscribe.store.jobs import JobStore
 from kafscribe.webhooks import signing as webhooks
 from schemas.events import CallbackAttempt, JobOptions, Result, Upload, now_ms
 from tests.conftest import fresh_settings
-from tests.fakes import WebhookReceiver
 
 # --- on the real stack ------------------------------------------------------------------------
 
 PENDING = 50
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    server = WebhookReceiver()
-    yield server
-    server.close()
 
 
 def start(runner: StageRunner) -> threading.Thread:

@@ -17,7 +17,7 @@ from kafscribe.webhooks import signing as webhooks
 from producers.client import HttpError
 from schemas.events import CallbackAttempt, DeadLetter, decode_event
 from tests.conftest import fresh_settings, make_pipeline
-from tests.fakes import FakeLLM, WebhookReceiver
+from tests.fakes import FakeLLM
 from tests.kafka_read import read_topic
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -28,13 +28,6 @@ def secrets(stack_settings):
     session = cassandra_session.connect(stack_settings, keyspace=stack_settings.cassandra_keyspace)
     yield WebhookSecrets(session, stack_settings.callback_secret_overlap_s)
     session.cluster.shutdown()
-
-
-@pytest.fixture(scope="module")
-def receiver():
-    server = WebhookReceiver()
-    yield server
-    server.close()
 
 
 @pytest.fixture(scope="module")
