@@ -448,51 +448,6 @@ class JobStore:
                                                              source.created_at, job_id))
         self.session.execute(self._delete_job, (job_id,))
 
-    def list_jobs(
-        self, tenant: str, *, limit: int = 20, before: tuple[datetime, str] | None = None,
-        status: str | None = None, days: int = 31,
-    ) -> tuple[list[dict[str, Any]], tuple[datetime, str] | None]:
-        """``tenant``'s jobs, newest first: up to ``limit`` and the position to continue from (None: the end).
-
-        ``before`` is the (created_at, job_id) of the last job of the previous
-        page. With ``status``, jobs in other statuses are skipped; at most
-        ``LIST_SCAN_ROWS`` index rows are read per call, so a rare status may
-        return a short page with a position to continue from.
-        """
-        today = _now().date()
-        oldest = today - timedelta(days=max(days, 1) - 1)
-        day = before[0].astimezone(UTC).date() if before is not None else today
-        out: list[dict[str, Any]] = []
-        scanned = 0
-        last: tuple[datetime, str] | None = None
-        while day >= oldest:
-            if before is not None and day == before[0].astimezone(UTC).date():
-                rows = self.session.execute(self._listed_before, (tenant, day.strftime("%Y%m%d"), before[0]))
-            else:
-                rows = self.session.execute(self._listed, (tenant, day.strftime("%Y%m%d")))
-            batch = []
-            for r in rows:
-                created = r.created_at.replace(tzinfo=UTC)
-                if before is not None and (created > before[0] or (created == before[0] and r.job_id <= before[1])):
-                    continue  # on or above the previous page's last job
-                batch.append((created, r.job_id))
-            while batch:
-                room = min(limit - len(out), LIST_SCAN_ROWS - scanned)
-                if room <= 0:
-                    return out, last
-                chunk, batch = batch[:room], batch[room:]
-                futures = [self.session.execute_async(self._get_job, (job_id,)) for _, job_id in chunk]
-                for (created, job_id), fut in zip(chunk, futures, strict=True):
-                    scanned += 1
-                    last = (created, job_id)
-                    job = _job(fut.result().one())
-                    if job is None or job["tenant"] != tenant or (status is not None and job["status"] != status):
-                        continue  # gone (deleted, expired) or filtered out
-                    out.append(job)
-            day -= timedelta(days=1)
-        return out, None
-
-
     def listing_window(self, days: int) -> tuple[datetime, datetime]:
         """The oldest and newest instants a listing reaches: the start of the oldest of ``days`` UTC days
         and now (a cursor outside them names no job of the tenant's listing)."""
@@ -505,7 +460,10 @@ class JobStore:
         status: str | None = None, days: int = 31, max_reads: int = 400,
         alive: Callable[[], bool] = lambda: True,
     ) -> tuple[list[dict[str, Any]], tuple[datetime, str] | None]:
-        """``list_jobs`` for the ingress, bounded: awaited on the loop (no thread), at most ``max_reads``
+        """``tenant``'s jobs, newest first: up to ``limit`` and the position to continue from (None: the end).
+
+        ``before`` is the (created_at, job_id) of the last job of the previous page. With ``status``, jobs in
+        other statuses are skipped. Bounded: awaited on the loop (no thread), at most ``max_reads``
         Cassandra reads (a day partition or a job row each; past it the page ends early with the position
         to continue from), and stopped (``ConnectionResetError``) as soon as ``alive()`` is false (the
         client left). ``before`` later than now starts from now: the walk never leaves the window.

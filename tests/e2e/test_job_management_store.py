@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -14,6 +15,11 @@ from kafscribe.store.retention import AudioSweeper, delete_job
 from schemas.events import Result, Segment, Upload
 
 pytestmark = pytest.mark.stack
+
+
+def listed(jobs: JobStore, tenant: str, **kwargs):
+    """A page of the tenant's listing, as the ingress reads it."""
+    return asyncio.run(jobs.list_jobs_async(tenant, **kwargs))
 
 
 def _job(jobs: JobStore, tenant: str, blob_ref: str = "file:none") -> str:
@@ -31,16 +37,16 @@ def test_list_is_the_tenants_newest_first_with_cursor_and_status_filter(session)
     jobs.transition(ids[1], FAILED, error="x")
     jobs.transition(ids[4], FAILED, error="y")
 
-    page, cursor = jobs.list_jobs(tenant, limit=3)
+    page, cursor = listed(jobs, tenant, limit=3)
     seen = [j["job_id"] for j in page]
     while cursor is not None:
-        page, cursor = jobs.list_jobs(tenant, limit=3, before=cursor)
+        page, cursor = listed(jobs, tenant, limit=3, before=cursor)
         seen += [j["job_id"] for j in page]
     assert seen == list(reversed(ids))  # every job once, newest first, none of the other tenant's
 
-    failed, end = jobs.list_jobs(tenant, limit=10, status=FAILED)
+    failed, end = listed(jobs, tenant, limit=10, status=FAILED)
     assert [j["job_id"] for j in failed] == [ids[4], ids[1]] and end is None
-    assert jobs.list_jobs(f"none-{uuid.uuid4().hex[:8]}", limit=5) == ([], None)
+    assert listed(jobs, f"none-{uuid.uuid4().hex[:8]}", limit=5) == ([], None)
 
 
 def test_cancel_sticks_against_late_worker_writes_and_refuses_finished_jobs(session):
@@ -93,7 +99,7 @@ def test_delete_removes_audio_result_and_rows(stack_settings, session, tmp_path,
     assert list(session.execute("SELECT idx FROM segments WHERE job_id=%s", (job_id,))) == []
     with pytest.raises(blobstore.BlobError):
         blobstore.open_store(settings, session, scheme=scheme).get(ref)
-    assert jobs.list_jobs(tenant) == ([], None)
+    assert listed(jobs, tenant) == ([], None)
 
 
 def test_sweep_removes_audio_past_the_retention_only(stack_settings, session):
