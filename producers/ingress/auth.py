@@ -146,6 +146,13 @@ def reservation(request: web.Request) -> tuple[quotas.TenantQuotas, quotas.Reser
     return (request[QUOTAS], held) if held is not None else None
 
 
+async def release_held(request: web.Request) -> None:
+    """Give back the upload's quota reservation unless a submission took it (idempotent)."""
+    reserved = reservation(request)
+    if reserved is not None and reserved[1].state == "held":  # never handed to a submission
+        await reserved[0].release(reserved[1])
+
+
 def job_scope(request: web.Request) -> str | None:
     """Tenant the request may read jobs of (None: all, for admins)."""
     return caller(request).job_scope
@@ -240,8 +247,7 @@ async def _upload(request: web.Request, handler, who: Caller):
         try:
             return await handler(request)
         finally:
-            if held.state == "held":  # never handed to a submission: nothing of it was accepted
-                await limits.release(held)
+            await release_held(request)  # nothing of it was accepted
     finally:
         end()
 

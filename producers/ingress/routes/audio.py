@@ -40,12 +40,12 @@ from kafscribe.store import quotas
 from ...submission import SubmissionError, Unavailable, _languages, check_trace_id, parse_options
 from ..appkeys import BACKENDS, SETTINGS
 from ..backends import Backends
-from ..door import SlowBody, answer_and_close
+from ..door import SlowBody
 from ..links import job_links
 from ..responses import outage_reason
 from ..upload import read_upload
 from .events import stream_openai_segments
-from .jobs import submit
+from .jobs import refuse_slow, submit
 
 log = logging.getLogger("kafscribe.ingress.openai")
 
@@ -156,7 +156,7 @@ async def _answer(request: web.Request, task: str, allowed: tuple[str, ...]) -> 
     except BadRequest as exc:
         return openai_error(400, exc.message, param=exc.param, code=exc.code)
     except SlowBody as exc:
-        return await answer_and_close(request, openai_error(408, exc.reason, param="file", code="timeout"))
+        return await refuse_slow(request, openai_error(408, exc.reason, param="file", code="timeout"))
     except quotas.LimitExceeded as exc:
         return openai_error(429, exc.reason, code="rate_limit_exceeded",
                             headers={"Retry-After": str(exc.retry_after_s)})

@@ -52,7 +52,7 @@ async def create_job(request: web.Request) -> web.Response:
         upload = await submit(request, received, options, trace_id)
     except SlowBody as exc:
         log.info("refusing a slow upload: %s", exc.reason)
-        return await answer_and_close(request, error(exc.status, exc.reason))
+        return await refuse_slow(request, error(exc.status, exc.reason))
     except SubmissionError as exc:
         return error(exc.status, exc.reason)
     except quotas.LimitExceeded as exc:
@@ -73,6 +73,13 @@ async def create_job(request: web.Request) -> web.Response:
         status=202,
         headers={"Location": f"/v1/jobs/{upload.job_id}"},
     )
+
+
+async def refuse_slow(request: web.Request, response: web.Response) -> web.Response:
+    """Answer a slow or stalled upload and close its connection, its quota reservation given back first:
+    the client is answered inside the handler, before the quota middleware's own release would run."""
+    await auth.release_held(request)
+    return await answer_and_close(request, response)
 
 
 async def submit(request: web.Request, received: Received, options: JobOptions, trace_id: str) -> Upload:
