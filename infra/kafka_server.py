@@ -117,7 +117,7 @@ def prepare(settings: Settings, jars: Path, node: Node | None = None) -> tuple[S
         "-cp", f"{jars}/*",
     ]
     if not (data_dir / "meta.properties").exists():
-        fmt = [*java, "kafka.tools.StorageTool", "format", "-t", cluster_id(settings), "-c", str(props)]
+        fmt = [*java, "kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id(settings)}", "-c", str(props)]
         proc = subprocess.run(fmt, capture_output=True, text=True, cwd=root)
         if proc.returncode != 0:
             raise RuntimeError(f"formatting Kafka storage of {node.name} failed:\n{proc.stdout}{proc.stderr}")
@@ -135,7 +135,10 @@ def cluster_id(settings: Settings) -> str:
 
 
 def _random_cluster_id() -> str:
-    """Kafka cluster ids are 16 random bytes, URL-safe base64 without padding."""
+    """Kafka cluster ids are 16 random bytes, URL-safe base64 without padding, never starting with "-"
+    (as Kafka's own ``Uuid.randomUuid``: a command line takes such an id for an option)."""
     import base64
 
-    return base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+    while (cid := base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")).startswith("-"):
+        pass
+    return cid

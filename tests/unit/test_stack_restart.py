@@ -29,3 +29,11 @@ def test_a_port_still_held_after_the_wait_is_not_released() -> None:
         assert not stack._released(SimpleNamespace(host="127.0.0.1", port=sock.getsockname()[1]), wait_s=0.6)
     finally:
         sock.close()
+
+
+def test_cluster_ids_never_start_with_a_dash(monkeypatch) -> None:
+    from infra import kafka_server
+
+    ids = iter([b"\xf9" + bytes(15), bytes(16)])  # base64 of 0xf9... begins with "-"
+    monkeypatch.setattr(kafka_server.uuid, "uuid4", lambda: SimpleNamespace(bytes=next(ids)))
+    assert kafka_server._random_cluster_id() == "AAAAAAAAAAAAAAAAAAAAAA"
